@@ -1,0 +1,68 @@
+"""The report a rewrite produces: what changed, what did not and why (JSON-stable keys)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from rewriter.rules import LayerRewrite, LayerSkip
+
+__all__ = ["PaddingContract", "RewriteReport"]
+
+
+class PaddingContract:
+    """What padding the rewritten model accepts, compared with the original."""
+
+    UNCHANGED = "unchanged"  # nothing rewritten, or GQA layers already imposed right padding
+    RIGHT_PADDING_ONLY = "right-padding-only"  # narrowed: left padding/holes no longer exact
+    EXACT = "exact"  # --exact-padding: the mask is passed to GQA as attention_bias
+
+
+@dataclasses.dataclass
+class RewriteReport:
+    tool_version: str
+    rewrites: list[LayerRewrite] = dataclasses.field(default_factory=list)
+    skipped: list[LayerSkip] = dataclasses.field(default_factory=list)
+    padding_contract: str = PaddingContract.UNCHANGED
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    nodes_removed: int = 0
+    form_request: str = "auto"
+    forced: bool = False
+    probe: dict[str, Any] | None = None
+    verification: dict[str, Any] | None = None  # filled by the verifier, or {"skipped": ...}
+
+    @property
+    def rewritten(self) -> int:
+        return len(self.rewrites)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tool_version": self.tool_version,
+            "rewritten": self.rewritten,
+            "rewrites": [dataclasses.asdict(r) for r in self.rewrites],
+            "skipped": [dataclasses.asdict(s) for s in self.skipped],
+            "padding_contract": self.padding_contract,
+            "warnings": list(self.warnings),
+            "nodes_removed": self.nodes_removed,
+            "form_request": self.form_request,
+            "forced": self.forced,
+            "probe": self.probe,
+            "verification": self.verification,
+        }
+
+    def summary(self) -> str:
+        """A few human-readable lines for the command line."""
+        candidates = self.rewritten + len(self.skipped)
+        lines = [
+            f"KV-shared Attention candidates: {candidates}, rewritten: {self.rewritten}, "
+            f"skipped: {len(self.skipped)}"
+        ]
+        for r in self.rewrites:
+            window = f", local_window_size={r.local_window_size}" if r.local_window_size else ""
+            lines.append(
+                f"  rewrote {r.node} -> GroupQueryAttention ({r.form}{window}, {r.mask_style})"
+            )
+        for s in self.skipped:
+            lines.append(f"  skipped {s.node}: {s.reason}")
+        lines.extend(f"warning: {w}" for w in self.warnings)
+        return "\n".join(lines)
