@@ -13,12 +13,14 @@ from typing import TypeVar
 import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
+import onnxruntime
 from onnxscript.rewriter import pattern
 
 from rewriter import __version__
 from rewriter._cleanup import remove_dead_producers
+from rewriter.forms import ProbedFormChooser
 from rewriter.report import PaddingContract, RewriteReport
-from rewriter.rules import FormChooser, KVSharedAttentionToGQA, LayerSkip, always_past
+from rewriter.rules import FormChooser, KVSharedAttentionToGQA, LayerSkip
 from rewriter.rules.kv_shared_attention import node_label
 
 __all__ = ["METADATA_PREFIX", "rewrite"]
@@ -37,23 +39,38 @@ _RIGHT_PADDING_WARNING = (
 def rewrite(
     model: ModelT,
     *,
-    choose_form: FormChooser = always_past,
+    form: str = "auto",
+    provider: str = "cpu",
+    force: bool = False,
     exact_padding: bool = False,
+    choose_form: FormChooser | None = None,
 ) -> tuple[ModelT, RewriteReport]:
-    """Rewrite every KV-shared Attention layer of `model` into GroupQueryAttention."""
+    """Rewrite every KV-shared Attention layer of `model` into GroupQueryAttention.
+
+    form: "auto" picks, per layer, the best form the probe found correct on `provider`;
+        a form name forces it (FormRejectedError if the probe rejects it, unless `force`).
+    exact_padding: pass the mask as attention_bias so any padding keeps its meaning.
+    choose_form: replaces the probe (tests, or exporters that know their runtime).
+    """
     if isinstance(model, onnx.ModelProto):
         ir_model, report = rewrite(
-            ir.from_proto(model), choose_form=choose_form, exact_padding=exact_padding
+            ir.from_proto(model),
+            form=form,
+            provider=provider,
+            force=force,
+            exact_padding=exact_padding,
+            choose_form=choose_form,
         )
         return ir.to_proto(ir_model), report
     if not isinstance(model, ir.Model):
         raise TypeError(f"expected onnx_ir.Model or onnx.ModelProto, got {type(model).__name__}")
 
-    report = RewriteReport(tool_version=__version__)
+    report = RewriteReport(tool_version=__version__, form_request=form)
     candidates = [node_label(n) for n in _attention_nodes(model)]
     had_gqa = any(_is_gqa(n) for n in ir.traversal.RecursiveGraphIterator(model.graph))
 
-    rule = KVSharedAttentionToGQA(choose_form, exact_padding=exact_padding)
+    chooser = choose_form or ProbedFormChooser(provider, form, force)
+    rule = KVSharedAttentionToGQA(chooser, exact_padding=exact_padding)
     rule_set = pattern.RewriteRuleSet([_as_rule(rule)])
     # Our own sweep removes what the rewrite left dead; onnxscript's would also remove nodes
     # that were dead in the input, and the rewrite must not touch anything else.
@@ -73,6 +90,14 @@ def rewrite(
         report.padding_contract = _padding_contract(had_gqa, exact_padding)
         if report.padding_contract == PaddingContract.RIGHT_PADDING_ONLY:
             report.warnings.append(_RIGHT_PADDING_WARNING)
+    if isinstance(chooser, ProbedFormChooser):
+        report.probe = {"provider": provider, "tables": chooser.probe_tables()}
+        report.forced = chooser.forced_layers > 0
+        if report.forced:
+            report.warnings.append(
+                f"--force: {chooser.forced_layers} layer(s) use form {form}, which the probe "
+                "rejected on this runtime"
+            )
     _record_metadata(model, report)
     return model, report
 
@@ -114,3 +139,9 @@ def _record_metadata(model: ir.Model, report: RewriteReport) -> None:
     if forms:
         model.metadata_props[METADATA_PREFIX + "forms"] = ",".join(forms)
     model.metadata_props[METADATA_PREFIX + "padding_contract"] = report.padding_contract
+    if report.probe is not None:
+        model.metadata_props[METADATA_PREFIX + "probed_on"] = (
+            f"onnxruntime {onnxruntime.__version__}, provider {report.probe['provider']}"
+        )
+    if report.forced:
+        model.metadata_props[METADATA_PREFIX + "forced"] = "true"

@@ -119,6 +119,8 @@ class KVSharedAttentionToGQA(pattern.RewriteRuleClassBase):
         # Values computed once per graph (seqlens_k, total length, empty K/V), keyed by the
         # graph they live in: onnxscript visits subgraphs in the middle of their parent.
         self._graph_values: dict[tuple[object, ...], ir.Value] = {}
+        self._model_lengths: dict[tuple[object, ...], tuple[ir.Value, ir.Value] | None] = {}
+        self._created: set[ir.Node] = set()
 
     def pattern(self, op, query_BSD, key_BSD, value_BSD, mask):
         return op.Attention(
@@ -179,7 +181,7 @@ class KVSharedAttentionToGQA(pattern.RewriteRuleClassBase):
         scale_attr = attrs.get("scale")
         scale = scale_attr.as_float() if scale_attr is not None else 1.0 / math.sqrt(head_size)
         decision = self.choose_form(
-            dtype.name.lower(), head_size, mask_form.local_window_size is not None
+            _dtype_name(dtype), head_size, mask_form.local_window_size is not None
         )
         if decision.form is None:
             return f"no GroupQueryAttention form qualifies: {decision.reason}"
@@ -197,7 +199,7 @@ class KVSharedAttentionToGQA(pattern.RewriteRuleClassBase):
             context.graph_or_function,
         )
 
-    def rewrite(self, op, query_BSD, output, **_):
+    def rewrite(self, op, query_BSD, key_BSD, value_BSD, output, **_):
         plan = self._plan
         assert plan is not None, "rewrite() without a successful check()"
         self._plan = None
@@ -205,9 +207,6 @@ class KVSharedAttentionToGQA(pattern.RewriteRuleClassBase):
         self._current_graph = plan.graph
         self.replaced_nodes.append(attention)
         attention_mask = plan.mask.attention_mask
-        empty_kv = self._empty_kv(
-            op, attention_mask, plan.kv_num_heads * plan.head_size, plan.dtype
-        )
         seqlens_k, total_length = self._sequence_lengths(op, attention_mask)
         attributes: dict[str, object] = {
             "num_heads": plan.num_heads,
@@ -219,22 +218,19 @@ class KVSharedAttentionToGQA(pattern.RewriteRuleClassBase):
             attributes["softcap"] = plan.softcap
         if plan.mask.local_window_size is not None and not self.exact_padding:
             attributes["local_window_size"] = plan.mask.local_window_size
-        inputs: list[ir.Value | None] = [
-            query_BSD,
-            empty_kv,
-            empty_kv,
-            plan.key.cache_BNSH,
-            plan.value.cache_BNSH,
-            seqlens_k,
-            total_length,
-        ]
+        key_value_past = self._key_value_past(op, plan, query_BSD, key_BSD, value_BSD)
+        inputs: list[ir.Value | None] = [query_BSD, *key_value_past, seqlens_k, total_length]
         if self.exact_padding:
             # cos_cache, sin_cache, position_ids unused; attention_bias is input 10.
             inputs += [None, None, None, self._finite_bias(op, plan)]
-        num_outputs = 3 if plan.form == "past-present" else 1
+        # Only `past` and `split-nopresent` omit the (unused) present outputs: ORT 1.31.1
+        # needs them for the others (SPEC.md section 3; the probe decides what qualifies).
+        num_outputs = 1 if plan.form in ("past", "split-nopresent") else 3
         results = op.GroupQueryAttention(
             *inputs, _domain="com.microsoft", _outputs=num_outputs, **attributes
         )
+        first_result = results[0] if num_outputs > 1 else results
+        self._created.add(first_result.producer())
         self.rewrites.append(
             LayerRewrite(
                 node=node_label(attention),
@@ -243,11 +239,40 @@ class KVSharedAttentionToGQA(pattern.RewriteRuleClassBase):
                 local_window_size=plan.mask.local_window_size,
                 mask_style=plan.mask.style,
                 source=plan.key.cache_BNSH.name or "",
-                dtype=plan.dtype.name.lower(),
+                dtype=_dtype_name(plan.dtype),
                 head_size=plan.head_size,
             )
         )
-        return results[0] if num_outputs > 1 else results
+        return first_result
+
+    def _key_value_past(
+        self, op, plan: _Plan, query_BSD: ir.Value, key_BSD: ir.Value, value_BSD: ir.Value
+    ) -> list[ir.Value | None]:
+        """GQA's key, value, past_key, past_value for the chosen form (SPEC.md section 3)."""
+        key_BNSH, value_BNSH = plan.key.cache_BNSH, plan.value.cache_BNSH
+        if plan.form in ("past", "past-present"):
+            hidden = plan.kv_num_heads * plan.head_size
+            empty = self._empty_kv(op, plan.mask.attention_mask, hidden, plan.dtype)
+            return [empty, empty, key_BNSH, value_BNSH]
+        if plan.form == "kv":
+            # The export's own 3-D K/V (Transpose+Reshape kept), no past.
+            return [key_BSD, value_BSD, None, None]
+        if plan.form in ("split", "split-nopresent"):
+            # past = cache[:, :, :T-S]; this call's keys = cache[:, :, T-S:] made 3-D.
+            query_length = op.Shape(query_BSD, start=1, end=2)
+            cache_length = op.Shape(key_BNSH, start=2, end=3)
+            past_length = op.Sub(cache_length, query_length)
+            time_axis = op.Constant(value_ints=[2])
+            start = op.Constant(value_ints=[0])
+            merged = op.Constant(value_ints=[0, 0, plan.kv_num_heads * plan.head_size])
+            result: list[ir.Value | None] = []
+            pasts: list[ir.Value | None] = []
+            for cache in (key_BNSH, value_BNSH):
+                pasts.append(op.Slice(cache, start, past_length, time_axis))
+                new = op.Slice(cache, past_length, cache_length, time_axis)
+                result.append(op.Reshape(op.Transpose(new, perm=[0, 2, 1, 3]), merged))
+            return result + pasts
+        raise ValueError(f"unknown GroupQueryAttention form {plan.form!r}")
 
     # --- values shared by every rewritten layer of a graph --------------------------------
 
@@ -279,7 +304,33 @@ class KVSharedAttentionToGQA(pattern.RewriteRuleClassBase):
         def total() -> ir.Value:
             return self._cached(("total", attention_mask), total_length)
 
+        if not self.exact_padding:
+            existing = self._model_sequence_lengths()
+            if existing is not None:
+                return existing
         return self._cached(("seqlens_k", attention_mask, self.exact_padding), seqlens_k), total()
+
+    def _model_sequence_lengths(self) -> tuple[ir.Value, ir.Value] | None:
+        """The seqlens_k/total_sequence_length the model's own GQA layers already use.
+
+        Reused only when every pre-existing GQA node of this graph agrees on one pair, so the
+        rewritten layers follow exactly the padding convention the model already has.
+        """
+        graph = self._current_graph
+        assert graph is not None
+        key = (id(graph), "model_lengths")
+        if key not in self._model_lengths:
+            pairs = {
+                (node.inputs[5], node.inputs[6])
+                for node in graph
+                if node.op_type == "GroupQueryAttention"
+                and node.domain == "com.microsoft"
+                and node not in self._created
+                and len(node.inputs) > 6
+            }
+            pair = pairs.pop() if len(pairs) == 1 else None
+            self._model_lengths[key] = pair if pair and None not in pair else None
+        return self._model_lengths[key]
 
     def _empty_kv(self, op, attention_mask: ir.Value, hidden: int, dtype: ir.DataType) -> ir.Value:
         # Empty key/value must carry the real batch size: ORT checks it against the query.
@@ -304,6 +355,11 @@ class KVSharedAttentionToGQA(pattern.RewriteRuleClassBase):
             return op.Where(allowed, zero, negative)
 
         return self._cached(("bias", plan.mask.boolean_mask, plan.dtype), build)
+
+
+def _dtype_name(dtype: ir.DataType) -> str:
+    """NumPy spelling (float32, float16, bfloat16), as the probe and the report use."""
+    return np.dtype(dtype.numpy()).name
 
 
 def _layer_kind(mask: MaskForm) -> str:

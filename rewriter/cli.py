@@ -1,0 +1,227 @@
+"""The command line: ``python -m rewriter IN OUT``, ``... verify A B``, ``... probe``.
+
+Exit codes: 0 done (verified, or nothing to do); 1 verification failed (nothing written);
+2 bad usage or input (one line on stderr, nothing written); 3 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rewriter import __version__
+from rewriter.forms import FormRejectedError
+from rewriter.model_io import InputError, OutputError, load_model, staged_output
+from rewriter.pipeline import rewrite
+from rewriter.probe import FORMS, ProbeError, probe
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _VerificationFailed(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit 2, like every other bad input
+        raise _UsageError(f"{self.prog}: {message}")
+
+
+def _add_provider(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--provider",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="ONNX Runtime execution provider for the probe and the verifier (default cpu)",
+    )
+
+
+def _rewrite_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="python -m rewriter",
+        description="Rewrite KV-shared ONNX Attention layers into GroupQueryAttention and "
+        "verify the result on ONNX Runtime. Subcommands: 'verify ORIGINAL CANDIDATE', 'probe'.",
+    )
+    parser.add_argument("input", type=Path, help="model to rewrite (never modified)")
+    parser.add_argument("output", type=Path, help="where to write the rewritten model")
+    parser.add_argument("--report", type=Path, help="write the JSON report here")
+    parser.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime proof")
+    parser.add_argument(
+        "--form",
+        choices=("auto", *FORMS),
+        default="auto",
+        help="GroupQueryAttention form: auto = best form the probe found correct (default)",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="write a --form the probe rejected (marked)"
+    )
+    parser.add_argument(
+        "--exact-padding",
+        action="store_true",
+        help="pass the mask as attention_bias so left padding/holes keep exact semantics",
+    )
+    parser.add_argument(
+        "--in-place", action="store_true", help="allow OUTPUT to be INPUT (atomic replace)"
+    )
+    _add_provider(parser)
+    parser.add_argument("--quiet", action="store_true", help="print errors only")
+    parser.add_argument("--debug", action="store_true", help="tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def _verify_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="python -m rewriter verify",
+        description="Check on ONNX Runtime that CANDIDATE computes what ORIGINAL means.",
+    )
+    parser.add_argument("original", type=Path)
+    parser.add_argument("candidate", type=Path)
+    parser.add_argument("--report", type=Path, help="write the JSON report here")
+    _add_provider(parser)
+    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--debug", action="store_true")
+    return parser
+
+
+def _probe_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="python -m rewriter probe",
+        description="Which GroupQueryAttention forms the installed ONNX Runtime runs correctly.",
+    )
+    _add_provider(parser)
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "float16", "bfloat16"])
+    parser.add_argument("--head-sizes", nargs="+", type=int, default=[64, 256, 512])
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--debug", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        if argv and argv[0] == "verify":
+            return _verify_command(_verify_parser().parse_args(argv[1:]))
+        if argv and argv[0] == "probe":
+            return _probe_command(_probe_parser().parse_args(argv[1:]))
+        return _rewrite_command(_rewrite_parser().parse_args(argv))
+    except _VerificationFailed:
+        return EXIT_VERIFY_FAILED
+    except (_UsageError, InputError, OutputError, FormRejectedError, ProbeError) as error:
+        if debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if debug:
+            raise
+        first_line = (str(error).splitlines() or [type(error).__name__])[0]
+        print(
+            f"error: internal error: {type(error).__name__}: {first_line} (--debug for details)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
+
+
+def _rewrite_command(args: argparse.Namespace) -> int:
+    from rewriter.verification import VerificationError, verify
+
+    if _same_file(args.input, args.output) and not args.in_place:
+        raise _UsageError(f"{args.output} is the input; pass --in-place to replace it")
+    model = load_model(args.input)
+    model, report = rewrite(
+        model,
+        form=args.form,
+        provider=args.provider,
+        force=args.force,
+        exact_padding=args.exact_padding,
+    )
+    with staged_output(model, args.output) as staged:
+        if args.no_verify:
+            report.verification = {"skipped": "--no-verify"}
+        else:
+            progress = None if args.quiet else _progress
+            try:
+                result = verify(args.input, staged, provider=args.provider, progress=progress)
+            except VerificationError as error:
+                raise InputError(f"verification could not run: {error}") from None
+            report.verification = result.to_dict()
+            if not result.passed:
+                _write_report(args.report, report.to_dict())
+                print(report.summary(), file=sys.stderr)
+                print("verification FAILED; nothing written:", file=sys.stderr)
+                print(result.summary(), file=sys.stderr)
+                raise _VerificationFailed
+    _write_report(args.report, report.to_dict())
+    if not args.quiet:
+        print(report.summary())
+        if report.verification and "checks" in report.verification:
+            print(result.summary())
+        elif args.no_verify:
+            print("verification skipped (--no-verify)")
+        print(f"wrote {args.output}")
+    return EXIT_OK
+
+
+def _verify_command(args: argparse.Namespace) -> int:
+    from rewriter.verification import VerificationError, verify
+
+    load_model(args.original)  # clear one-line errors for unreadable files
+    load_model(args.candidate)
+    try:
+        result = verify(
+            args.original,
+            args.candidate,
+            provider=args.provider,
+            progress=None if args.quiet else _progress,
+        )
+    except VerificationError as error:
+        raise InputError(str(error)) from None
+    _write_report(args.report, {"verification": result.to_dict()})
+    print(result.summary(), file=sys.stdout if result.passed else sys.stderr)
+    return EXIT_OK if result.passed else EXIT_VERIFY_FAILED
+
+
+def _probe_command(args: argparse.Namespace) -> int:
+    try:
+        result = probe(args.provider, dtypes=args.dtypes, head_sizes=args.head_sizes)
+    except ValueError as error:
+        raise _UsageError(str(error)) from None
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
+    return EXIT_OK
+
+
+def _progress(message: str) -> None:
+    print(f"  verifying: {message}", file=sys.stderr, flush=True)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _write_report(path: Path | None, data: dict) -> None:
+    if path is None:
+        return
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        temporary.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(temporary, path)
+    except OSError as error:
+        raise OutputError(f"{path}: cannot write report ({error.strerror})") from None
