@@ -22,4 +22,7 @@ if not _os.path.isdir(_os.path.join(__path__[0], "rules")) and _os.path.isfile(
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+from rewriter.pipeline import rewrite  # noqa: E402  (after __path__ is complete)
+from rewriter.verification import verify  # noqa: E402
+
+__all__ = ["__version__", "rewrite", "verify"]

@@ -77,6 +77,9 @@ def rewrite(
     rule_set.remove_unused_nodes = False
     rule_set.apply_to_model(model)
     report.nodes_removed = remove_dead_producers(rule.replaced_nodes)
+    # Readers of a rewritten layer keep seeing the same value name as in the input.
+    for gqa_output, name in rule.renames:
+        gqa_output.name = name
     common_passes.TopologicalSortPass()(model)
 
     report.rewrites = list(rule.rewrites)

@@ -47,7 +47,8 @@ class MaskForm:
     local_window_size: int | None  # W for sliding masks, None for full attention
     causal_in_mask: bool
     mask_value: ir.Value  # the Attention node's mask input
-    boolean_mask: ir.Value  # the boolean [B,S,T] or [B,1,S,T] mask before Where (P1: mask_value)
+    boolean_mask: ir.Value  # the boolean mask before Where (P1: mask_value itself)
+    boolean_mask_has_head_axis: bool  # [B,1,S,T] rather than [B,S,T]
 
 
 # Every OrValue used under commute() carries a tag_var: onnxscript 0.7.2 cannot clone an
@@ -358,6 +359,8 @@ def _mask_form(mask_pattern: _MaskPattern, bindings: dict, mask: ir.Value) -> Ma
         causal_in_mask=mask_pattern.causal_in_mask,
         mask_value=mask,
         boolean_mask=mask if mask_pattern.style == "p1" else _where_condition(mask),
+        boolean_mask_has_head_axis=isinstance(mask_pattern, _P2Mask)
+        and not mask_pattern.unsqueeze_last,
     )
 
 

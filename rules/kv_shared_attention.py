@@ -114,6 +114,8 @@ class KVSharedAttentionToGQA(pattern.RewriteRuleClassBase):
         self.rewrites: list[LayerRewrite] = []
         self.skips: dict[str, LayerSkip] = {}
         self.replaced_nodes: list[ir.Node] = []
+        # (GQA output, the Attention output name it takes over once the Attention is gone)
+        self.renames: list[tuple[ir.Value, str]] = []
         self._plan: _Plan | None = None
         self._current_graph: ir.Graph | ir.Function | None = None
         # Values computed once per graph (seqlens_k, total length, empty K/V), keyed by the
@@ -231,6 +233,8 @@ class KVSharedAttentionToGQA(pattern.RewriteRuleClassBase):
         )
         first_result = results[0] if num_outputs > 1 else results
         self._created.add(first_result.producer())
+        if output.name:
+            self.renames.append((first_result, output.name))
         self.rewrites.append(
             LayerRewrite(
                 node=node_label(attention),
@@ -344,8 +348,9 @@ class KVSharedAttentionToGQA(pattern.RewriteRuleClassBase):
     def _finite_bias(self, op, plan: _Plan) -> ir.Value:
         def build() -> ir.Value:
             allowed = plan.mask.boolean_mask
-            if plan.mask.style == "p1":
-                allowed = op.Unsqueeze(allowed, op.Constant(value_ints=[1]))  # [B,1,S,T]
+            if not plan.mask.boolean_mask_has_head_axis:
+                # GQA's attention_bias is 4-D [B or 1, N or 1, S, T].
+                allowed = op.Unsqueeze(allowed, op.Constant(value_ints=[1]))
             zero = op.Constant(value=ir.tensor(np.zeros((), dtype=plan.dtype.numpy())))
             negative = op.Constant(
                 value=ir.tensor(
