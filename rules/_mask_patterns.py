@@ -341,13 +341,14 @@ def match_mask(context, mask: ir.Value) -> MaskForm | str:
     """Classify an Attention mask input; a string is the reason it is not recognised."""
     if mask.producer() is None:
         return "mask is not built in the graph (graph input or initializer)"
-    reasons = []
+    closest: tuple[int, str] = (-2, "")
     for mask_pattern, subpattern in _MASK_PATTERNS:
         found = subpattern.match(context, mask)
         if found.bindings is not None:
             return _mask_form(mask_pattern, found.bindings, mask)
-        reasons.append(f"{subpattern.name}: {found.reason}")
-    return "mask is not a recognised P1/P2 mask (" + "; ".join(reasons) + ")"
+        if found.depth > closest[0]:
+            closest = (found.depth, f"closest is {subpattern.name}: {found.reason}")
+    return f"mask is not a recognised P1/P2 mask ({closest[1]})"
 
 
 def _mask_form(mask_pattern: _MaskPattern, bindings: dict, mask: ir.Value) -> MaskForm:

@@ -21,6 +21,7 @@ __all__ = ["SubMatch", "SubPattern"]
 class SubMatch:
     bindings: dict[str, Any] | None  # None when nothing matched
     reason: str  # why not, when bindings is None
+    depth: int = 0  # nodes matched before failing: how close the structure came
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +44,7 @@ class SubPattern:
     def match(self, context: Any, value: ir.Value) -> SubMatch:
         producer = value.producer()
         if producer is None:
-            return SubMatch(None, f"{value.name} is not computed by a node")
+            return SubMatch(None, f"{value.name} is not computed by a node", -1)
         closest: tuple[int, str] = (-1, "no match")
         for variant in self._variants:
             match = variant.match(
@@ -54,12 +55,25 @@ class SubPattern:
             if not match:
                 # How far the structure matched tells which spelling the export meant.
                 if len(match.nodes) > closest[0]:
-                    closest = (len(match.nodes), match.reason)
+                    closest = (len(match.nodes), _describe_failure(match))
                 continue
             sub_context = _SubContext(context.model, context.graph_or_function, producer)
             checked = self.definition.check(sub_context, **match.bindings)
             if not checked:
                 # A check failure is a precise near-miss: report it over structural misses.
-                return SubMatch(None, checked.reason or "check failed")
+                return SubMatch(None, checked.reason or "check failed", len(match.nodes))
             return SubMatch(dict(match.bindings), "")
-        return SubMatch(None, closest[1])
+        return SubMatch(None, closest[1], closest[0])
+
+
+def _describe_failure(match: pattern.MatchResult) -> str:
+    """The matcher's reason plus where it stopped: OrValue misses say nothing by themselves."""
+    nodes = [n for n in match.failure_nodes_and_values if isinstance(n, ir.Node)]
+    if not nodes:
+        return match.reason
+    node = nodes[-1]
+    producers = [
+        value.producer().op_type if value is not None and value.producer() else "input"
+        for value in node.inputs
+    ]
+    return f"{match.reason} At {node.op_type} {node.name!r}, fed by {', '.join(producers)}"

@@ -249,3 +249,53 @@ def test_layer_with_no_qualifying_form_stays_with_the_reason() -> None:
         "no GroupQueryAttention form qualifies: none here"
     ] * 3
     assert len(shared_attention(model)) == 3
+
+
+def _skip_reasons(model: ir.Model) -> dict[str, str]:
+    _, report = rewrite(model)
+    return {s.node: s.reason for s in report.skipped}
+
+
+def test_window_with_less_or_equal_is_not_rewritten() -> None:
+    model = load("p1_tiny")
+    for node in model.graph:
+        if node.op_type == "Less":
+            node.op_type = "LessOrEqual"  # W+1 keys: GQA cannot express it
+    reasons = _skip_reasons(model)
+    assert len(reasons) == 2  # the two sliding layers; the full layer is still rewritten
+    assert all(
+        "mask is not a recognised P1/P2 mask" in r and "LessOrEqual" in r for r in reasons.values()
+    )
+
+
+def test_window_that_is_not_a_constant_is_not_rewritten() -> None:
+    model = load("p2_tiny")
+    less = next(n for n in model.graph if n.op_type == "Less")
+    window_input = ir.Value(
+        name="window", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([])
+    )
+    model.graph.inputs.append(window_input)
+    less.replace_input_with(1, window_input)
+    assert set(_skip_reasons(model).values()) == {
+        "mask is not a recognised P1/P2 mask (closest is P2Sliding: window is not a constant)"
+    }
+
+
+def test_transpose_with_another_perm_is_not_rewritten() -> None:
+    model = load("p1_tiny")
+    transpose = next(n for n in model.graph if n.op_type == "Transpose")
+    transpose.attributes["perm"] = ir.AttrInt64s("perm", [0, 2, 3, 1])
+    reasons = _skip_reasons(model)
+    assert reasons and all("perm mismatch" in r for r in reasons.values())
+
+
+def test_key_and_value_from_different_sources_are_not_rewritten() -> None:
+    model = load("p2_tiny")
+    layer4 = next(n for n in shared_attention(model) if "layers.4" in n.name)
+    layer6 = next(n for n in shared_attention(model) if "layers.6" in n.name)
+    # Layer 4 borrows V from layer 6's source (a full layer of another head size).
+    layer4.replace_input_with(2, layer6.inputs[2])
+    reasons = _skip_reasons(model)
+    assert reasons[layer4.name] == (
+        "K and V do not come from the same source layer's present outputs"
+    )
