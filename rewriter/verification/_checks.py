@@ -1,0 +1,419 @@
+"""The oracles (SPEC section 6): what "the rewrite computes the same thing" means, in numbers.
+
+1. prefill equivalence: original vs candidate, B = 1, several S = T, beyond the window too;
+2. cache consistency: prefill S, then k decode steps (and one chunked step) equal a prefill of
+   S + k at those positions; on each model;
+3. decode equivalence: original vs candidate decode steps, only where the original passed (2);
+4. batch consistency: a right-padded batch of 2 equals each row run alone, prefill and one
+   decode step; on each model.
+
+A failure of the original in (2) or (4) is a defect of the original, with its likely cause
+when the graph shows one; it never fails the verdict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+from rewriter.verification._feeds import DecoderSignature, FeedSynthesizer, Step
+from rewriter.verification._graph_facts import (
+    RIGHT_PADDING_ONLY,
+    GraphFacts,
+    attention_nodes_with_3d_mask,
+)
+from rewriter.verification._result import Case, CheckResult
+from rewriter.verification._session import LoadedModel, short_error
+from rewriter.verification._tolerance import compare
+
+__all__ = ["ModelRunner", "Plan", "RunFailure", "run_checks"]
+
+PREFILL, CACHE, DECODE, BATCH = (
+    "prefill_equivalence",
+    "cache_consistency",
+    "decode_equivalence",
+    "batch_consistency",
+)
+CANDIDATE, ORIGINAL = "candidate", "original"
+
+# Used when no GroupQueryAttention node states a window: still long enough for a few decode
+# steps and a chunk to differ from their prefill counterparts.
+_DEFAULT_WINDOW = 8
+_DECODE_STEPS = 3
+_CHUNK = 3
+
+_UPPER_LEFT_CAUSE = (
+    "likely cause: Attention is_causal=1 without past inputs is aligned to the upper left "
+    "(ONNX spec): a decode query of S tokens sees only keys 0..S-1"
+)
+
+
+class RunFailure(Exception):
+    """ORT raised while running a model; the message is ORT's, on one line."""
+
+
+class ModelRunner:
+    """A model's session with the feeds of its own signature, called step by step."""
+
+    def __init__(
+        self, loaded: LoadedModel, signature: DecoderSignature, feeder: FeedSynthesizer
+    ) -> None:
+        self.loaded = loaded
+        self.signature = signature
+        self._feeder = feeder
+        self._output_names = [arg.name for arg in loaded.session.get_outputs()]
+
+    @property
+    def role(self) -> str:
+        return self.loaded.role
+
+    def supports_batch(self, batch: int) -> bool:
+        dim = self.signature.batch_dim
+        return not isinstance(dim, int) or dim == batch
+
+    def run(
+        self, step: Step, past: Mapping[str, np.ndarray] | None = None
+    ) -> dict[str, np.ndarray]:
+        feeds = self._feeder.feeds(self.signature, step, past)
+        try:
+            values = self.loaded.session.run(self._output_names, feeds)
+        except Exception as error:
+            raise RunFailure(short_error(error)) from None
+        return dict(zip(self._output_names, values, strict=True))
+
+    def next_past(self, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return FeedSynthesizer.next_past(self.signature, outputs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Lengths of every scenario, derived once from the graphs of both models."""
+
+    window: int  # largest local_window_size of either model, or _DEFAULT_WINDOW
+    prefill_lengths: tuple[int, ...]
+    cache_prefix: int
+    batch_lengths: tuple[int, int]
+    # How a right-padded row's decode token is masked: "prefix" (GQA writes the new key at
+    # seqlens_k, so valid keys stay a prefix) or "append" (Attention with past appends it
+    # after the padding, so the mask has a hole).
+    batch_decode_mask: str
+    # Why the candidate's padded decode step is not checked, if it is not.
+    candidate_batch_decode_skip: str = ""
+    note: str = ""
+
+    @property
+    def capacity(self) -> int:
+        return max(
+            *self.prefill_lengths,
+            self.cache_prefix + max(_DECODE_STEPS, _CHUNK),
+            self.batch_lengths[0] + 1,
+        )
+
+    @classmethod
+    def for_models(cls, original: GraphFacts, candidate: GraphFacts) -> Plan:
+        windows = original.gqa_windows + candidate.gqa_windows
+        window = max(windows) if windows else _DEFAULT_WINDOW
+        # Decode positions cross the window edge; the longest prefill spans it twice.
+        prefill = {1, 3, window + 3, 2 * window + 2}
+        prefix = max(window - 1, 2)
+        longest = window + 3
+        limits = [rows for rows in (original.rotary_rows, candidate.rotary_rows) if rows]
+        note = ""
+        if limits and max(*prefill, prefix + _DECODE_STEPS, longest + 1) > min(limits):
+            # Positions past the rotary cache are outside the model's range: any output is
+            # meaningless there, so the lengths shrink instead.
+            cap = min(limits)
+            prefill = {min(length, cap) for length in prefill}
+            prefix = max(1, min(prefix, cap - max(_DECODE_STEPS, _CHUNK)))
+            longest = max(2, min(longest, cap - 1))
+            note = f"lengths capped at {cap} positions (rotary cache rows)"
+        writers = set(original.cache_writers.values())
+        mask = "prefix" if "GroupQueryAttention" in writers else "append"
+        skip = ""
+        if mask == "append" and candidate.declared_padding_contract == RIGHT_PADDING_ONLY:
+            # GQA reads a borrowed cache as a valid prefix of seqlens_k + 1 keys; the holed
+            # mask of an appending cache is outside the contract the rewrite declared (and
+            # warned about), so holding it against the candidate would test a non-promise.
+            skip = (
+                "decode step of 2 not checked: the original's Attention cache appends after "
+                "the padding (holed mask), outside the declared right-padding-only contract"
+            )
+        return cls(
+            window=window,
+            prefill_lengths=tuple(sorted(prefill)),
+            cache_prefix=prefix,
+            batch_lengths=(longest, max(1, longest // 2)),
+            batch_decode_mask=mask,
+            candidate_batch_decode_skip=skip,
+            note=note,
+        )
+
+
+@dataclasses.dataclass
+class _CacheRun:
+    """Decode outputs kept for decode equivalence. The prefills are not kept: at a real
+    vocabulary their logits weigh hundreds of MB each."""
+
+    steps: list[dict[str, np.ndarray]]
+    chunk: dict[str, np.ndarray]
+
+
+def run_checks(
+    original: ModelRunner,
+    candidate: ModelRunner,
+    plan: Plan,
+    original_facts: GraphFacts,
+    progress: Callable[[str], None],
+) -> tuple[list[CheckResult], list[str]]:
+    compared = [
+        name
+        for name in candidate.signature.compared_outputs
+        if name in original.signature.compared_outputs
+    ]
+    presents = [
+        name
+        for name in candidate.signature.present_outputs
+        if name in original.signature.present_outputs
+    ]
+    checks: list[CheckResult] = []
+    defects: list[str] = []
+
+    progress(f"prefill equivalence, S in {list(plan.prefill_lengths)}")
+    checks.append(_prefill_equivalence(original, candidate, plan, compared, presents))
+
+    runs: dict[str, _CacheRun | None] = {}
+    cache_checks: dict[str, CheckResult] = {}
+    for runner in (candidate, original):
+        progress(f"cache consistency on the {runner.role} model")
+        cache_checks[runner.role], runs[runner.role] = _cache_consistency(runner, plan, compared)
+        checks.append(cache_checks[runner.role])
+    original_cache = cache_checks[ORIGINAL]
+    if original_cache.passed is False:
+        cause = _UPPER_LEFT_CAUSE if original_facts.upper_left_causal_nodes else ""
+        defects.append(_defect("cache consistency", original_cache, "a full prefill", cause))
+
+    progress("decode equivalence")
+    checks.append(_decode_equivalence(runs, original_cache, compared, presents))
+
+    for runner in (candidate, original):
+        progress(f"batch consistency on the {runner.role} model")
+        check = _batch_consistency(runner, plan, compared)
+        checks.append(check)
+    original_batch = checks[-1]
+    if original_batch.passed is False:
+        nodes = attention_nodes_with_3d_mask(original.loaded.model)
+        cause = ""
+        if nodes:
+            cause = (
+                f"likely cause: {len(nodes)} Attention node(s) take a 3-D [B,S,T] attn_mask, "
+                "which ONNX reads as [q_num_heads,S,T]"
+            )
+        defects.append(_defect("batch consistency", original_batch, "the row run alone", cause))
+    if plan.note:
+        for check in checks:
+            check.detail = f"{check.detail}; {plan.note}" if check.detail else plan.note
+    return checks, defects
+
+
+def _prefill_equivalence(
+    original: ModelRunner,
+    candidate: ModelRunner,
+    plan: Plan,
+    compared: Sequence[str],
+    presents: Sequence[str],
+) -> CheckResult:
+    cases: list[Case] = []
+    for length in plan.prefill_lengths:
+        step = Step.prefill([0], [length], length)
+        try:
+            reference = original.run(step)
+        except RunFailure as error:
+            return CheckResult.error(PREFILL, CANDIDATE, f"original failed at S={length}: {error}")
+        try:
+            actual = candidate.run(step)
+        except RunFailure as error:
+            return CheckResult.error(PREFILL, CANDIDATE, f"S={length}: {error}")
+        cases += _compare_outputs(f"S={length}", reference, actual, compared, presents)
+    context = f"reference: original; sliding window {plan.window}"
+    return CheckResult.from_cases(PREFILL, CANDIDATE, cases, context)
+
+
+def _cache_consistency(
+    runner: ModelRunner, plan: Plan, compared: Sequence[str]
+) -> tuple[CheckResult, _CacheRun | None]:
+    if not runner.signature.has_full_cache:
+        return CheckResult.skip(
+            CACHE, runner.role, "no past inputs paired with present outputs"
+        ), None
+    prefix = plan.cache_prefix
+    full_length = prefix + max(_DECODE_STEPS, _CHUNK)
+    try:
+        full = runner.run(Step.prefill([0], [full_length], full_length))
+        prefill = runner.run(Step.prefill([0], [prefix], prefix))
+        past = runner.next_past(prefill)
+        steps = []
+        for j in range(_DECODE_STEPS):
+            step = Step((0,), np.ones((1, prefix + j + 1), dtype=np.int64), 1)
+            steps.append(runner.run(step, past))
+            past = runner.next_past(steps[-1])
+        chunk_step = Step((0,), np.ones((1, prefix + _CHUNK), dtype=np.int64), _CHUNK)
+        chunk = runner.run(chunk_step, runner.next_past(prefill))
+    except RunFailure as error:
+        return CheckResult.error(CACHE, runner.role, str(error)), None
+    run = _CacheRun(steps, chunk)
+    cases: list[Case] = []
+    for name in compared:
+        reference = full[name]
+        cases.append(compare(f"prefill S={prefix}", reference[:, :prefix], prefill[name]))
+        for j, outputs in enumerate(steps):
+            position = prefix + j
+            label = f"decode step {j + 1} (position {position})"
+            cases.append(compare(label, reference[:, position : position + 1], outputs[name]))
+        label = f"chunk of {_CHUNK} (positions {prefix}..{prefix + _CHUNK - 1})"
+        cases.append(compare(label, reference[:, prefix : prefix + _CHUNK], chunk[name]))
+    if runner.role == CANDIDATE:
+        cases += _non_finite_cases([full, prefill, *steps, chunk])
+    context = f"prefill {prefix} + {_DECODE_STEPS} decode steps vs one prefill of {full_length}"
+    return CheckResult.from_cases(CACHE, runner.role, cases, context), run
+
+
+def _decode_equivalence(
+    runs: Mapping[str, _CacheRun | None],
+    original_cache: CheckResult,
+    compared: Sequence[str],
+    presents: Sequence[str],
+) -> CheckResult:
+    original, candidate = runs.get(ORIGINAL), runs.get(CANDIDATE)
+    if original_cache.skipped or original is None or candidate is None:
+        return CheckResult.skip(DECODE, CANDIDATE, "no decode runs to compare")
+    if not original_cache.passed:
+        return CheckResult.skip(DECODE, CANDIDATE, "original not cache-consistent")
+    cases: list[Case] = []
+    for j, (reference, actual) in enumerate(zip(original.steps, candidate.steps, strict=True)):
+        cases += _compare_outputs(f"decode step {j + 1}", reference, actual, compared, presents)
+    cases += _compare_outputs(
+        f"chunk of {_CHUNK}", original.chunk, candidate.chunk, compared, presents
+    )
+    return CheckResult.from_cases(DECODE, CANDIDATE, cases, "reference: original")
+
+
+def _batch_consistency(runner: ModelRunner, plan: Plan, compared: Sequence[str]) -> CheckResult:
+    if runner.signature.attention_mask is None:
+        return CheckResult.skip(BATCH, runner.role, "no attention_mask input to express padding")
+    if not runner.supports_batch(2):
+        return CheckResult.skip(BATCH, runner.role, "static batch dimension")
+    lengths = plan.batch_lengths
+    padded = lengths[0]
+    cases: list[Case] = []
+    try:
+        batch = runner.run(Step.prefill([0, 1], lengths, padded))
+        alone = [runner.run(Step.prefill([row], [n], n)) for row, n in enumerate(lengths)]
+    except RunFailure as error:
+        return CheckResult.error(BATCH, runner.role, f"right-padded prefill of 2: {error}")
+    for row, n in enumerate(lengths):
+        for name in compared:
+            label = f"prefill row {row} ({n} of {padded} tokens)"
+            cases.append(compare(label, alone[row][name], batch[name][row : row + 1, :n]))
+    outputs = [batch, *alone]
+    decode_skip = plan.candidate_batch_decode_skip if runner.role == CANDIDATE else ""
+    if not runner.signature.has_full_cache:
+        decode_skip = "no decode step: no past inputs paired with present outputs"
+    if not decode_skip:
+        try:
+            decode_cases, decode_outputs = _batch_decode(runner, plan, compared, batch, alone)
+        except RunFailure as error:
+            return CheckResult.error(
+                BATCH, runner.role, f"decode step of 2 after a right-padded prefill: {error}"
+            )
+        cases += decode_cases
+        outputs += decode_outputs
+    if runner.role == CANDIDATE:
+        cases += _non_finite_cases(outputs)
+    context = f"rows of {lengths[0]} and {lengths[1]} tokens, right-padded"
+    if not decode_skip:
+        context += f", prefill and one decode step ({plan.batch_decode_mask} mask)"
+    result = CheckResult.from_cases(BATCH, runner.role, cases, context)
+    if decode_skip:
+        result.detail = f"{result.detail}; {decode_skip}"
+    return result
+
+
+def _batch_decode(
+    runner: ModelRunner,
+    plan: Plan,
+    compared: Sequence[str],
+    batch: Mapping[str, np.ndarray],
+    alone: Sequence[Mapping[str, np.ndarray]],
+) -> tuple[list[Case], list[dict[str, np.ndarray]]]:
+    """One decode step at B=2 after the right-padded prefill, against each row decoded alone."""
+    lengths = plan.batch_lengths
+    padded = lengths[0]
+    mask = np.zeros((2, padded + 1), dtype=np.int64)
+    for row, n in enumerate(lengths):
+        mask[row, :n] = 1
+        mask[row, n if plan.batch_decode_mask == "prefix" else padded] = 1
+    decoded = runner.run(Step((0, 1), mask, 1), runner.next_past(batch))
+    decoded_alone = [
+        runner.run(
+            Step((row,), np.ones((1, n + 1), dtype=np.int64), 1), runner.next_past(alone[row])
+        )
+        for row, n in enumerate(lengths)
+    ]
+    cases = [
+        compare(
+            f"decode row {row} ({plan.batch_decode_mask} mask)",
+            decoded_alone[row][name],
+            decoded[name][row : row + 1],
+        )
+        for row in range(2)
+        for name in compared
+    ]
+    return cases, [decoded, *decoded_alone]
+
+
+def _compare_outputs(
+    label: str,
+    reference: Mapping[str, np.ndarray],
+    actual: Mapping[str, np.ndarray],
+    compared: Sequence[str],
+    presents: Sequence[str],
+) -> list[Case]:
+    cases = [compare(f"{label} {name}", reference[name], actual[name]) for name in compared]
+    present_cases = [compare(name, reference[name], actual[name]) for name in presents]
+    if present_cases:
+        worst = max(present_cases, key=lambda case: case.severity)
+        cases.append(dataclasses.replace(worst, label=f"{label} presents (worst: {worst.label})"))
+    cases += _non_finite_cases([actual])
+    return cases
+
+
+def _non_finite_cases(runs: Sequence[Mapping[str, np.ndarray]]) -> list[Case]:
+    """Any NaN/inf in a candidate output fails, compared or not (padding rows included)."""
+    bad = sorted(
+        {
+            name
+            for outputs in runs
+            for name, value in outputs.items()
+            if value.dtype.kind == "f" and not np.all(np.isfinite(value))
+        }
+    )
+    if not bad:
+        return []
+    return [Case("non-finite output", np.inf, 0.0, False, f"NaN/inf in {', '.join(bad)}")]
+
+
+def _defect(check: str, result: CheckResult, reference: str, cause: str) -> str:
+    if result.detail.startswith("error: "):
+        text = f"{check}: fails on ONNX Runtime: {result.detail[len('error: ') :]}"
+    else:
+        worst = max(result.cases, key=lambda case: case.severity)
+        if worst.note:
+            text = f"{check}: {worst.label}: {worst.note}"
+        else:
+            text = (
+                f"{check}: {worst.label} logits differ from {reference} by "
+                f"{worst.max_abs_diff:.3g} (tolerance {worst.tolerance:.3g})"
+            )
+    return f"{text}; {cause}" if cause else text

@@ -1,0 +1,162 @@
+"""What a verification run hands back: per-check numbers, the verdict, defects of the original.
+
+A check is *skipped* (``passed is None``) when it does not apply or when its precondition
+failed (decode equivalence against an original that is not cache-consistent). A skipped check
+never counts as passed; the verdict only ignores it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+__all__ = ["Case", "CheckResult", "VerificationError", "VerificationResult"]
+
+
+class VerificationError(Exception):
+    """The verification could not run: an input cannot be fed, a model does not load, or the
+    requested provider is unavailable. The message is one line and names the culprit."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One comparison inside a check, e.g. one prefill length or one decode step."""
+
+    label: str
+    max_abs_diff: float
+    tolerance: float
+    passed: bool
+    note: str = ""
+
+    @property
+    def severity(self) -> float:
+        """How far past its tolerance the case is (> 1 fails); inf for non-finite output."""
+        if not math.isfinite(self.max_abs_diff):
+            return math.inf
+        if self.tolerance > 0:
+            return self.max_abs_diff / self.tolerance
+        return math.inf if self.max_abs_diff > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "label": self.label,
+            "passed": self.passed,
+            "max_abs_diff": _json_float(self.max_abs_diff),
+            "tolerance": self.tolerance,
+        }
+        if self.note:
+            out["note"] = self.note
+        return out
+
+
+@dataclasses.dataclass
+class CheckResult:
+    """One oracle applied to one model.
+
+    ``model`` is the model under test: ``"candidate"`` (for the equivalence checks the
+    reference is the original) or ``"original"``. ``max_abs_diff`` and ``tolerance`` come
+    from the worst case, the one with the largest ``max_abs_diff / tolerance``.
+    """
+
+    name: str
+    model: str
+    passed: bool | None
+    max_abs_diff: float | None = None
+    tolerance: float | None = None
+    detail: str = ""
+    cases: list[Case] = dataclasses.field(default_factory=list)
+
+    @property
+    def skipped(self) -> bool:
+        return self.passed is None
+
+    @classmethod
+    def from_cases(cls, name: str, model: str, cases: list[Case], context: str = "") -> CheckResult:
+        """Worst case's numbers; the detail names the worst case when the check fails, else
+        it is ``context`` (what was compared)."""
+        worst = max(cases, key=lambda case: case.severity)
+        passed = all(case.passed for case in cases)
+        detail = context
+        if not passed:
+            detail = f"{worst.label}: {worst.note}" if worst.note else worst.label
+            detail = f"{detail}; {context}" if context else detail
+        return cls(
+            name=name,
+            model=model,
+            passed=passed,
+            max_abs_diff=worst.max_abs_diff,
+            tolerance=worst.tolerance,
+            detail=detail,
+            cases=cases,
+        )
+
+    @classmethod
+    def skip(cls, name: str, model: str, reason: str) -> CheckResult:
+        return cls(name=name, model=model, passed=None, detail=f"skipped: {reason}")
+
+    @classmethod
+    def error(cls, name: str, model: str, message: str) -> CheckResult:
+        """The model raised on ONNX Runtime while the check ran."""
+        return cls(
+            name=name, model=model, passed=False, max_abs_diff=math.inf, detail=f"error: {message}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": self.name,
+            "passed": self.passed,
+            "max_abs_diff": _json_float(self.max_abs_diff),
+            "tolerance": self.tolerance,
+            "model": self.model,
+            "detail": self.detail,
+        }
+        if self.skipped:
+            out["skipped"] = True
+        if self.cases:
+            out["cases"] = [case.to_dict() for case in self.cases]
+        return out
+
+    def summary(self) -> str:
+        status = {True: "PASS", False: "FAIL", None: "SKIP"}[self.passed]
+        line = f"{status} {self.name} [{self.model}]"
+        if self.max_abs_diff is not None and not self.skipped:
+            line += f" max_abs_diff={self.max_abs_diff:.3g}"
+            if self.tolerance is not None:
+                line += f" tolerance={self.tolerance:.3g}"
+        if self.detail:
+            line += f" - {self.detail}"
+        return line
+
+
+@dataclasses.dataclass
+class VerificationResult:
+    """``passed`` holds when every candidate check that ran holds and prefill equivalence ran
+    and holds; failures of the original are listed in ``original_defects`` instead."""
+
+    passed: bool
+    checks: list[CheckResult]
+    original_defects: list[str]
+
+    def failed_checks(self) -> list[CheckResult]:
+        return [check for check in self.checks if check.passed is False]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "checks": [check.to_dict() for check in self.checks],
+            "original_defects": list(self.original_defects),
+        }
+
+    def summary(self) -> str:
+        lines = [check.summary() for check in self.checks]
+        lines += [f"DEFECT original: {defect}" for defect in self.original_defects]
+        lines.append(f"verdict: {'PASSED' if self.passed else 'FAILED'}")
+        return "\n".join(lines)
+
+
+def _json_float(value: float | None) -> float | str | None:
+    # JSON has no NaN/inf; a string keeps the report loadable by strict parsers.
+    if value is None or math.isfinite(value):
+        return value
+    return str(value)

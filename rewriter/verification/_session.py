@@ -1,0 +1,160 @@
+"""ONNX Runtime sessions for the two models under comparison.
+
+Sessions are the expensive part of a verification, so each model gets exactly one, reused by
+every check. A path is handed to ORT as is (it resolves external data next to the file). An
+in-memory model is serialized; a large one, or one whose weights live in external files, is
+written to a temporary directory with external data instead, because a protobuf cannot exceed
+2 GB. Beside the session we keep the model as onnx_ir, read-only, for the facts the signature
+alone does not give (window sizes, vocabulary, rotary cache length).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tempfile
+
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from rewriter.verification._result import VerificationError
+
+__all__ = ["LoadedModel", "ModelSource", "execution_providers", "load_model", "short_error"]
+
+ModelSource = ir.Model | onnx.ModelProto | str | os.PathLike
+
+# In-memory models above this many bytes of weights go through a temporary file: serializing
+# them would build one protobuf close to (or over) its 2 GB limit, and copy all weights once.
+_IN_MEMORY_LIMIT_BYTES = 1 << 30
+
+_PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """One model, opened once: its ORT session and its graph (never mutated)."""
+
+    role: str
+    session: ort.InferenceSession
+    model: ir.Model
+    tempdir: tempfile.TemporaryDirectory[str] | None = None
+
+    def close(self) -> None:
+        if self.tempdir is not None:
+            self.tempdir.cleanup()
+            self.tempdir = None
+
+
+def execution_providers(provider: str) -> list[str]:
+    """ORT provider list for ``"cpu"`` or ``"cuda"``; a clear error when unavailable."""
+    if provider not in _PROVIDERS:
+        raise VerificationError(f"unknown provider {provider!r}: choose 'cpu' or 'cuda'")
+    if provider == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise VerificationError(
+            "provider 'cuda' is unavailable: this onnxruntime has no CUDAExecutionProvider "
+            "(install onnxruntime-gpu instead of onnxruntime, on a machine with a GPU)"
+        )
+    return list(_PROVIDERS[provider])
+
+
+def load_model(source: ModelSource, role: str, provider: str) -> LoadedModel:
+    providers = execution_providers(provider)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Every run failure is caught and reported as a check result carrying ORT's message;
+    # ORT's own error log would print the same message again, with a C++ signature.
+    options.log_severity_level = 4
+    tempdir: tempfile.TemporaryDirectory[str] | None = None
+    try:
+        if isinstance(source, (str, os.PathLike)):
+            path = os.fspath(source)
+            if not os.path.isfile(path):
+                raise VerificationError(f"{role} model not found: {path}")
+            model = _load_ir(path, role)
+            session_input: str | bytes = path
+        elif isinstance(source, (ir.Model, onnx.ModelProto)):
+            model = source if isinstance(source, ir.Model) else ir.serde.deserialize_model(source)
+            if _needs_file(model):
+                tempdir = tempfile.TemporaryDirectory(prefix=f"verify-{role}-")
+                path = os.path.join(tempdir.name, "model.onnx")
+                _save_with_external_data(model, path, role)
+                session_input = path
+            elif isinstance(source, onnx.ModelProto):
+                session_input = source.SerializeToString()
+            else:
+                session_input = ir.serde.serialize_model(model).SerializeToString()
+        else:
+            raise TypeError(
+                f"{role}: expected onnx_ir.Model, onnx.ModelProto or a path, "
+                f"got {type(source).__name__}"
+            )
+        session = _create_session(session_input, options, providers, role)
+        if provider == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
+            raise VerificationError(
+                f"provider 'cuda' is unavailable: ORT fell back to {session.get_providers()} "
+                f"for the {role} model (CUDA libraries missing?)"
+            )
+    except BaseException:
+        if tempdir is not None:
+            tempdir.cleanup()
+        raise
+    return LoadedModel(role=role, session=session, model=model, tempdir=tempdir)
+
+
+def short_error(error: BaseException) -> str:
+    """ORT's error text reduced to one line: the node and the reason, not the C++ signature."""
+    text = " ".join(str(error).split())
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(r"/onnxruntime_src/\S+:\d+ ", "", text)
+    text = re.sub(r"(?:[\w:<>]+ )?(?:onnxruntime|onnx)::[\w:<>~]+\([^()]*\) ", "", text)
+    # ORT_ENFORCE messages repeat the failed C++ condition before the human-readable reason.
+    head, marker, reason = text.partition("Status Message: ")
+    if " was false. " in reason:
+        text = f"{head}{marker}{reason.split(' was false. ', 1)[1]}"
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _load_ir(path: str, role: str) -> ir.Model:
+    try:
+        # External tensors stay lazy: only their metadata is read.
+        return ir.load(path)
+    except Exception as error:
+        raise VerificationError(f"cannot read {role} model {path}: {short_error(error)}") from None
+
+
+def _needs_file(model: ir.Model) -> bool:
+    total = 0
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is None:
+            continue
+        if isinstance(tensor, ir.ExternalTensor):
+            return True
+        total += tensor.nbytes
+    return total > _IN_MEMORY_LIMIT_BYTES
+
+
+def _save_with_external_data(model: ir.Model, path: str, role: str) -> None:
+    try:
+        # ir.save leaves the caller's model unchanged and reads external tensors lazily.
+        ir.save(model, path, external_data="model.onnx.data")
+    except Exception as error:
+        raise VerificationError(
+            f"cannot write the in-memory {role} model for ONNX Runtime: {short_error(error)}"
+        ) from None
+
+
+def _create_session(
+    model: str | bytes, options: ort.SessionOptions, providers: list[str], role: str
+) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(model, sess_options=options, providers=providers)
+    except Exception as error:
+        raise VerificationError(
+            f"ONNX Runtime cannot load the {role} model: {short_error(error)}"
+        ) from None

@@ -1,0 +1,91 @@
+"""verify(): open both models once, synthesize feeds, run the oracles, give the verdict."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+from rewriter.verification._checks import ModelRunner, Plan, run_checks
+from rewriter.verification._feeds import DecoderSignature, FeedSynthesizer
+from rewriter.verification._graph_facts import read_graph_facts
+from rewriter.verification._result import VerificationError, VerificationResult
+from rewriter.verification._session import ModelSource, execution_providers, load_model
+
+__all__ = ["verify"]
+
+# Token ids when neither model states its vocabulary: 0 and 1 exist in any vocabulary.
+_FALLBACK_VOCAB = 2
+
+
+def verify(
+    original: ModelSource,
+    candidate: ModelSource,
+    *,
+    provider: str = "cpu",
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> VerificationResult:
+    """Run ``original`` and ``candidate`` on ONNX Runtime and decide whether they compute the
+    same thing (SPEC section 6). Defects of the original are reported, not held against the
+    candidate.
+
+    Raises:
+        VerificationError: an input cannot be fed, a model does not load on ONNX Runtime, or
+            the provider is unavailable.
+    """
+    report = progress if progress is not None else _ignore
+    execution_providers(provider)  # fail before the expensive part
+    with contextlib.ExitStack() as stack:
+        report("loading the original model")
+        original_model = load_model(original, "original", provider)
+        stack.callback(original_model.close)
+        report("loading the candidate model")
+        candidate_model = load_model(candidate, "candidate", provider)
+        stack.callback(candidate_model.close)
+
+        original_signature = DecoderSignature.from_session(original_model.session, "original")
+        candidate_signature = DecoderSignature.from_session(candidate_model.session, "candidate")
+        if not set(original_signature.compared_outputs) & set(candidate_signature.compared_outputs):
+            raise VerificationError(
+                "the models share no output to compare: original has "
+                f"{list(original_signature.compared_outputs)}, candidate has "
+                f"{list(candidate_signature.compared_outputs)}"
+            )
+        original_facts = read_graph_facts(original_model.model)
+        candidate_facts = read_graph_facts(candidate_model.model)
+        plan = Plan.for_models(original_facts, candidate_facts)
+        vocab_sizes = [
+            size
+            for size in (
+                original_signature.vocab_size,
+                candidate_signature.vocab_size,
+                original_facts.embedding_rows,
+                candidate_facts.embedding_rows,
+            )
+            if size
+        ]
+        feeder = FeedSynthesizer(
+            vocab_size=min(vocab_sizes) if vocab_sizes else _FALLBACK_VOCAB,
+            capacity=plan.capacity,
+            seed=seed,
+        )
+        checks, defects = run_checks(
+            ModelRunner(original_model, original_signature, feeder),
+            ModelRunner(candidate_model, candidate_signature, feeder),
+            plan,
+            original_facts,
+            report,
+        )
+    prefill_holds = any(check.name == "prefill_equivalence" and check.passed for check in checks)
+    candidate_holds = all(
+        check.passed is not False for check in checks if check.model == "candidate"
+    )
+    result = VerificationResult(
+        passed=prefill_holds and candidate_holds, checks=checks, original_defects=defects
+    )
+    report(f"verdict: {'passed' if result.passed else 'failed'}")
+    return result
+
+
+def _ignore(_message: str) -> None:
+    pass
