@@ -32,7 +32,9 @@ ModelT = TypeVar("ModelT", ir.Model, onnx.ModelProto)
 _RIGHT_PADDING_WARNING = (
     "no layer of the original model used GroupQueryAttention, and GroupQueryAttention honours "
     "right padding only: the rewritten model gives different results for left-padded or "
-    "holed attention_mask rows (use --exact-padding to keep exact semantics)"
+    "holed attention_mask rows, which in this model includes batched decode after a "
+    "right-padded prompt (its Attention caches append after the padding); use "
+    "--exact-padding to keep exact semantics"
 )
 
 

@@ -1,0 +1,136 @@
+"""The command line's main flows: rewrite+verify, verify, probe, forms (exit codes, files)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+import pytest
+
+from rewriter import cli
+from rewriter import rewrite as library_rewrite
+
+FIXTURE_DIR = Path(__file__).resolve().parent.parent / "fixtures"
+P1 = FIXTURE_DIR / "p1_tiny.onnx"
+P2 = FIXTURE_DIR / "p2_tiny.onnx"
+
+
+def test_module_entry_point_rewrites_verifies_and_reports(tmp_path: Path) -> None:
+    out, report_path = tmp_path / "out.onnx", tmp_path / "report.json"
+    before = P1.read_bytes()
+    result = subprocess.run(
+        [sys.executable, "-m", "rewriter", str(P1), str(out), "--report", str(report_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "rewritten: 3" in result.stdout and "verdict: PASSED" in result.stdout
+    assert P1.read_bytes() == before
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+    report = json.loads(report_path.read_text())
+    assert report["rewritten"] == 3 and report["skipped"] == []
+    assert {r["form"] for r in report["rewrites"]} == {"past"}
+    assert set(report["rewrites"][0]) >= {"node", "rule", "form", "local_window_size"}
+    verification = report["verification"]
+    assert verification["passed"] is True
+    assert len(verification["original_defects"]) == 2  # P1: decode and batch (SPEC.md 2)
+    assert report["probe"]["tables"][0]["ort_version"]
+
+
+def test_failed_verification_exits_1_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def rewrite_with_wrong_window(model, **options):
+        model, report = library_rewrite(model, **options)
+        for node in model.graph:
+            if node.op_type == "GroupQueryAttention" and "local_window_size" in node.attributes:
+                node.attributes["local_window_size"] = ir.AttrInt64("local_window_size", 5)
+        return model, report
+
+    monkeypatch.setattr(cli, "rewrite", rewrite_with_wrong_window)
+    out, report_path = tmp_path / "out.onnx", tmp_path / "report.json"
+    code = cli.main([str(P2), str(out), "--report", str(report_path), "--quiet"])
+    assert code == 1
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == [report_path]  # no staging leftovers
+    assert "FAIL prefill_equivalence" in capsys.readouterr().err
+    assert json.loads(report_path.read_text())["verification"]["passed"] is False
+
+
+def test_no_verify_is_said_in_the_report(tmp_path: Path) -> None:
+    out, report_path = tmp_path / "out.onnx", tmp_path / "r.json"
+    assert cli.main([str(P2), str(out), "--no-verify", "--report", str(report_path)]) == 0
+    assert json.loads(report_path.read_text())["verification"] == {"skipped": "--no-verify"}
+
+
+def test_nothing_to_rewrite_writes_an_unchanged_copy(tmp_path: Path) -> None:
+    first, second = tmp_path / "once.onnx", tmp_path / "twice.onnx"
+    assert cli.main([str(P2), str(first), "--quiet"]) == 0
+    report_path = tmp_path / "r.json"
+    assert cli.main([str(first), str(second), "--quiet", "--report", str(report_path)]) == 0
+    assert json.loads(report_path.read_text())["rewritten"] == 0
+    assert onnx.load(second).graph == onnx.load(first).graph
+
+
+def test_form_past_present_verifies(tmp_path: Path) -> None:
+    out = tmp_path / "out.onnx"
+    assert cli.main([str(P2), str(out), "--form", "past-present", "--quiet"]) == 0
+    gqa = [n for n in onnx.load(out).graph.node if n.op_type == "GroupQueryAttention"]
+    assert sum(1 for n in gqa if len(n.output) == 3 and n.input[3].startswith("present.")) == 3
+
+
+def test_forced_split_is_refused_with_the_probe_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out.onnx"
+    assert cli.main([str(P2), str(out), "--form", "split"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "rejected by the probe" in err and "batch2-decode" in err
+    assert not out.exists()
+
+
+def test_verify_subcommand_exit_codes(tmp_path: Path) -> None:
+    good = tmp_path / "good.onnx"
+    assert cli.main([str(P2), str(good), "--quiet", "--no-verify"]) == 0
+    assert cli.main(["verify", str(P2), str(good), "--quiet"]) == 0
+
+    corrupted = ir.load(good)
+    for node in corrupted.graph:
+        if node.op_type == "GroupQueryAttention":
+            node.attributes["scale"] = ir.AttrFloat32("scale", 0.5)
+    bad = tmp_path / "bad.onnx"
+    ir.save(corrupted, bad)
+    report_path = tmp_path / "verify.json"
+    assert cli.main(["verify", str(P2), str(bad), "--quiet", "--report", str(report_path)]) == 1
+    failed = [
+        c["name"]
+        for c in json.loads(report_path.read_text())["verification"]["checks"]
+        if c["passed"] is False
+    ]
+    assert "prefill_equivalence" in failed
+
+    assert cli.main(["verify", str(P2), str(tmp_path / "missing.onnx")]) == 2
+
+
+def test_probe_subcommand_prints_the_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["probe", "--dtypes", "float32", "--head-sizes", "64"]) == 0
+    table = capsys.readouterr().out
+    assert "past " in table and "split-nopresent" in table
+    assert cli.main(["probe", "--dtypes", "float32", "--head-sizes", "64", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["provider"] == "cpu" and data["verdicts"]
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert cli.main([str(P2), str(tmp_path / "o.onnx"), "--provider", "cuda"]) == 2
+    assert "CUDA" in capsys.readouterr().err
