@@ -20,8 +20,7 @@ from rewriter import __version__
 from rewriter._cleanup import remove_dead_producers
 from rewriter.forms import ProbedFormChooser
 from rewriter.report import PaddingContract, RewriteReport
-from rewriter.rules import FormChooser, KVSharedAttentionToGQA, LayerSkip
-from rewriter.rules.kv_shared_attention import node_label
+from rewriter.rules import FormChooser, KVSharedAttentionToGQA, LayerSkip, node_label
 
 __all__ = ["METADATA_PREFIX", "rewrite"]
 

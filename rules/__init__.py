@@ -6,22 +6,26 @@ why a candidate was not rewritten, so the pipeline can report every candidate la
 
 from __future__ import annotations
 
-from rewriter.rules.kv_shared_attention import (
+from rewriter.rules._attention_rule import (
     GQA_DTYPES,
     FormChooser,
     FormDecision,
-    KVSharedAttentionToGQA,
     LayerRewrite,
     LayerSkip,
     always_past,
+    node_label,
 )
+from rewriter.rules._gqa_inputs import GQAInputs
+from rewriter.rules.kv_shared_attention import KVSharedAttentionToGQA
 
 __all__ = [
     "GQA_DTYPES",
     "FormChooser",
     "FormDecision",
+    "GQAInputs",
     "KVSharedAttentionToGQA",
     "LayerRewrite",
     "LayerSkip",
     "always_past",
+    "node_label",
 ]

@@ -1,0 +1,196 @@
+"""What every Attention -> GroupQueryAttention rule shares: facts read off the Attention
+node, the report records, and emitting the GQA node.
+
+Dimension letters: B batch, S query length, T total length, N query heads, Nkv KV heads,
+D head size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript.rewriter import pattern
+
+from rewriter.rules._gqa_inputs import GQAInputs
+from rewriter.rules._mask_patterns import MaskForm
+
+__all__ = [
+    "GQA_DTYPES",
+    "AttentionHeads",
+    "AttentionToGQARule",
+    "FormChooser",
+    "FormDecision",
+    "LayerRewrite",
+    "LayerSkip",
+    "always_past",
+    "dtype_name",
+    "layer_kind",
+    "node_label",
+    "read_heads",
+]
+
+# GroupQueryAttention kernels exist for these (CPU: fp32/fp16; CUDA: fp16/bf16). Which of
+# them a provider runs is the probe's business; anything else is never rewritten.
+GQA_DTYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
+
+
+@dataclasses.dataclass(frozen=True)
+class FormDecision:
+    form: str | None  # a GQA form name; None = leave the layer alone
+    reason: str = ""
+
+
+# (dtype name, head size D, windowed) -> which GQA form to emit.
+FormChooser = Callable[[str, int, bool], FormDecision]
+
+
+def always_past(dtype: str, head_size: int, windowed: bool) -> FormDecision:
+    """A chooser without a probe: the copy-free `past` form, as measured on ORT 1.31.1 CPU."""
+    return FormDecision("past")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerRewrite:
+    node: str
+    rule: str
+    form: str
+    local_window_size: int | None
+    mask_style: str
+    source: str  # the cache the layer reads: a borrowed present, or its own past input
+    dtype: str
+    head_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSkip:
+    node: str
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionHeads:
+    num_heads: int
+    kv_num_heads: int
+    scale: float | None  # None: the op default 1/sqrt(D), made explicit once D is known
+    softcap: float
+
+    def explicit_scale(self, head_size: int) -> float:
+        return self.scale if self.scale is not None else 1.0 / math.sqrt(head_size)
+
+
+def node_label(node: ir.Node) -> str:
+    return node.name or f"{node.op_type}({node.outputs[0].name})"
+
+
+def dtype_name(dtype: ir.DataType) -> str:
+    """NumPy spelling (float32, float16, bfloat16), as the probe and the report use."""
+    return np.dtype(dtype.numpy()).name
+
+
+def layer_kind(mask: MaskForm) -> str:
+    return "full" if mask.local_window_size is None else "sliding"
+
+
+def read_heads(context, attention: ir.Node) -> AttentionHeads | str:
+    """Attributes every rewrite needs, or why the node cannot be rewritten."""
+    opset = context.model.opset_imports.get("", 0)
+    if opset not in (23, 24):
+        return f"ai.onnx opset {opset}: the rules know Attention of opsets 23 and 24"
+    attrs = attention.attributes
+    num_heads = attrs.get_int("q_num_heads", 0)
+    kv_num_heads = attrs.get_int("kv_num_heads", 0)
+    if num_heads <= 0 or kv_num_heads <= 0:
+        return "q_num_heads/kv_num_heads missing (needed for 3-D inputs)"
+    if num_heads % kv_num_heads:
+        return f"q_num_heads {num_heads} is not a multiple of kv_num_heads {kv_num_heads}"
+    if len(attention.outputs) > 3 and (
+        attention.outputs[3].uses() or attention.outputs[3].is_graph_output()
+    ):
+        return "qk_matmul_output is used"
+    scale = attrs.get("scale")
+    return AttentionHeads(
+        num_heads,
+        kv_num_heads,
+        scale.as_float() if scale is not None else None,
+        attrs.get_float("softcap", 0.0),
+    )
+
+
+def check_causal(attention: ir.Node, mask: MaskForm) -> str | None:
+    if not attention.attributes.get_int("is_causal", 0) and not mask.causal_in_mask:
+        return "neither is_causal nor the mask makes attention causal; GQA is always causal"
+    return None
+
+
+def check_dtype(dtype: ir.DataType | None, *others: ir.Value) -> str | None:
+    if dtype not in GQA_DTYPES:
+        return f"dtype {dtype} has no GroupQueryAttention kernel"
+    if any(v.dtype not in (None, dtype) for v in others):
+        return "query and key/value dtypes differ"
+    return None
+
+
+class AttentionToGQARule(pattern.RewriteRuleClassBase):
+    """Bookkeeping shared by the rules: every Attention reaching check() is either
+    rewritten (``rewrites``) or skipped with a reason (``skips``)."""
+
+    def __init__(self, name: str, inputs: GQAInputs) -> None:
+        super().__init__(name, remove_nodes=False)
+        self.inputs = inputs
+        self.rewrites: list[LayerRewrite] = []
+        self.skips: dict[str, LayerSkip] = {}
+        self.replaced_nodes: list[ir.Node] = []
+        # (GQA output, name it takes over once the replaced Attention is gone)
+        self.renames: list[tuple[ir.Value, str]] = []
+
+    def _verdict(self, attention: ir.Node, verdict: object) -> pattern.MatchResult | bool:
+        label = node_label(attention)
+        if isinstance(verdict, str):
+            self.skips[label] = LayerSkip(label, verdict)
+            return pattern.MatchResult().fail(verdict, attention)
+        self.skips.pop(label, None)
+        return True
+
+    def _emit(
+        self,
+        op,
+        attention: ir.Node,
+        inputs: list[ir.Value | None],
+        attributes: dict[str, object],
+        replaced_outputs: list[ir.Value],
+        record: LayerRewrite,
+        num_outputs: int,
+    ) -> list[ir.Value]:
+        """One GQA node whose first len(replaced_outputs) outputs replace the Attention's."""
+        results = op.GroupQueryAttention(
+            *inputs, _domain="com.microsoft", _outputs=num_outputs, **attributes
+        )
+        results = list(results) if num_outputs > 1 else [results]
+        self.inputs.created.add(results[0].producer())
+        self.replaced_nodes.append(attention)
+        for new, old in zip(results, replaced_outputs, strict=False):
+            if old.name:
+                self.renames.append((new, old.name))
+        self.rewrites.append(record)
+        return results[: len(replaced_outputs)]
+
+
+def gqa_attributes(
+    heads: AttentionHeads, head_size: int, mask: MaskForm, exact_padding: bool
+) -> dict[str, object]:
+    attributes: dict[str, object] = {
+        "num_heads": heads.num_heads,
+        "kv_num_heads": heads.kv_num_heads,
+        "scale": heads.explicit_scale(head_size),
+        "do_rotary": 0,
+    }
+    if heads.softcap:
+        attributes["softcap"] = heads.softcap
+    # With --exact-padding the bias carries the window (in the mask's own position space).
+    if mask.local_window_size is not None and not exact_padding:
+        attributes["local_window_size"] = mask.local_window_size
+    return attributes

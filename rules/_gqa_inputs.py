@@ -1,0 +1,120 @@
+"""GroupQueryAttention inputs that every rewritten layer of a graph shares.
+
+seqlens_k, total_sequence_length, the empty [B, 0, Nkv*D] key/value of the `past` form and
+the finite bias of --exact-padding are built once per graph (or taken from the model's own
+GQA layers) and read by all rewritten layers, as an exporter would write them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from rewriter.rules._mask_patterns import MaskForm
+
+__all__ = ["GQAInputs"]
+
+# Fully masked rows must stay finite: -inf biases turn into NaN in fp16 GQA (SPEC.md 4).
+_EXACT_PADDING_NEGATIVE = {
+    ir.DataType.FLOAT: float(np.finfo(np.float32).min),
+    ir.DataType.FLOAT16: float(np.finfo(np.float16).min),
+    ir.DataType.BFLOAT16: -3.3895313892515355e38,
+}
+
+
+class GQAInputs:
+    def __init__(self, *, exact_padding: bool) -> None:
+        self.exact_padding = exact_padding
+        # GQA nodes the rewrite created: not "the model's own" when looking for seqlens_k.
+        self.created: set[ir.Node] = set()
+        self._graph: ir.Graph | ir.Function | None = None
+        # Keyed by the graph they live in: onnxscript visits subgraphs mid-parent.
+        self._values: dict[tuple[object, ...], ir.Value] = {}
+        self._model_lengths: dict[int, tuple[ir.Value, ir.Value] | None] = {}
+
+    def use_graph(self, graph: ir.Graph | ir.Function) -> None:
+        self._graph = graph
+
+    def _cached(self, key: tuple[object, ...], build: Callable[[], ir.Value]) -> ir.Value:
+        assert self._graph is not None, "use_graph() first"
+        key = (id(self._graph), *key)
+        if key not in self._values:
+            self._values[key] = build()
+        return self._values[key]
+
+    def sequence_lengths(self, op, attention_mask: ir.Value) -> tuple[ir.Value, ir.Value]:
+        """(seqlens_k int32 [B], total_sequence_length int32 [1]) for this attention_mask."""
+
+        def total_length() -> ir.Value:
+            return op.Cast(op.Shape(attention_mask, start=1, end=2), to=ir.DataType.INT32)
+
+        def total() -> ir.Value:
+            return self._cached(("total", attention_mask), total_length)
+
+        def seqlens_k() -> ir.Value:
+            if self.exact_padding:
+                # Every key slot is "valid" to GQA (new keys are appended after the past,
+                # as Attention does); the bias does all of the masking.
+                batch = op.Shape(attention_mask, start=0, end=1)
+                one = op.Constant(value=ir.tensor(np.array([1], dtype=np.int32)))
+                return op.Expand(op.Sub(total(), one), batch)
+            mask = attention_mask
+            if mask.dtype not in (ir.DataType.INT64, ir.DataType.INT32):
+                mask = op.Cast(mask, to=ir.DataType.INT64)
+            valid = op.ReduceSum(mask, op.Constant(value_ints=[1]), keepdims=0)
+            one = op.CastLike(op.Constant(value_int=1), valid)
+            return op.Cast(op.Sub(valid, one), to=ir.DataType.INT32)
+
+        if not self.exact_padding:
+            existing = self._model_sequence_lengths()
+            if existing is not None:
+                return existing
+        return self._cached(("seqlens_k", attention_mask, self.exact_padding), seqlens_k), total()
+
+    def _model_sequence_lengths(self) -> tuple[ir.Value, ir.Value] | None:
+        """The seqlens_k/total_sequence_length the model's own GQA layers already use.
+
+        Reused only when every pre-existing GQA node of this graph agrees on one pair, so the
+        rewritten layers follow exactly the padding convention the model already has.
+        """
+        graph = self._graph
+        assert graph is not None
+        if id(graph) not in self._model_lengths:
+            pairs = {
+                (node.inputs[5], node.inputs[6])
+                for node in graph
+                if node.op_type == "GroupQueryAttention"
+                and node.domain == "com.microsoft"
+                and node not in self.created
+                and len(node.inputs) > 6
+            }
+            pair = pairs.pop() if len(pairs) == 1 else None
+            self._model_lengths[id(graph)] = pair if pair and None not in pair else None
+        return self._model_lengths[id(graph)]
+
+    def empty_kv(self, op, attention_mask: ir.Value, hidden: int, dtype: ir.DataType) -> ir.Value:
+        # Empty key/value must carry the real batch size: ORT checks it against the query.
+        def build() -> ir.Value:
+            batch = op.Shape(attention_mask, start=0, end=1)
+            shape = op.Concat(batch, op.Constant(value_ints=[0, hidden]), axis=0)
+            return op.ConstantOfShape(shape, value=ir.tensor(np.zeros(1, dtype=dtype.numpy())))
+
+        return self._cached(("empty_kv", attention_mask, hidden, dtype), build)
+
+    def finite_bias(self, op, mask: MaskForm, dtype: ir.DataType) -> ir.Value:
+        """The mask as GQA's 4-D attention_bias, with a finite large negative."""
+
+        def build() -> ir.Value:
+            allowed = mask.boolean_mask
+            if not mask.boolean_mask_has_head_axis:
+                # GQA's attention_bias is 4-D [B or 1, N or 1, S, T].
+                allowed = op.Unsqueeze(allowed, op.Constant(value_ints=[1]))
+            zero = op.Constant(value=ir.tensor(np.zeros((), dtype=dtype.numpy())))
+            negative = op.Constant(
+                value=ir.tensor(np.array(_EXACT_PADDING_NEGATIVE[dtype], dtype=dtype.numpy()))
+            )
+            return op.Where(allowed, zero, negative)
+
+        return self._cached(("bias", mask.boolean_mask, dtype), build)
