@@ -29,10 +29,7 @@ class ProbedFormChooser:
             raise ValueError(f"unknown form {self.requested!r}; expected auto or one of {FORMS}")
 
     def __call__(self, dtype: str, head_size: int, windowed: bool) -> FormDecision:
-        result = self.results.get((dtype, head_size))
-        if result is None:
-            result = probe(self.provider, dtypes=[dtype], head_sizes=[head_size])
-            self.results[(dtype, head_size)] = result
+        result = self._probe(dtype, head_size)
         choice = select_form(result, dtype, head_size, windowed, requested=self.requested)
         if choice.form is not None:
             return FormDecision(choice.form)
@@ -45,6 +42,25 @@ class ProbedFormChooser:
             )
         self.forced_layers += 1
         return FormDecision(self.requested)
+
+    def native_support(self, dtype: str, head_size: int, windowed: bool) -> FormDecision:
+        """Can GQA run a layer with its own cache at this dtype/D on this provider?
+
+        The `past-present` probe exercises the same kernel path (past + presents), so its
+        verdict stands in for the native form.
+        """
+        result = self._probe(dtype, head_size)
+        if result.qualifies("past-present", dtype, head_size, windowed):
+            return FormDecision("native")
+        verdict = result.verdict("past-present", dtype, head_size, windowed)
+        return FormDecision(None, verdict.reason() if verdict else "not probed")
+
+    def _probe(self, dtype: str, head_size: int) -> ProbeResult:
+        result = self.results.get((dtype, head_size))
+        if result is None:
+            result = probe(self.provider, dtypes=[dtype], head_sizes=[head_size])
+            self.results[(dtype, head_size)] = result
+        return result
 
     def probe_tables(self) -> list[dict]:
         return [result.to_dict() for result in self.results.values()]

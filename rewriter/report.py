@@ -27,6 +27,7 @@ class RewriteReport:
     warnings: list[str] = dataclasses.field(default_factory=list)
     nodes_removed: int = 0
     form_request: str = "auto"
+    layers: str = "all"
     forced: bool = False
     probe: dict[str, Any] | None = None
     verification: dict[str, Any] | None = None  # filled by the verifier, or {"skipped": ...}
@@ -45,6 +46,7 @@ class RewriteReport:
             "warnings": list(self.warnings),
             "nodes_removed": self.nodes_removed,
             "form_request": self.form_request,
+            "layers": self.layers,
             "forced": self.forced,
             "probe": self.probe,
             "verification": self.verification,
@@ -54,7 +56,7 @@ class RewriteReport:
         """A few human-readable lines for the command line."""
         candidates = self.rewritten + len(self.skipped)
         lines = [
-            f"KV-shared Attention candidates: {candidates}, rewritten: {self.rewritten}, "
+            f"Attention layers: {candidates}, rewritten: {self.rewritten}, "
             f"skipped: {len(self.skipped)}"
         ]
         for r in self.rewrites:

@@ -17,6 +17,7 @@ from rewriter.rules._attention_rule import (
 )
 from rewriter.rules._gqa_inputs import GQAInputs
 from rewriter.rules.kv_shared_attention import KVSharedAttentionToGQA
+from rewriter.rules.nonshared_attention import NonSharedAttentionToGQA
 
 __all__ = [
     "GQA_DTYPES",
@@ -26,6 +27,7 @@ __all__ = [
     "KVSharedAttentionToGQA",
     "LayerRewrite",
     "LayerSkip",
+    "NonSharedAttentionToGQA",
     "always_past",
     "node_label",
 ]

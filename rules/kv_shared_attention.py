@@ -192,9 +192,11 @@ def _same_source(key_BNSH: ir.Value, value_BNSH: ir.Value) -> bool:
             and key_BNSH.index() is not None
             and key_BNSH.index() != value_BNSH.index()
         )
-    # Caches that are graph inputs: pair them by name (past_key_values.3.key / .value).
+    # Caches that are graph inputs: pair them by name (past_key_values.3.key / .value). Only
+    # the last "key" names the kind: "past_key_values" itself contains one.
     key_name, value_name = key_BNSH.name or "", value_BNSH.name or ""
-    return key_name != value_name and key_name.replace("key", "value") == value_name
+    head, found, tail = key_name.rpartition("key")
+    return bool(found) and f"{head}value{tail}" == value_name
 
 
 def _head_size(

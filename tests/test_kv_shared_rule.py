@@ -10,12 +10,19 @@ import onnx_ir as ir
 import pytest
 from decoder_runs import FIXTURES
 
-from rewriter import rewrite
+from rewriter import rewrite as rewrite_model
 from rewriter.forms import FormRejectedError
 from rewriter.pipeline import METADATA_PREFIX
 from rewriter.rules import FormDecision
 
 FIXTURE_DIR = Path(__file__).resolve().parent.parent / "fixtures"
+
+
+def rewrite(model, **options):
+    """The KV-shared rule alone: layers with their own cache are tests/test_nonshared_rule.py's."""
+    return rewrite_model(model, layers="shared", **options)
+
+
 MASK_OPS = {"CumSum", "Less", "LessOrEqual", "GreaterOrEqual", "And", "Where", "Expand"}
 
 
@@ -60,7 +67,7 @@ def test_all_attention_model_keeps_the_mask_its_other_layers_read() -> None:
     # The four non-shared layers are Attention with past inputs: not this rule's business.
     assert (
         sorted(s.reason for s in report.skipped)
-        == ["has past_key/past_value/nonpad_kv_seqlen inputs: not a KV-shared layer"] * 4
+        == ["a layer with its own cache (past inputs); --layers shared leaves it"] * 4
     )
     assert ops(model).count("Attention") == 4
     assert "CumSum" in ops(model)

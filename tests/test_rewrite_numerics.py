@@ -16,8 +16,9 @@ CORRECT_IN_DECODE = ("p2_tiny", "p2_all_attention_tiny", "p2_tiny_opset24_explic
 
 
 def pair(name: str, **options) -> tuple[Decoder, Decoder]:
+    """The fixture and its KV-shared rewrite (the 3 shared layers; see test_nonshared_rule)."""
     original = onnx.load(FIXTURE_DIR / f"{name}.onnx")
-    rewritten, report = rewrite(original, **options)
+    rewritten, report = rewrite(original, layers="shared", **options)
     assert report.rewritten == 3
     return Decoder(original), Decoder(rewritten)
 

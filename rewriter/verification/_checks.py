@@ -95,10 +95,11 @@ class Plan:
     prefill_lengths: tuple[int, ...]
     cache_prefix: int
     batch_lengths: tuple[int, int]
-    # How a right-padded row's decode token is masked: "prefix" (GQA writes the new key at
-    # seqlens_k, so valid keys stay a prefix) or "append" (Attention with past appends it
-    # after the padding, so the mask has a hole).
-    batch_decode_mask: str
+    # How a right-padded row's decode token is masked, per model role: "prefix" (GQA writes
+    # the new key at seqlens_k, so valid keys stay a prefix) or "append" (Attention with
+    # past appends it after the padding, so the mask has a hole). Each model is fed the
+    # convention of its own cache writers: a rewrite may change the convention.
+    batch_decode_masks: Mapping[str, str]
     # Why the candidate's padded decode step is not checked, if it is not.
     candidate_batch_decode_skip: str = ""
     note: str = ""
@@ -129,15 +130,17 @@ class Plan:
             prefix = max(1, min(prefix, cap - max(_DECODE_STEPS, _CHUNK)))
             longest = max(2, min(longest, cap - 1))
             note = f"lengths capped at {cap} positions (rotary cache rows)"
-        writers = set(original.cache_writers.values())
-        mask = "prefix" if "GroupQueryAttention" in writers else "append"
+        masks = {ORIGINAL: _decode_mask(original), CANDIDATE: _decode_mask(candidate)}
         skip = ""
-        if mask == "append" and candidate.declared_padding_contract == RIGHT_PADDING_ONLY:
+        if (
+            masks[CANDIDATE] == "append"
+            and candidate.declared_padding_contract == RIGHT_PADDING_ONLY
+        ):
             # GQA reads a borrowed cache as a valid prefix of seqlens_k + 1 keys; the holed
             # mask of an appending cache is outside the contract the rewrite declared (and
             # warned about), so holding it against the candidate would test a non-promise.
             skip = (
-                "decode step of 2 not checked: the original's Attention cache appends after "
+                "decode step of 2 not checked: the candidate's Attention caches append after "
                 "the padding (holed mask), outside the declared right-padding-only contract"
             )
         return cls(
@@ -145,10 +148,14 @@ class Plan:
             prefill_lengths=tuple(sorted(prefill)),
             cache_prefix=prefix,
             batch_lengths=(longest, max(1, longest // 2)),
-            batch_decode_mask=mask,
+            batch_decode_masks=masks,
             candidate_batch_decode_skip=skip,
             note=note,
         )
+
+
+def _decode_mask(facts: GraphFacts) -> str:
+    return "prefix" if "GroupQueryAttention" in set(facts.cache_writers.values()) else "append"
 
 
 @dataclasses.dataclass
@@ -333,7 +340,7 @@ def _batch_consistency(runner: ModelRunner, plan: Plan, compared: Sequence[str])
         cases += _non_finite_cases(outputs)
     context = f"rows of {lengths[0]} and {lengths[1]} tokens, right-padded"
     if not decode_skip:
-        context += f", prefill and one decode step ({plan.batch_decode_mask} mask)"
+        context += f", prefill and one decode step ({plan.batch_decode_masks[runner.role]} mask)"
     result = CheckResult.from_cases(BATCH, runner.role, cases, context)
     if decode_skip:
         result.detail = f"{result.detail}; {decode_skip}"
@@ -353,7 +360,7 @@ def _batch_decode(
     mask = np.zeros((2, padded + 1), dtype=np.int64)
     for row, n in enumerate(lengths):
         mask[row, :n] = 1
-        mask[row, n if plan.batch_decode_mask == "prefix" else padded] = 1
+        mask[row, n if plan.batch_decode_masks[runner.role] == "prefix" else padded] = 1
     decoded = runner.run(Step((0, 1), mask, 1), runner.next_past(batch))
     decoded_alone = [
         runner.run(
@@ -363,7 +370,7 @@ def _batch_decode(
     ]
     cases = [
         compare(
-            f"decode row {row} ({plan.batch_decode_mask} mask)",
+            f"decode row {row} ({plan.batch_decode_masks[runner.role]} mask)",
             decoded_alone[row][name],
             decoded[name][row : row + 1],
         )

@@ -1,0 +1,192 @@
+"""Non-shared ONNX ``Attention`` layers (with past/present) -> ``GroupQueryAttention``.
+
+Dimension letters: B batch, S query length, P past length, T = P + S, N query heads,
+Nkv KV heads, D head size. Exporters fall back to the standard op for layers that own a
+cache too (every layer in the "default provider" build; full layers with D > 256 in
+others): ``Attention(query_BSD, key_BSD, value_BSD, mask, past_key_BNPD, past_value_BNPD)
+-> (output, present_key_BNTD, present_value_BNTD)`` with the same P1/P2 masks as the shared
+layers. With past inputs ONNX Runtime aligns is_causal to the bottom right, so these layers
+are correct in decode; the gain is dropping the mask chain (CPU-placed on CUDA) once no
+layer reads it.
+
+The replacement is GQA's native form: new key/value plus past, presents produced under the
+same names. Present caches keep the BNSH layout; right-padded rows follow GQA's convention
+(new keys written at position seqlens_k), which the report states. Rotary embedding stays
+outside (``do_rotary=0``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import onnx_ir as ir
+
+from rewriter.rules._attention_rule import (
+    AttentionHeads,
+    AttentionToGQARule,
+    FormChooser,
+    FormDecision,
+    LayerRewrite,
+    check_causal,
+    check_dtype,
+    dtype_name,
+    gqa_attributes,
+    layer_kind,
+    node_label,
+    read_heads,
+)
+from rewriter.rules._gqa_inputs import GQAInputs
+from rewriter.rules._mask_patterns import MaskForm, match_mask
+
+__all__ = ["NATIVE_FORM", "NonSharedAttentionToGQA"]
+
+# How a layer with its own cache feeds GQA: new K/V, past, presents. Not a choice among
+# borrowed-cache forms; the capability chooser only answers whether GQA runs this dtype/D.
+NATIVE_FORM = "native"
+
+
+def always_native(dtype: str, head_size: int, windowed: bool) -> FormDecision:
+    return FormDecision(NATIVE_FORM)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    mask: MaskForm
+    heads: AttentionHeads
+    head_size: int
+    dtype: ir.DataType
+    graph: ir.Graph | ir.Function
+
+
+class NonSharedAttentionToGQA(AttentionToGQARule):
+    def __init__(
+        self,
+        supports: FormChooser = always_native,
+        *,
+        exact_padding: bool = False,
+        inputs: GQAInputs | None = None,
+    ) -> None:
+        super().__init__(
+            "NonSharedAttentionToGQA", inputs or GQAInputs(exact_padding=exact_padding)
+        )
+        self.supports = supports
+        self._plan: _Plan | None = None
+
+    def pattern(self, op, query_BSD, key_BSD, value_BSD, mask, past_key_BNPD, past_value_BNPD):
+        return op.Attention(
+            query_BSD,
+            key_BSD,
+            value_BSD,
+            mask,
+            past_key_BNPD,
+            past_value_BNPD,
+            _allow_other_inputs=True,
+            _outputs=["output", "present_key_BNTD", "present_value_BNTD"],
+        )
+
+    def check(self, context, mask, past_key_BNPD, past_value_BNPD, key_BSD, query_BSD, **_):
+        attention = context.root
+        verdict = self._plan_for(
+            context, attention, query_BSD, key_BSD, mask, past_key_BNPD, past_value_BNPD
+        )
+        if not isinstance(verdict, str):
+            self._plan = verdict
+        return self._verdict(attention, verdict)
+
+    def _plan_for(self, context, attention, query, key, mask, past_key, past_value) -> _Plan | str:
+        if past_key is None or past_value is None:
+            return "has no past_key/past_value: not a layer with its own cache"
+        if len(attention.inputs) > 6 and attention.inputs[6] is not None:
+            return "has a nonpad_kv_seqlen input"
+        if mask is None:
+            return "has no mask input"
+        heads = read_heads(context, attention)
+        if isinstance(heads, str):
+            return heads
+        for value in (query, key):
+            if value.shape is not None and value.shape.rank() != 3:
+                return f"{value.name} is not 3-D [B, S, heads*D]"
+        head_size = _head_size(past_key, past_value, key, heads)
+        if isinstance(head_size, str):
+            return head_size
+        mask_form = match_mask(context, mask)
+        if isinstance(mask_form, str):
+            return mask_form
+        dtype = query.dtype or past_key.dtype
+        problem = check_causal(attention, mask_form) or check_dtype(dtype, key, past_key)
+        if problem:
+            return problem
+        decision = self.supports(
+            dtype_name(dtype), head_size, mask_form.local_window_size is not None
+        )
+        if decision.form is None:
+            return f"GroupQueryAttention does not run this layer here: {decision.reason}"
+        return _Plan(mask_form, heads, head_size, dtype, context.graph_or_function)
+
+    def rewrite(
+        self,
+        op,
+        query_BSD,
+        key_BSD,
+        value_BSD,
+        past_key_BNPD,
+        past_value_BNPD,
+        output,
+        present_key_BNTD,
+        present_value_BNTD,
+        **_,
+    ):
+        plan = self._plan
+        assert plan is not None, "rewrite() without a successful check()"
+        self._plan = None
+        self.inputs.use_graph(plan.graph)
+        seqlens_k, total_length = self.inputs.sequence_lengths(op, plan.mask.attention_mask)
+        inputs: list[ir.Value | None] = [
+            query_BSD,
+            key_BSD,
+            value_BSD,
+            past_key_BNPD,
+            past_value_BNPD,
+            seqlens_k,
+            total_length,
+        ]
+        if self.inputs.exact_padding:
+            inputs += [None, None, None, self.inputs.finite_bias(op, plan.mask, plan.dtype)]
+        attention = output.producer()
+        record = LayerRewrite(
+            node=node_label(attention),
+            rule=f"{self.name}/{plan.mask.style}-{layer_kind(plan.mask)}",
+            form=NATIVE_FORM,
+            local_window_size=plan.mask.local_window_size,
+            mask_style=plan.mask.style,
+            source=past_key_BNPD.name or "",
+            dtype=dtype_name(plan.dtype),
+            head_size=plan.head_size,
+        )
+        attributes = gqa_attributes(
+            plan.heads, plan.head_size, plan.mask, self.inputs.exact_padding
+        )
+        replaced = [output, present_key_BNTD, present_value_BNTD]
+        return self._emit(op, attention, inputs, attributes, replaced, record, num_outputs=3)
+
+
+def _head_size(
+    past_key: ir.Value, past_value: ir.Value, key: ir.Value, heads: AttentionHeads
+) -> int | str:
+    candidates: set[int] = set()
+    for cache in (past_key, past_value):
+        shape = cache.shape
+        if shape is not None:
+            if shape.rank() != 4:
+                return f"past cache {cache.name} is not 4-D BNSH"
+            if isinstance(shape[1], int) and shape[1] != heads.kv_num_heads:
+                return f"past cache has {shape[1]} heads, kv_num_heads={heads.kv_num_heads}"
+            if isinstance(shape[3], int):
+                candidates.add(shape[3])
+    if key.shape is not None and key.shape.rank() == 3 and isinstance(key.shape[2], int):
+        candidates.add(key.shape[2] // heads.kv_num_heads)
+    if not candidates:
+        return "head size unknown (no static shape on the key or the past cache)"
+    if len(candidates) > 1:
+        return f"inconsistent head sizes {sorted(candidates)} between key and past cache"
+    return candidates.pop()
