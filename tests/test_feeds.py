@@ -13,13 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
-import rewriter.fixtures
 from rewriter.verification import VerificationError
 from rewriter.verification._feeds import DecoderSignature, FeedSynthesizer, Step
 from rewriter.verification._session import short_error
 from rewriter.verification._tolerance import compare, tolerance_for
 
-FIXTURES = Path(rewriter.fixtures.__file__).parent
+# The committed .onnx files live in the repository, not in the installed package.
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
 
 def _session(model: onnx.ModelProto | Path) -> ort.InferenceSession:

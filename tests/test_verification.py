@@ -13,12 +13,12 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
-import rewriter.fixtures
 from rewriter.verification import CheckResult, VerificationError, VerificationResult, verify
 
 pipeline = pytest.importorskip("rewriter.pipeline")
 
-FIXTURES = Path(rewriter.fixtures.__file__).parent
+# The committed .onnx files live in the repository, not in the installed package.
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
 
 def _fixture(name: str) -> ir.Model:
