@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -136,24 +137,50 @@ def check_dtype(dtype: ir.DataType | None, *others: ir.Value) -> str | None:
 
 class AttentionToGQARule(pattern.RewriteRuleClassBase):
     """Bookkeeping shared by the rules: every Attention reaching check() is either
-    rewritten (``rewrites``) or skipped with a reason (``skips``)."""
+    rewritten (``rewrites``) or skipped with a reason (``skips``).
 
-    def __init__(self, name: str, inputs: GQAInputs) -> None:
+    Subclasses implement ``pattern``, ``_plan_for`` (a plan, or the reason there is none)
+    and ``rewrite``, which starts with ``_take_plan()``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        choose_form: FormChooser,
+        *,
+        exact_padding: bool = False,
+        inputs: GQAInputs | None = None,
+    ) -> None:
         super().__init__(name, remove_nodes=False)
-        self.inputs = inputs
+        self.choose_form = choose_form
+        self.inputs = inputs or GQAInputs(exact_padding=exact_padding)
         self.rewrites: list[LayerRewrite] = []
         self.skips: dict[str, LayerSkip] = {}
         self.replaced_nodes: list[ir.Node] = []
         # (GQA output, name it takes over once the replaced Attention is gone)
         self.renames: list[tuple[ir.Value, str]] = []
+        # check() hands its plan to the rewrite() that onnxscript calls right after it.
+        self._plan: Any = None
 
-    def _verdict(self, attention: ir.Node, verdict: object) -> pattern.MatchResult | bool:
+    def check(self, context, **bindings) -> pattern.MatchResult | bool:
+        attention = context.root
+        verdict = self._plan_for(context, attention, **bindings)
         label = node_label(attention)
         if isinstance(verdict, str):
             self.skips[label] = LayerSkip(label, verdict)
             return pattern.MatchResult().fail(verdict, attention)
         self.skips.pop(label, None)
+        self._plan = verdict
         return True
+
+    def _plan_for(self, context, attention: ir.Node, **bindings) -> Any:
+        raise NotImplementedError
+
+    def _take_plan(self) -> Any:
+        plan, self._plan = self._plan, None
+        assert plan is not None, "rewrite() without a successful check()"
+        self.inputs.use_graph(plan.graph)
+        return plan
 
     def _emit(
         self,

@@ -63,23 +63,19 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
         exact_padding: bool = False,
         inputs: GQAInputs | None = None,
     ) -> None:
-        super().__init__("KVSharedAttentionToGQA", inputs or GQAInputs(exact_padding=exact_padding))
-        self.choose_form = choose_form
-        self._plan: _Plan | None = None
+        super().__init__(
+            "KVSharedAttentionToGQA", choose_form, exact_padding=exact_padding, inputs=inputs
+        )
 
     def pattern(self, op, query_BSD, key_BSD, value_BSD, mask):
         return op.Attention(
             query_BSD, key_BSD, value_BSD, mask, _allow_other_inputs=True, _outputs=["output"]
         )
 
-    def check(self, context, query_BSD, key_BSD, value_BSD, mask, output, **_):
-        attention = context.root
-        verdict = self._plan_for(context, attention, query_BSD, key_BSD, value_BSD, mask)
-        if not isinstance(verdict, str):
-            self._plan = verdict
-        return self._verdict(attention, verdict)
-
-    def _plan_for(self, context, attention, query, key, value, mask) -> _Plan | str:
+    def _plan_for(
+        self, context, attention, *, query_BSD, key_BSD, value_BSD, mask, **_
+    ) -> _Plan | str:
+        query, key, value = query_BSD, key_BSD, value_BSD
         if any(v is not None for v in attention.inputs[4:]):
             return "has past_key/past_value/nonpad_kv_seqlen inputs: not a KV-shared layer"
         if any(out.uses() or out.is_graph_output() for out in attention.outputs[1:3]):
@@ -124,10 +120,7 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
         )
 
     def rewrite(self, op, query_BSD, key_BSD, value_BSD, output, **_):
-        plan = self._plan
-        assert plan is not None, "rewrite() without a successful check()"
-        self._plan = None
-        self.inputs.use_graph(plan.graph)
+        plan: _Plan = self._take_plan()
         seqlens_k, total_length = self.inputs.sequence_lengths(op, plan.mask.attention_mask)
         key_value_past = self._key_value_past(op, plan, query_BSD, key_BSD, value_BSD)
         inputs: list[ir.Value | None] = [query_BSD, *key_value_past, seqlens_k, total_length]

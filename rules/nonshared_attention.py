@@ -66,11 +66,10 @@ class NonSharedAttentionToGQA(AttentionToGQARule):
         exact_padding: bool = False,
         inputs: GQAInputs | None = None,
     ) -> None:
+        # The chooser only answers whether GQA runs this dtype/D here (see NATIVE_FORM).
         super().__init__(
-            "NonSharedAttentionToGQA", inputs or GQAInputs(exact_padding=exact_padding)
+            "NonSharedAttentionToGQA", supports, exact_padding=exact_padding, inputs=inputs
         )
-        self.supports = supports
-        self._plan: _Plan | None = None
 
     def pattern(self, op, query_BSD, key_BSD, value_BSD, mask, past_key_BNPD, past_value_BNPD):
         return op.Attention(
@@ -84,16 +83,10 @@ class NonSharedAttentionToGQA(AttentionToGQARule):
             _outputs=["output", "present_key_BNTD", "present_value_BNTD"],
         )
 
-    def check(self, context, mask, past_key_BNPD, past_value_BNPD, key_BSD, query_BSD, **_):
-        attention = context.root
-        verdict = self._plan_for(
-            context, attention, query_BSD, key_BSD, mask, past_key_BNPD, past_value_BNPD
-        )
-        if not isinstance(verdict, str):
-            self._plan = verdict
-        return self._verdict(attention, verdict)
-
-    def _plan_for(self, context, attention, query, key, mask, past_key, past_value) -> _Plan | str:
+    def _plan_for(
+        self, context, attention, *, query_BSD, key_BSD, mask, past_key_BNPD, past_value_BNPD, **_
+    ) -> _Plan | str:
+        query, key, past_key, past_value = query_BSD, key_BSD, past_key_BNPD, past_value_BNPD
         if past_key is None or past_value is None:
             return "has no past_key/past_value: not a layer with its own cache"
         if len(attention.inputs) > 6 and attention.inputs[6] is not None:
@@ -116,7 +109,7 @@ class NonSharedAttentionToGQA(AttentionToGQARule):
         problem = check_causal(attention, mask_form) or check_dtype(dtype, key, past_key)
         if problem:
             return problem
-        decision = self.supports(
+        decision = self.choose_form(
             dtype_name(dtype), head_size, mask_form.local_window_size is not None
         )
         if decision.form is None:
@@ -136,10 +129,7 @@ class NonSharedAttentionToGQA(AttentionToGQARule):
         present_value_BNTD,
         **_,
     ):
-        plan = self._plan
-        assert plan is not None, "rewrite() without a successful check()"
-        self._plan = None
-        self.inputs.use_graph(plan.graph)
+        plan: _Plan = self._take_plan()
         seqlens_k, total_length = self.inputs.sequence_lengths(op, plan.mask.attention_mask)
         inputs: list[ir.Value | None] = [
             query_BSD,
