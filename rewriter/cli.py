@@ -1,7 +1,8 @@
 """The command line: ``python -m rewriter IN OUT``, ``... verify A B``, ``... probe``.
 
 Exit codes: 0 done (verified, or nothing to do); 1 verification failed (nothing written);
-2 bad usage or input (one line on stderr, nothing written); 3 internal error.
+2 bad usage or input (one line on stderr, nothing written); 3 internal error;
+130/143 interrupted by SIGINT/SIGTERM (the output is then absent, unchanged or complete).
 """
 
 from __future__ import annotations
@@ -15,7 +16,16 @@ from pathlib import Path
 
 from rewriter import __version__
 from rewriter.forms import FormRejectedError
-from rewriter.model_io import InputError, OutputError, load_model, staged_output
+from rewriter.model_io import (
+    InputError,
+    Interrupted,
+    OutputError,
+    check_destination,
+    external_data_name,
+    load_model,
+    signals_as_exceptions,
+    staged_output,
+)
 from rewriter.pipeline import rewrite
 from rewriter.probe import FORMS, ProbeError, probe
 
@@ -61,6 +71,13 @@ def _rewrite_parser() -> argparse.ArgumentParser:
         choices=("auto", *FORMS),
         default="auto",
         help="GroupQueryAttention form: auto = best form the probe found correct (default)",
+    )
+    parser.add_argument(
+        "--layers",
+        choices=("all", "shared"),
+        default="all",
+        help="all: KV-shared layers and layers with their own cache (default); "
+        "shared: KV-shared layers only",
     )
     parser.add_argument(
         "--force", action="store_true", help="write a --form the probe rejected (marked)"
@@ -111,11 +128,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
-        if argv and argv[0] == "verify":
-            return _verify_command(_verify_parser().parse_args(argv[1:]))
-        if argv and argv[0] == "probe":
-            return _probe_command(_probe_parser().parse_args(argv[1:]))
-        return _rewrite_command(_rewrite_parser().parse_args(argv))
+        with signals_as_exceptions():
+            if argv and argv[0] == "verify":
+                return _verify_command(_verify_parser().parse_args(argv[1:]))
+            if argv and argv[0] == "probe":
+                return _probe_command(_probe_parser().parse_args(argv[1:]))
+            return _rewrite_command(_rewrite_parser().parse_args(argv))
     except _VerificationFailed:
         return EXIT_VERIFY_FAILED
     except (_UsageError, InputError, OutputError, FormRejectedError, ProbeError) as error:
@@ -123,6 +141,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Interrupted as interruption:
+        if debug:
+            raise
+        outcome = (
+            f"{interruption.written} was written completely"
+            if interruption.written is not None
+            else "nothing was written"
+        )
+        print(f"error: interrupted by {interruption.signal_name}; {outcome}", file=sys.stderr)
+        return 128 + interruption.signum
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written", file=sys.stderr)
         return 130
@@ -142,15 +170,20 @@ def _rewrite_command(args: argparse.Namespace) -> int:
 
     if _same_file(args.input, args.output) and not args.in_place:
         raise _UsageError(f"{args.output} is the input; pass --in-place to replace it")
+    # Refuse an unusable destination before the (possibly long) load, rewrite and probe.
+    check_destination(args.output)
+    weights = args.output.with_name(external_data_name(args.output))
+    _check_report_path(args.report, args.input, args.output, weights)
     model = load_model(args.input)
     model, report = rewrite(
         model,
+        layers=args.layers,
         form=args.form,
         provider=args.provider,
         force=args.force,
         exact_padding=args.exact_padding,
     )
-    with staged_output(model, args.output) as staged:
+    with staged_output(model, args.output, source=args.input) as staged:
         if args.no_verify:
             report.verification = {"skipped": "--no-verify"}
         else:
@@ -166,20 +199,25 @@ def _rewrite_command(args: argparse.Namespace) -> int:
                 print("verification FAILED; nothing written:", file=sys.stderr)
                 print(result.summary(), file=sys.stderr)
                 raise _VerificationFailed
-    _write_report(args.report, report.to_dict())
-    if not args.quiet:
-        print(report.summary())
-        if report.verification and "checks" in report.verification:
-            print(result.summary())
-        elif args.no_verify:
-            print("verification skipped (--no-verify)")
-        print(f"wrote {args.output}")
+    try:
+        _write_report(args.report, report.to_dict())
+        if not args.quiet:
+            print(report.summary())
+            if report.verification and "checks" in report.verification:
+                print(result.summary())
+            elif args.no_verify:
+                print("verification skipped (--no-verify)")
+            print(f"wrote {args.output}")
+    except Interrupted as interruption:
+        interruption.written = args.output
+        raise
     return EXIT_OK
 
 
 def _verify_command(args: argparse.Namespace) -> int:
     from rewriter.verification import VerificationError, verify
 
+    _check_report_path(args.report, args.original, args.candidate)
     load_model(args.original)  # clear one-line errors for unreadable files
     load_model(args.candidate)
     try:
@@ -216,12 +254,24 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def _check_report_path(report: Path | None, *models: Path) -> None:
+    """The report must be writable and must not land on a model file (or its weights)."""
+    if report is None:
+        return
+    check_destination(report)
+    for model in models:
+        if _same_file(model, report) or report.resolve() == model.resolve():
+            raise _UsageError(f"--report {report} would overwrite {model}")
+
+
 def _write_report(path: Path | None, data: dict) -> None:
     if path is None:
         return
-    temporary = path.with_name(f".{path.name}.tmp")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         temporary.write_text(json.dumps(data, indent=2) + "\n")
         os.replace(temporary, path)
     except OSError as error:
         raise OutputError(f"{path}: cannot write report ({error.strerror})") from None
+    finally:
+        temporary.unlink(missing_ok=True)

@@ -1,10 +1,17 @@
 """Loading models with clear errors, and writing them atomically.
 
 Loading is lazy (onnx-ir leaves external weights on disk until they are read), so the
-rewrite's memory does not grow with the weights. Writing goes to a temporary directory
-beside the destination and is renamed into place, external data first and the model file
-last: an interrupted run leaves either the previous state or a complete model, never a
-half-written one, and the input is never opened for writing.
+rewrite's memory does not grow with the weights; saving copies external tensors file to
+file (onnx-ir's ``ExternalTensor.tofile``: ``copy_file_range`` or 1 MiB chunks), so it does
+not either.
+
+Writing goes to a temporary directory beside the destination, is flushed to disk, and is
+renamed into place, external data first and the model file last, with SIGINT/SIGTERM held
+back during the renames: an interrupted run (signal, full disk) leaves either the previous
+state or a complete model, never a half-written one, and the input is never opened for
+writing. The one window left is a hard kill (SIGKILL, power loss) between the two renames
+while *replacing* an existing model that has external data: the old model file then sits
+beside the new weights.
 """
 
 from __future__ import annotations
@@ -12,23 +19,38 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
+import stat
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import onnx_ir as ir
+from google.protobuf.message import DecodeError
 
 __all__ = [
+    "TOOL_METADATA_KEY",
     "InputError",
+    "Interrupted",
     "OutputError",
+    "check_destination",
     "external_data_name",
     "has_external_data",
     "load_model",
+    "signals_as_exceptions",
     "staged_output",
 ]
 
 # Inline protobufs cannot exceed 2 GB; stay clear of that limit when saving inline.
 _INLINE_LIMIT_BYTES = 1_800_000_000
+_PROTOBUF_LIMIT_BYTES = 2**31
+
+# Written into every rewritten model (pipeline.METADATA_PREFIX + "version"); it is how an
+# existing <OUT>.data is recognised as this tool's own and may be replaced.
+TOOL_METADATA_KEY = "kvshare_gqa_rewriter.version"
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class InputError(Exception):
@@ -39,44 +61,141 @@ class OutputError(Exception):
     """The output cannot be written where asked; the message is one line."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM, raised as an exception so every ``finally`` removes what it staged.
+
+    ``written`` is the output path when the signal arrived after the output was published.
+    """
+
+    def __init__(self, signum: int, written: Path | None = None) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.written = written
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name
+
+
+# --- loading -----------------------------------------------------------------------------
+
+
 def load_model(path: str | os.PathLike[str]) -> ir.Model:
+    """Load `path` lazily; InputError (one line) for anything that is not a usable model."""
     path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
-    if path.is_dir():
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except OSError as error:
+        raise InputError(f"{path}: cannot be accessed ({_reason(error)})") from None
+    if stat.S_ISDIR(status.st_mode):
         raise InputError(f"{path}: is a directory, expected an .onnx file")
-    if not os.access(path, os.R_OK):
-        raise InputError(f"{path}: not readable")
-    if path.stat().st_size == 0:
+    if not stat.S_ISREG(status.st_mode):
+        raise InputError(f"{path}: is not a regular file, expected an .onnx file")
+    if status.st_size == 0:
         raise InputError(f"{path}: empty file")
+    _check_readable(path, "")
+    if status.st_size >= _PROTOBUF_LIMIT_BYTES:
+        raise InputError(
+            f"{path}: {status.st_size} bytes; an ONNX protobuf cannot exceed 2 GB "
+            "(models this large keep their weights in external data)"
+        )
     try:
         model = ir.load(path)
-    except Exception as error:  # protobuf raises several unrelated types on bad bytes
-        raise InputError(f"{path}: not an ONNX model ({_one_line(error)})") from None
-    if not model.graph.outputs or model.ir_version < 3:
-        raise InputError(f"{path}: parses as protobuf but is not an ONNX model (no graph outputs)")
+    except DecodeError:
+        raise InputError(
+            f"{path}: not an ONNX model (cannot be parsed as protobuf: corrupt, truncated "
+            "or another format)"
+        ) from None
+    except Exception as error:  # protobuf/onnx-ir raise several unrelated types on bad bytes
+        raise InputError(f"{path}: not a valid ONNX model ({_one_line(error)})") from None
+    missing = [
+        what
+        for what, absent in (
+            ("ir_version", model.ir_version < 1),
+            ("opset_import", not model.opset_imports),
+            ("graph outputs", not model.graph.outputs),
+        )
+        if absent
+    ]
+    if missing:
+        raise InputError(
+            f"{path}: a protobuf message but not an ONNX model (no {', no '.join(missing)})"
+        )
     _check_external_data(model, path)
     return model
 
 
+def _check_readable(path: Path, what: str) -> None:
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as error:
+        raise InputError(f"{path}: {what}not readable ({_reason(error)})") from None
+
+
 def _check_external_data(model: ir.Model, path: Path) -> None:
-    for tensor in _external_tensors(model):
-        data_path = Path(tensor.base_dir) / tensor.location
-        if not data_path.is_file():
-            raise InputError(f"{path}: external data file {tensor.location} is missing")
-        needed = tensor.offset + tensor.length if tensor.length else tensor.offset
-        if data_path.stat().st_size < needed:
+    """Every external tensor's file exists, is readable, stays beside the model, is long enough."""
+    for owner, tensor in _all_external_tensors(model):
+        if owner is not None:
+            # ir.save relocates initializers only; an attribute would keep a stale location.
             raise InputError(
-                f"{path}: external data file {tensor.location} is shorter than tensor "
-                f"{tensor.name} needs ({data_path.stat().st_size} < {needed} bytes)"
+                f"{path}: node {owner} keeps a tensor attribute in external data "
+                f"({tensor.location}); only initializers may use external data here"
+            )
+        where = f"{path}: external data {tensor.location} of tensor {tensor.name}"
+        # onnx-ir refuses locations outside the model's directory, symlinks leading out of it
+        # and hard-linked files when it reads them; say so now, not halfway through a save.
+        check_containment = getattr(tensor, "_check_path_containment", None)
+        if check_containment is not None:
+            try:
+                check_containment()
+            except ValueError as error:
+                raise InputError(f"{where}: refused ({_one_line(error)})") from None
+        data_path = Path(tensor.path)
+        if not data_path.exists():
+            raise InputError(f"{where}: file is missing")
+        if not data_path.is_file():
+            raise InputError(f"{where}: not a regular file")
+        _check_readable(data_path, f"external data of {path} ")
+        offset = tensor.offset or 0
+        length = tensor.length if tensor.length is not None else tensor.nbytes
+        if tensor.length is not None and tensor.length != tensor.nbytes:
+            raise InputError(
+                f"{where}: length {tensor.length} bytes, but shape {tensor.shape} of "
+                f"{tensor.dtype.name} needs {tensor.nbytes}"
+            )
+        size = data_path.stat().st_size
+        if size < offset + length:
+            raise InputError(
+                f"{where}: file is shorter than the tensor needs "
+                f"({size} < {offset + length} bytes at offset {offset})"
             )
 
 
-def _external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
-    for graph in (model.graph, *model.graph.subgraphs()):
+def _all_external_tensors(
+    model: ir.Model,
+) -> Iterator[tuple[str | None, ir.ExternalTensor]]:
+    """(None, tensor) for external initializers; (node, tensor) for external attributes."""
+    for graph in model.graphs():
         for value in graph.initializers.values():
             if isinstance(value.const_value, ir.ExternalTensor):
-                yield value.const_value
+                yield None, value.const_value
+    graphs_and_functions = (model.graph, *model.functions.values())
+    for graph_like in graphs_and_functions:
+        for node in ir.traversal.RecursiveGraphIterator(graph_like):
+            for attribute in node.attributes.values():
+                if attribute.type == ir.AttributeType.TENSOR and isinstance(
+                    attribute.value, ir.ExternalTensor
+                ):
+                    yield node.name or node.op_type, attribute.value
+
+
+def _external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
+    for owner, tensor in _all_external_tensors(model):
+        if owner is None:
+            yield tensor
 
 
 def has_external_data(model: ir.Model) -> bool:
@@ -85,11 +204,15 @@ def has_external_data(model: ir.Model) -> bool:
 
 def _initializer_bytes(model: ir.Model) -> int:
     total = 0
-    for value in model.graph.initializers.values():
-        tensor = value.const_value
-        if tensor is not None:
-            total += tensor.nbytes
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if tensor is not None:
+                total += tensor.nbytes
     return total
+
+
+# --- writing -----------------------------------------------------------------------------
 
 
 def external_data_name(output: Path) -> str:
@@ -97,37 +220,233 @@ def external_data_name(output: Path) -> str:
 
 
 @contextlib.contextmanager
-def staged_output(model: ir.Model, output: str | os.PathLike[str]) -> Iterator[Path]:
+def staged_output(
+    model: ir.Model,
+    output: str | os.PathLike[str],
+    *,
+    source: str | os.PathLike[str] | None = None,
+) -> Iterator[Path]:
     """Save `model` to a temporary path beside `output`; yield it; publish on normal exit.
 
     The caller may inspect or verify the staged file inside the `with` block; raising
     there discards it. Weights go to external data named ``<output>.data`` when the input
-    had external data or would exceed the inline protobuf limit.
+    had external data or would exceed the inline protobuf limit (in place: to the input's
+    own data file, when it has exactly one beside it). `source` is the file the
+    model was loaded from: nothing of it is overwritten unless `output` is `source` itself
+    (the caller decides whether that is allowed, e.g. ``--in-place``).
     """
     output = Path(output)
-    directory = output.parent if str(output.parent) else Path(".")
-    if not directory.is_dir():
+    directory = output.parent
+    check_destination(output)
+    source_path = Path(source) if source is not None else None
+    data_name = None
+    if has_external_data(model) or _initializer_bytes(model) > _INLINE_LIMIT_BYTES:
+        in_place = source_path is not None and _same_file(source_path, output)
+        own_name = _own_data_name(model, output) if in_place else None
+        data_name = own_name or external_data_name(output)
+    _check_no_clobbering(model, output, data_name, source_path)
+
+    staging: Path | None = None
+    published = False
+    try:
+        try:
+            with _signals_held():  # a signal here must not leave an untracked directory
+                staging = _make_staging_directory(output, directory)
+            staged = staging / output.name
+            _save(model, staged, data_name, output)
+            yield staged
+            with _signals_held():
+                # Data before model: a model file that exists always has its weights beside it.
+                if data_name is not None and (staging / data_name).exists():
+                    os.replace(staging / data_name, directory / data_name)
+                os.replace(staged, output)
+                published = True
+                _fsync_directory(directory)
+        finally:
+            if staging is not None:
+                with _signals_held():
+                    shutil.rmtree(staging, ignore_errors=True)
+    except Interrupted as interruption:
+        if published:
+            interruption.written = output
+        raise
+
+
+def check_destination(output: str | os.PathLike[str]) -> None:
+    """OutputError (one line) unless a file can be written at `output`."""
+    output = Path(output)
+    directory = output.parent
+    if not directory.exists():
         raise OutputError(f"{output}: directory {directory} does not exist")
-    if not os.access(directory, os.W_OK):
+    if not directory.is_dir():
+        raise OutputError(f"{output}: {directory} is not a directory")
+    if not os.access(directory, os.W_OK | os.X_OK):
         raise OutputError(f"{output}: directory {directory} is not writable")
     if output.is_dir():
         raise OutputError(f"{output}: is a directory")
-    external = has_external_data(model) or _initializer_bytes(model) > _INLINE_LIMIT_BYTES
-    data_name = external_data_name(output) if external else None
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=directory))
+    if output.exists() and not output.is_file():
+        # Renaming over a device node or a FIFO would replace it, not write into it.
+        raise OutputError(f"{output}: exists and is not a regular file")
+
+
+def _own_data_name(model: ir.Model, output: Path) -> str | None:
+    """In place, the weights keep their file name when they all live in one file beside it."""
+    locations = {os.path.normpath(tensor.location) for tensor in _external_tensors(model)}
+    if len(locations) != 1:
+        return None
+    location = locations.pop()
+    if os.path.dirname(location) or not (output.parent / location).is_file():
+        return None
+    return location
+
+
+def _check_no_clobbering(
+    model: ir.Model, output: Path, data_name: str | None, source: Path | None
+) -> None:
+    """Refuse to replace the input's files, or an <OUT>.data that is not this tool's."""
+    replacing_source = source is not None and _same_file(source, output)
+    input_data = {Path(t.path) for t in _external_tensors(model)}
+    if any(_same_file(output, data) for data in input_data):
+        raise OutputError(f"{output}: is the input's external data file")
+    if data_name is None:
+        return
+    data_path = output.parent / data_name
+    if not os.path.lexists(data_path):
+        return
+    if source is not None and _same_file(source, data_path):
+        raise OutputError(f"{output}: its external data {data_path} would overwrite the input")
+    if not data_path.is_file():
+        raise OutputError(f"{output}: external data {data_path} exists and is not a regular file")
+    if any(_same_file(data_path, data) for data in input_data):
+        if replacing_source:
+            return  # --in-place: the input's own weights are replaced with the model
+        raise OutputError(
+            f"{output}: external data {data_path} is the input's external data; "
+            "choose another OUTPUT"
+        )
+    if _written_by_this_tool(output, data_name):
+        return
+    raise OutputError(
+        f"{output}: refusing to overwrite {data_path}: it is not the external data of a model "
+        f"written by this tool (no {output.name} with metadata {TOOL_METADATA_KEY} that "
+        "references it); remove it or choose another OUTPUT"
+    )
+
+
+def _written_by_this_tool(output: Path, data_name: str) -> bool:
+    """`output` exists, carries our metadata key and keeps its weights in `data_name`."""
+    if not output.is_file():
+        return False
     try:
-        staged = staging / output.name
-        try:
-            ir.save(model, staged, external_data=data_name)
-        except OSError as error:
-            raise OutputError(f"{output}: cannot write ({_one_line(error)})") from None
-        yield staged
-        # Data before model: a model file that exists always has its weights beside it.
-        if data_name is not None:
-            os.replace(staging / data_name, directory / data_name)
-        os.replace(staged, output)
+        previous = ir.load(output)
+    except Exception:  # anything unreadable is not ours
+        return False
+    if TOOL_METADATA_KEY not in previous.metadata_props:
+        return False
+    return any(
+        os.path.normpath(tensor.location) == data_name for tensor in _external_tensors(previous)
+    )
+
+
+def _make_staging_directory(output: Path, directory: Path) -> Path:
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=directory))
+    except OSError as error:
+        raise OutputError(f"{output}: cannot write in {directory} ({_reason(error)})") from None
+
+
+def _save(model: ir.Model, staged: Path, data_name: str | None, output: Path) -> None:
+    try:
+        ir.save(model, staged, external_data=data_name)
+        # On disk before the rename publishes them, so a crash cannot leave a renamed
+        # but empty file.
+        for path in staged.parent.iterdir():
+            if path.is_file():
+                _fsync_file(path)
+    except OSError as error:
+        raise OutputError(
+            f"{output}: cannot write ({_reason(error)}); nothing was written"
+        ) from None
+
+
+def _fsync_file(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        os.close(descriptor)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Persist the renames; some file systems cannot fsync a directory, which is fine."""
+    with contextlib.suppress(OSError):
+        descriptor = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+# --- signals -----------------------------------------------------------------------------
+
+# Signal handlers run in the main thread; while _held_depth > 0 they only take note.
+_held_depth = 0
+_pending_signals: list[int] = []
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    if _held_depth:
+        _pending_signals.append(signum)
+        return
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def signals_as_exceptions() -> Iterator[None]:
+    """While active, SIGINT and SIGTERM raise :class:`Interrupted` (main thread only).
+
+    SIGTERM would otherwise end the process without running ``finally`` blocks, leaving the
+    staging directory behind.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, _raise_interrupted) for signum in _SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        _pending_signals.clear()
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Under signals_as_exceptions, SIGINT/SIGTERM wait until the block is done."""
+    global _held_depth
+    _held_depth += 1
+    try:
+        yield
+    finally:
+        _held_depth -= 1
+        if not _held_depth and _pending_signals:
+            signum = _pending_signals[0]
+            _pending_signals.clear()
+            raise Interrupted(signum)
+
+
+# --- helpers -----------------------------------------------------------------------------
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _reason(error: OSError) -> str:
+    return error.strerror or _one_line(error)
 
 
 def _one_line(error: BaseException) -> str:

@@ -147,11 +147,6 @@ def rewrite(
                 f"--force: {probed.forced_layers} layer(s) use form {form}, which the probe "
                 "rejected on this runtime"
             )
-    unknown = _unknown_domains(model)
-    if unknown:
-        report.warnings.append(
-            f"operator domains the rules do not know were left alone: {', '.join(unknown)}"
-        )
     _record_metadata(model, report)
     return model, report
 
@@ -205,12 +200,6 @@ def _as_rule(rule: AttentionToGQARule) -> pattern.RewriteRule:
         name=rule.name,
         remove_nodes=rule.remove_nodes,
     )
-
-
-def _all_nodes(model: ir.Model) -> Iterator[ir.Node]:
-    """Nodes of the main graph, its subgraphs and the model-local functions (all searched)."""
-    for graph_like in (model.graph, *model.functions.values()):
-        yield from ir.traversal.RecursiveGraphIterator(graph_like)
 
 
 def _all_nodes(model: ir.Model) -> Iterator[ir.Node]:

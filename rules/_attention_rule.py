@@ -128,6 +128,8 @@ def check_causal(attention: ir.Node, mask: MaskForm) -> str | None:
 
 
 def check_dtype(dtype: ir.DataType | None, *others: ir.Value) -> str | None:
+    if dtype is None:
+        return "dtype unknown: the query and the cache carry no type information"
     if dtype not in GQA_DTYPES:
         return f"dtype {dtype} has no GroupQueryAttention kernel"
     if any(v.dtype not in (None, dtype) for v in others):
