@@ -66,7 +66,9 @@ def _padding(op, attention_mask):
 
 
 def _positions(op, attention_mask, cumsum_axis, query_start, query_end, slice_axes):
-    positions = op.CumSum(attention_mask, cumsum_axis)
+    # Some exports cast the mask (e.g. to int32) before counting positions.
+    counted = pattern.OrValue([attention_mask, op.Cast(attention_mask)], tag_var="positions_cast")
+    positions = op.CumSum(counted, cumsum_axis)
     key_positions = op.Unsqueeze(positions, [1])
     query_positions = op.Unsqueeze(
         op.Slice(positions, query_start, query_end, slice_axes, _allow_other_inputs=True), [2]

@@ -306,3 +306,17 @@ def test_key_and_value_from_different_sources_are_not_rewritten() -> None:
     assert reasons[layer4.name] == (
         "K and V do not come from the same source layer's present outputs"
     )
+
+
+def test_mask_cast_before_cumsum_is_recognised_and_verifies() -> None:
+    from rewriter import verify
+
+    model = load("p2_tiny")
+    cumsum = next(n for n in model.graph if n.op_type == "CumSum")
+    cast = ir.node("Cast", [cumsum.inputs[0]], attributes={"to": ir.DataType.INT64})
+    model.graph.insert_before(cumsum, cast)
+    cumsum.replace_input_with(0, cast.outputs[0])
+    original = ir.to_proto(model)
+    rewritten, report = rewrite(model)
+    assert report.rewritten == 3 and report.skipped == []
+    assert verify(original, rewritten).passed
