@@ -69,6 +69,8 @@ def e2b_config(**overrides: object) -> DecoderConfig:
 
 WORKLOADS: dict[str, Callable[..., DecoderConfig]] = {
     "e2b": e2b_config,
+    # The "default provider" export style: every layer is Attention (issue 8's target).
+    "e2b-all-attention": lambda **kw: e2b_config(nonshared_attention="attention", **kw),
     # The committed fixtures' layout, with rotary tables long enough for T = 4096.
     "tiny": lambda **kw: tiny_config(mask_style="p2", p2_is_causal=0, max_position=4096, **kw),
 }

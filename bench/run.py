@@ -151,7 +151,7 @@ def _file_mb(path: Path) -> float:
 
 def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
-    workload = "tiny" if args.quick else "e2b"
+    workload = "tiny" if args.quick else args.workload
     print(f"models ({workload}, {args.dtype}) in {args.cache_dir}", flush=True)
     paths = ensure_models(workload, args.variants, args.cache_dir, args.provider, dtype=args.dtype)
     config = paths.config
@@ -290,6 +290,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python bench/run.py", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--quick", action="store_true", help="tiny model, few repeats (smoke test)")
+    parser.add_argument(
+        "--workload",
+        choices=("e2b", "e2b-all-attention"),
+        default="e2b",
+        help="export style at E2B size: non-shared layers GQA (default) or all Attention",
+    )
     parser.add_argument("--provider", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float32")
     parser.add_argument("--json", type=Path, required=True, help="write the results here")
