@@ -239,6 +239,10 @@ def _padding_contract(had_gqa: bool, exact_padding: bool) -> str:
 
 
 def _record_metadata(model: ir.Model, report: RewriteReport) -> None:
+    if not report.rewrites and METADATA_PREFIX + "rewrites" in model.metadata_props:
+        # A pass over an already rewritten model that changes nothing keeps the first pass's
+        # record: its padding contract still holds, and the verifier reads it.
+        return
     model.metadata_props[METADATA_PREFIX + "version"] = __version__
     model.metadata_props[METADATA_PREFIX + "rewrites"] = str(report.rewritten)
     forms = sorted({r.form for r in report.rewrites})

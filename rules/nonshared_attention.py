@@ -89,6 +89,9 @@ class NonSharedAttentionToGQA(AttentionToGQARule):
         query, key, past_key, past_value = query_BSD, key_BSD, past_key_BNPD, past_value_BNPD
         if past_key is None or past_value is None:
             return "has no past_key/past_value: not a layer with its own cache"
+        if len(attention.outputs) < 3:
+            # The matcher binds missing optional outputs to nothing; rewrite() needs both.
+            return "has no present_key/present_value outputs: not a layer with its own cache"
         if len(attention.inputs) > 6 and attention.inputs[6] is not None:
             return "has a nonpad_kv_seqlen input"
         if mask is None:

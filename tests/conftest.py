@@ -1,0 +1,39 @@
+"""Hypothesis profiles for the property tests (``pytest -m property``).
+
+``ci`` (the default): derandomized, few examples, a generous deadline; the whole property
+suite stays within a few minutes on two cores. ``thorough``: many random examples for a
+local run, ``HYPOTHESIS_PROFILE=thorough pytest -m property``.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+from hypothesis import HealthCheck, Phase, settings
+
+# Examples run ONNX Runtime sessions: their time varies with the machine's load, so the
+# deadline only catches a pathological example, and data generation is never the slow part.
+_SLOW_EXAMPLES = [HealthCheck.too_slow, HealthCheck.data_too_large]
+# No explain phase: it reruns a failing example hundreds of times (minutes per failure here)
+# to list covered lines, while the shrunk example and its notes already say what failed.
+_PHASES = [Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink]
+
+settings.register_profile(
+    "ci",
+    max_examples=100,
+    derandomize=True,
+    deadline=timedelta(seconds=60),
+    print_blob=True,
+    suppress_health_check=_SLOW_EXAMPLES,
+    phases=_PHASES,
+)
+settings.register_profile(
+    "thorough",
+    max_examples=1000,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=_SLOW_EXAMPLES,
+    phases=_PHASES,
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
