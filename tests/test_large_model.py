@@ -17,10 +17,10 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import onnx_ir as ir
 import pytest
+from big_models import decoder_with_big_weight
 
 from rewriter.fixtures.gemma4_like import build_decoder, tiny_config
 from rewriter.model_io import TOOL_METADATA_KEY, load_model
@@ -28,35 +28,6 @@ from rewriter.pipeline import rewrite
 from rewriter.rules import always_past
 
 _OVER_2GB = 2_200_000_000
-
-
-def _decoder_with_big_weight(directory: Path, name: str, nbytes: int) -> Path:
-    """A tiny decoder plus one float32 initializer of `nbytes` in a sparse data file."""
-    model = ir.from_proto(build_decoder(tiny_config(mask_style="p2")))
-    data_name = f"{name}.data"
-    with open(directory / data_name, "wb") as data:
-        data.truncate(nbytes)  # a hole: no disk space, reads back as zeros
-    count = nbytes // 4
-    tensor = ir.ExternalTensor(
-        data_name,
-        0,
-        count * 4,
-        ir.DataType.FLOAT,
-        shape=ir.Shape([count]),
-        name="unused.big_weight",
-        base_dir=str(directory),
-    )
-    model.graph.register_initializer(
-        ir.Value(
-            name="unused.big_weight",
-            shape=tensor.shape,
-            type=ir.TensorType(ir.DataType.FLOAT),
-            const_value=tensor,
-        )
-    )
-    path = directory / name
-    ir.save(model, path)  # existing external tensors keep their location
-    return path
 
 
 # The CLI in a child of a small Python wrapper whose RUSAGE_CHILDREN then holds exactly the
@@ -79,7 +50,7 @@ _MEASURE = textwrap.dedent(
 def test_weights_over_2gb_stream_through(tmp_path):
     needed = _OVER_2GB + 512 * 2**20  # the input is sparse; the output is written in full
     assert shutil.disk_usage(tmp_path).free > needed, f"needs {needed} free bytes in {tmp_path}"
-    source = _decoder_with_big_weight(tmp_path, "in.onnx", _OVER_2GB)
+    source = decoder_with_big_weight(tmp_path, "in.onnx", _OVER_2GB)
     source_data = tmp_path / "in.onnx.data"
     before = source_data.stat()
     out = tmp_path / "out.onnx"

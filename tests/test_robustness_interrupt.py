@@ -24,45 +24,13 @@ from pathlib import Path
 
 import onnx_ir as ir
 import pytest
+from big_models import decoder_with_big_weight
 
 from rewriter import cli
-from rewriter.fixtures.gemma4_like import build_decoder, tiny_config
 from rewriter.model_io import TOOL_METADATA_KEY, load_model
 
 # Big enough that writing OUT takes a visible fraction of a second, small enough for CI.
 _BIG_WEIGHT_BYTES = 160 * 1024 * 1024
-
-
-def _decoder_with_big_weight(directory: Path, name: str, nbytes: int) -> Path:
-    """A tiny decoder plus one float32 initializer of `nbytes`, kept in a sparse data file.
-
-    The big initializer is read by nothing (the rewrite must carry it over untouched).
-    """
-    model = ir.from_proto(build_decoder(tiny_config(mask_style="p2")))
-    data_name = f"{name}.data"
-    with open(directory / data_name, "wb") as data:
-        data.truncate(nbytes)  # a hole: no disk space, reads back as zeros
-    count = nbytes // 4
-    tensor = ir.ExternalTensor(
-        data_name,
-        0,
-        count * 4,
-        ir.DataType.FLOAT,
-        shape=ir.Shape([count]),
-        name="unused.big_weight",
-        base_dir=str(directory),
-    )
-    model.graph.register_initializer(
-        ir.Value(
-            name="unused.big_weight",
-            shape=tensor.shape,
-            type=ir.TensorType(ir.DataType.FLOAT),
-            const_value=tensor,
-        )
-    )
-    path = directory / name
-    ir.save(model, path)  # existing external tensors keep their location
-    return path
 
 
 def _fingerprint(path: Path) -> tuple[int, int, int]:
@@ -96,7 +64,7 @@ def _no_temporaries(directory: Path) -> None:
 @pytest.fixture(scope="module")
 def big_input(tmp_path_factory) -> Iterator[Path]:
     directory = tmp_path_factory.mktemp("interrupt_input")
-    path = _decoder_with_big_weight(directory, "in.onnx", _BIG_WEIGHT_BYTES)
+    path = decoder_with_big_weight(directory, "in.onnx", _BIG_WEIGHT_BYTES)
     yield path
     shutil.rmtree(directory, ignore_errors=True)
 
@@ -224,7 +192,7 @@ def _rewrite_in_process(capsys, *argv: object) -> tuple[int, str]:
 
 def test_full_disk_leaves_nothing(tmp_path, capsys, small_filesystem):
     directory, kind = small_filesystem
-    source = _decoder_with_big_weight(tmp_path, "in.onnx", 2 * 1024 * 1024)
+    source = decoder_with_big_weight(tmp_path, "in.onnx", 2 * 1024 * 1024)
     source_bytes = source.read_bytes()
     # A previous, complete OUT (small, inline) must survive the failed rewrite untouched.
     previous = directory / "out.onnx"
@@ -274,7 +242,7 @@ def test_signal_during_save_removes_the_staging_directory(tmp_path, capsys, monk
         real_save(model, path, *args, **kwargs)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    source = _decoder_with_big_weight(tmp_path, "in.onnx", 1024 * 1024)
+    source = decoder_with_big_weight(tmp_path, "in.onnx", 1024 * 1024)
     monkeypatch.setattr(ir, "save", save_then_signal)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
@@ -300,7 +268,7 @@ def test_signal_between_the_two_renames_is_held_back(tmp_path, capsys, monkeypat
             if len(renamed) == 1:
                 os.kill(os.getpid(), signal.SIGINT)
 
-    source = _decoder_with_big_weight(tmp_path, "in.onnx", 1024 * 1024)
+    source = decoder_with_big_weight(tmp_path, "in.onnx", 1024 * 1024)
     monkeypatch.setattr(model_io.os, "replace", replace_and_signal)
     out = out_dir / "out.onnx"
     code, err = _rewrite_in_process(capsys, source, out)
