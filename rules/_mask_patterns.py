@@ -65,10 +65,10 @@ def _padding(op, attention_mask):
     )
 
 
-def _positions(op, attention_mask, cumsum_axis, query_start, query_end, slice_axes):
-    # Some exports cast the mask (e.g. to int32) before counting positions.
-    counted = pattern.OrValue([attention_mask, op.Cast(attention_mask)], tag_var="positions_cast")
-    positions = op.CumSum(counted, cumsum_axis)
+def _positions(op, counted_mask, cumsum_axis, query_start, query_end, slice_axes):
+    # counted_mask is attention_mask or a Cast of it, decided in check(): a pattern
+    # alternative here could not match an outer-scope attention_mask inside an If branch.
+    positions = op.CumSum(counted_mask, cumsum_axis)
     key_positions = op.Unsqueeze(positions, [1])
     query_positions = op.Unsqueeze(
         op.Slice(positions, query_start, query_end, slice_axes, _allow_other_inputs=True), [2]
@@ -110,6 +110,7 @@ class _MaskPattern(pattern.PatternBase):
         self,
         context,
         attention_mask: ir.Value,
+        counted_mask: ir.Value | None = None,
         cumsum_axis: ir.Value | None = None,
         query_start: ir.Value | None = None,
         query_end: ir.Value | None = None,
@@ -124,6 +125,8 @@ class _MaskPattern(pattern.PatternBase):
             return result.fail(
                 "mask is not derived from a graph input attention_mask", attention_mask
             )
+        if counted_mask is not None and not _is_mask_or_its_cast(counted_mask, attention_mask):
+            return result.fail("positions are not counted from attention_mask", counted_mask)
         if cumsum_axis is not None and _values.scalar_int(cumsum_axis) not in (1, -1):
             return result.fail("CumSum is not over the sequence axis", cumsum_axis)
         if slice_axes is not None and _values.scalar_int(slice_axes) not in (1, -1):
@@ -151,11 +154,33 @@ class _MaskPattern(pattern.PatternBase):
         return result
 
 
+def _is_mask_or_its_cast(counted: ir.Value, attention_mask: ir.Value) -> bool:
+    if counted is attention_mask:
+        return True
+    producer = counted.producer()
+    return (
+        producer is not None
+        and producer.op_type == "Cast"
+        and producer.domain in ("", "ai.onnx")
+        and producer.inputs[0] is attention_mask
+    )
+
+
 class _P1Sliding(_MaskPattern):
     style, windowed, causal_in_mask = "p1", True, False
 
-    def pattern(self, op, attention_mask, cumsum_axis, query_start, query_end, slice_axes, window):
-        q, k = _positions(op, attention_mask, cumsum_axis, query_start, query_end, slice_axes)
+    def pattern(
+        self,
+        op,
+        attention_mask,
+        counted_mask,
+        cumsum_axis,
+        query_start,
+        query_end,
+        slice_axes,
+        window,
+    ):
+        q, k = _positions(op, counted_mask, cumsum_axis, query_start, query_end, slice_axes)
         return op.And(_window(op, q, k, window), _padding(op, attention_mask))
 
 
@@ -181,6 +206,7 @@ class _P2Sliding(_P2Mask):
         self,
         op,
         attention_mask,
+        counted_mask,
         cumsum_axis,
         query_start,
         query_end,
@@ -189,7 +215,7 @@ class _P2Sliding(_P2Mask):
         zero,
         large_negative,
     ):
-        q, k = _positions(op, attention_mask, cumsum_axis, query_start, query_end, slice_axes)
+        q, k = _positions(op, counted_mask, cumsum_axis, query_start, query_end, slice_axes)
         padding = _padding(op, attention_mask)
         causal = _causal(op, q, k)
         in_window = _window(op, q, k, window)
@@ -211,6 +237,7 @@ class _P2Full(_P2Mask):
         self,
         op,
         attention_mask,
+        counted_mask,
         cumsum_axis,
         query_start,
         query_end,
@@ -218,7 +245,7 @@ class _P2Full(_P2Mask):
         zero,
         large_negative,
     ):
-        q, k = _positions(op, attention_mask, cumsum_axis, query_start, query_end, slice_axes)
+        q, k = _positions(op, counted_mask, cumsum_axis, query_start, query_end, slice_axes)
         allowed = op.And(_padding(op, attention_mask), _causal(op, q, k))
         return _bias(op, allowed, zero, large_negative, self.unsqueeze_last)
 
