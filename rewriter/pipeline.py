@@ -50,8 +50,9 @@ _GQA_CACHE_WARNING = (
     "model follows GroupQueryAttention's padding convention: attention_mask rows must be "
     "right-padded, and in batched decode each row's new token goes right after its valid "
     "tokens (a prefix mask, as onnxruntime-genai feeds GQA models) where the original "
-    "appended it after the padding; use --exact-padding to keep the original semantics and "
-    "cache layout"
+    "appended it after the padding; GroupQueryAttention also refuses a batched call of "
+    "several tokens after a past (batch 1 only there); use --exact-padding to keep the "
+    "original semantics and cache layout"
 )
 
 _RIGHT_PADDING_WARNING = (

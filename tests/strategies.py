@@ -21,8 +21,10 @@ __all__ = [
     "decoder_configs",
     "gqa_head_sizes",
     "head_sizes",
+    "no_shared_configs",
     "run_shapes",
     "single_layer_cases",
+    "windows",
 ]
 
 LAYER_TYPES = ("sliding", "full")
