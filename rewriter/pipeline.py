@@ -134,7 +134,7 @@ def rewrite(
         report.warnings.append(
             "left alone, the rules do not know these domains: " + ", ".join(unknown)
         )
-    report.skipped = _skips(attention_nodes, {r.node for r in report.rewrites}, rules, layers)
+    report.skipped = _skips(attention_nodes, {r.node for r in report.rewrites}, rules)
     if report.rewrites:
         report.padding_contract = _padding_contract(had_gqa, exact_padding)
         if report.padding_contract == PaddingContract.RIGHT_PADDING_ONLY:
@@ -168,7 +168,6 @@ def _skips(
     attention_nodes: list[ir.Node],
     rewritten: set[str],
     rules: list[AttentionToGQARule],
-    layers: str,
 ) -> list[LayerSkip]:
     """One reason per candidate left alone: from the rule whose kind of layer it is."""
     shared_rule = rules[0]

@@ -29,6 +29,7 @@ __all__ = [
     "LayerSkip",
     "always_past",
     "dtype_name",
+    "infer_head_size",
     "layer_kind",
     "node_label",
     "read_heads",
@@ -119,6 +120,40 @@ def read_heads(context, attention: ir.Node) -> AttentionHeads | str:
         scale.as_float() if scale is not None else None,
         attrs.get_float("softcap", 0.0),
     )
+
+
+def infer_head_size(
+    caches_BNSH: tuple[ir.Value, ir.Value],
+    projection_BSD: ir.Value,
+    projection_heads: int,
+    heads: AttentionHeads,
+    *,
+    cache_kind: str,
+    projection_kind: str,
+    more_sizes: tuple[int, ...] = (),
+) -> int | str:
+    """D, agreed on by every static source: the caches' last dim, a 3-D projection's last
+    dim over its head count, and `more_sizes`; or why it cannot be known."""
+    candidates = set(more_sizes)
+    for cache in caches_BNSH:
+        shape = cache.shape
+        if shape is None:
+            continue
+        if shape.rank() != 4:
+            return f"{cache_kind} {cache.name} is not 4-D BNSH"
+        if isinstance(shape[1], int) and shape[1] != heads.kv_num_heads:
+            return f"{cache_kind} has {shape[1]} heads, kv_num_heads={heads.kv_num_heads}"
+        if isinstance(shape[3], int):
+            candidates.add(shape[3])
+    shape = projection_BSD.shape
+    if shape is not None and shape.rank() == 3 and isinstance(shape[2], int):
+        candidates.add(shape[2] // projection_heads)
+    sources = f"{projection_kind} and {cache_kind}"
+    if not candidates:
+        return f"head size unknown (no static shape on the {sources})"
+    if len(candidates) > 1:
+        return f"inconsistent head sizes {sorted(candidates)} between {sources}"
+    return candidates.pop()
 
 
 def check_causal(attention: ir.Node, mask: MaskForm) -> str | None:

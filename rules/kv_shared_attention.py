@@ -28,6 +28,7 @@ from rewriter.rules._attention_rule import (
     check_dtype,
     dtype_name,
     gqa_attributes,
+    infer_head_size,
     layer_kind,
     node_label,
     read_heads,
@@ -195,27 +196,18 @@ def _same_source(key_BNSH: ir.Value, value_BNSH: ir.Value) -> bool:
 def _head_size(
     key: BorrowedCache, value: BorrowedCache, query: ir.Value, heads: AttentionHeads
 ) -> int | str:
-    candidates: set[int] = set()
+    hidden_sizes = []
     for cache in (key, value):
-        shape = cache.cache_BNSH.shape
-        if shape is not None:
-            if shape.rank() != 4:
-                return f"borrowed cache {cache.cache_BNSH.name} is not 4-D BNSH"
-            if isinstance(shape[1], int) and shape[1] != heads.kv_num_heads:
-                return (
-                    f"borrowed cache has {shape[1]} heads, "
-                    f"Attention says kv_num_heads={heads.kv_num_heads}"
-                )
-            if isinstance(shape[3], int):
-                candidates.add(shape[3])
         if cache.hidden_size is not None:
             if cache.hidden_size % heads.kv_num_heads:
                 return "Reshape size is not a multiple of kv_num_heads"
-            candidates.add(cache.hidden_size // heads.kv_num_heads)
-    if query.shape is not None and query.shape.rank() == 3 and isinstance(query.shape[2], int):
-        candidates.add(query.shape[2] // heads.num_heads)
-    if not candidates:
-        return "head size unknown (no static shape on the query or the borrowed cache)"
-    if len(candidates) > 1:
-        return f"inconsistent head sizes {sorted(candidates)} between query and borrowed cache"
-    return candidates.pop()
+            hidden_sizes.append(cache.hidden_size // heads.kv_num_heads)
+    return infer_head_size(
+        (key.cache_BNSH, value.cache_BNSH),
+        query,
+        heads.num_heads,
+        heads,
+        cache_kind="borrowed cache",
+        projection_kind="query",
+        more_sizes=tuple(hidden_sizes),
+    )

@@ -31,6 +31,7 @@ from rewriter.rules._attention_rule import (
     check_dtype,
     dtype_name,
     gqa_attributes,
+    infer_head_size,
     layer_kind,
     node_label,
     read_heads,
@@ -102,7 +103,14 @@ class NonSharedAttentionToGQA(AttentionToGQARule):
         for value in (query, key):
             if value.shape is not None and value.shape.rank() != 3:
                 return f"{value.name} is not 3-D [B, S, heads*D]"
-        head_size = _head_size(past_key, past_value, key, heads)
+        head_size = infer_head_size(
+            (past_key, past_value),
+            key,
+            heads.kv_num_heads,
+            heads,
+            cache_kind="past cache",
+            projection_kind="key",
+        )
         if isinstance(head_size, str):
             return head_size
         mask_form = match_mask(context, mask)
@@ -161,25 +169,3 @@ class NonSharedAttentionToGQA(AttentionToGQARule):
         )
         replaced = [output, present_key_BNTD, present_value_BNTD]
         return self._emit(op, attention, inputs, attributes, replaced, record, num_outputs=3)
-
-
-def _head_size(
-    past_key: ir.Value, past_value: ir.Value, key: ir.Value, heads: AttentionHeads
-) -> int | str:
-    candidates: set[int] = set()
-    for cache in (past_key, past_value):
-        shape = cache.shape
-        if shape is not None:
-            if shape.rank() != 4:
-                return f"past cache {cache.name} is not 4-D BNSH"
-            if isinstance(shape[1], int) and shape[1] != heads.kv_num_heads:
-                return f"past cache has {shape[1]} heads, kv_num_heads={heads.kv_num_heads}"
-            if isinstance(shape[3], int):
-                candidates.add(shape[3])
-    if key.shape is not None and key.shape.rank() == 3 and isinstance(key.shape[2], int):
-        candidates.add(key.shape[2] // heads.kv_num_heads)
-    if not candidates:
-        return "head size unknown (no static shape on the key or the past cache)"
-    if len(candidates) > 1:
-        return f"inconsistent head sizes {sorted(candidates)} between key and past cache"
-    return candidates.pop()
