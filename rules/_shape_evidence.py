@@ -70,6 +70,8 @@ class ShapeFacts:
         annotated = {value: (value.shape, value.dtype) for value in values}
         # The pass sets dtypes on the values' existing type objects: keep those to restore.
         types = {value: value.type for value in values}
+        # ... and it re-registers initializers, which would reorder them in the output.
+        initializers = {graph: list(graph.initializers.values()) for graph in model.graphs()}
         # Partial results are the point: one node ONNX cannot infer must not void the rest.
         inference = common_passes.ShapeInferencePass(
             check_type=False, strict_mode=False, data_prop=True
@@ -90,6 +92,11 @@ class ShapeFacts:
                 value.shape, value.type = shape, types[value]
                 if value.type is not None and value.type.dtype != dtype:
                     value.type.dtype = dtype
+            for graph, order in initializers.items():
+                if list(graph.initializers.values()) != order:
+                    graph.initializers.clear()
+                    for initializer in order:
+                        graph.initializers.add(initializer)
         return cls(inferred)
 
     def shapes(self, value: ir.Value) -> list[ir.Shape]:
