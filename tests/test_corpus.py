@@ -129,3 +129,22 @@ def test_hf_exporter_graphs_come_out_unchanged_with_the_reason(tmp_path: Path, g
     assert onnx.load(out, load_external_data=False).graph.node == (
         onnx.load(source, load_external_data=False).graph.node
     )
+
+
+def test_all_attention_build_with_external_data(tmp_path: Path) -> None:
+    # The same real export with its weights as external data, as large exports ship.
+    source = tmp_path / "in" / "model.onnx"
+    source.parent.mkdir()
+    model = onnx.load(CORPUS / "mobius-a80d6ad/p2_all_attention_default_f32.onnx")
+    onnx.save(model, source, save_as_external_data=True, location="model.onnx.data")
+    weights = source.with_name("model.onnx.data")
+    assert weights.stat().st_size > 1_000_000
+    before = (source.read_bytes(), weights.read_bytes())
+
+    code, report, out = _run(tmp_path, source)
+
+    assert code == 0
+    assert (source.read_bytes(), weights.read_bytes()) == before
+    assert report["rewritten"] == 8 and report["verification"]["passed"] is True
+    assert out.with_name("out.onnx.data").stat().st_size >= weights.stat().st_size
+    assert _attention_nodes(out) == []
