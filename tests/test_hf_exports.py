@@ -1,0 +1,236 @@
+"""Hugging Face exports (transformers exporter, torch.onnx dynamo): every layer becomes GQA,
+and ONNX Runtime computes the same thing before and after.
+
+The corpus export is read from ``../shared/corpus/`` (never copied into the repository); the
+torch.onnx fixture is committed, made by ``fixtures/hf_export.py``.
+"""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+import rewriter
+from rewriter.fixtures.hf_export import TORCH_PREFILL
+from rewriter.report import PaddingContract, RewriteReport
+from rewriter.rules import always_past
+from rewriter.verification._pair import verify_pair
+from rewriter.verification._tolerance import compare
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT.parent / "shared" / "corpus" / "hf-exporter-opset23"
+FIXTURES = ROOT / "fixtures"
+
+# What the rewrite must leave no trace of: the repeat, the position mask, the row zeroing.
+GONE = ("Attention", "Range", "LessOrEqual", "Greater", "Not", "Where", "Expand", "GatherND")
+
+
+def _rewrite(path: Path, layers: str = "all") -> tuple[ir.Model, RewriteReport]:
+    return rewriter.rewrite(ir.load(path), layers=layers, choose_form=always_past)
+
+
+def _save(model: ir.Model, path: Path) -> str:
+    ir.save(model, path, external_data=path.name + ".data")
+    return str(path)
+
+
+def _ops(model: ir.Model) -> collections.Counter:
+    return collections.Counter(node.op_type for node in model.graph)
+
+
+@pytest.mark.corpus
+@pytest.mark.parametrize("graph", ["prefill", "decode"])
+def test_corpus_every_layer_becomes_gqa(graph):
+    model, report = _rewrite(CORPUS / f"{graph}.onnx")
+    assert report.rewritten == 8, report.summary()
+    assert not report.skipped
+    rules = sorted(r.rule.split("/")[-1] for r in report.rewrites)
+    assert rules.count("shared-sliding") == 2 and rules.count("shared-full") == 2, rules
+    assert {r.local_window_size for r in report.rewrites} == {8, None}
+    assert report.padding_contract == PaddingContract.BATCH_1_ONLY
+    assert any("batch-1-only" in w for w in report.warnings)
+    ops = _ops(model)
+    assert ops["GroupQueryAttention"] == 8
+    assert not [op for op in GONE if ops[op]], ops
+
+
+@pytest.mark.corpus
+def test_corpus_layers_shared_leaves_the_source_layers():
+    _, report = _rewrite(CORPUS / "decode.onnx", layers="shared")
+    assert sorted(r.node[-1] for r in report.rewrites) == ["4", "5", "6", "7"]
+    assert len(report.skipped) == 4
+    assert all("--layers shared leaves it" in s.reason for s in report.skipped)
+
+
+@pytest.mark.corpus
+def test_corpus_pair_equals_the_original(tmp_path):
+    """Prefill at S = 1, 3, 11, 18 (window 8), then decode fed the prefill's presents."""
+    prefill, _ = _rewrite(CORPUS / "prefill.onnx")
+    decode, _ = _rewrite(CORPUS / "decode.onnx")
+    candidate = (_save(prefill, tmp_path / "p.onnx"), _save(decode, tmp_path / "d.onnx"))
+    original = (str(CORPUS / "prefill.onnx"), str(CORPUS / "decode.onnx"))
+    result = verify_pair(original, candidate)
+    assert result.passed, result.summary()
+    by_name = {(c.name, c.model): c for c in result.checks}
+    assert by_name[("cache_consistency", "original")].passed  # so decode equivalence ran
+    assert by_name[("decode_equivalence", "both")].passed is True
+    assert by_name[("prefill_equivalence", "both")].cases
+
+
+@pytest.mark.corpus
+def test_corpus_pair_verifier_catches_a_wrong_window(tmp_path):
+    """The check can fail: GQA's window one short of the export's differs beyond S = 8."""
+    prefill, _ = _rewrite(CORPUS / "prefill.onnx")
+    decode, _ = _rewrite(CORPUS / "decode.onnx")
+    for model in (prefill, decode):
+        for node in model.graph:
+            if node.op_type == "GroupQueryAttention" and "local_window_size" in node.attributes:
+                node.attributes["local_window_size"] = ir.AttrInt64("local_window_size", 7)
+    candidate = (_save(prefill, tmp_path / "p.onnx"), _save(decode, tmp_path / "d.onnx"))
+    result = verify_pair((str(CORPUS / "prefill.onnx"), str(CORPUS / "decode.onnx")), candidate)
+    assert not result.passed
+    prefill_check = next(c for c in result.checks if c.name == "prefill_equivalence")
+    failed = {c.label.split()[0] for c in prefill_check.cases if not c.passed}
+    assert "S=11" in failed and "S=1" not in failed
+
+
+# --- near misses: refused, with the reason ------------------------------------------------
+
+
+def _corpus_prefill() -> ir.Model:
+    return ir.load(CORPUS / "prefill.onnx")
+
+
+def _constant_input(model: ir.Model, op_type: str, index: int, value: int) -> ir.Value:
+    """The constant input `index` of the first `op_type` node whose constant equals value."""
+    for node in model.graph:
+        candidate = node.inputs[index] if len(node.inputs) > index else None
+        if (
+            node.op_type == op_type
+            and candidate is not None
+            and candidate.const_value is not None
+            and candidate.const_value.numpy().reshape(-1).tolist() == [value]
+        ):
+            return candidate
+    raise AssertionError(f"no {op_type} with constant {value}")
+
+
+def _skip_reasons(model: ir.Model) -> dict[str, str]:
+    _, report = rewriter.rewrite(model, choose_form=always_past)
+    return {s.node: s.reason for s in report.skipped}
+
+
+@pytest.mark.corpus
+def test_near_miss_changed_repeat_factor():
+    model = _corpus_prefill()
+    factor = _constant_input(model, "Concat", 2, 4)  # Expand shape [1, 1, g=4, T, 32]
+    factor.const_value = ir.tensor(np.array([2], dtype=np.int64))
+    reasons = _skip_reasons(model)
+    assert reasons, "a repeat that does not give one K head per query head was rewritten"
+    assert all("repeat factor 2 x 1 KV heads != 4 heads" in r for r in reasons.values()), reasons
+
+
+@pytest.mark.corpus
+def test_near_miss_window_not_a_constant():
+    model = _corpus_prefill()
+    window = _constant_input(model, "Sub", 1, 8)
+    runtime_window = ir.Value(
+        name="window", shape=ir.Shape([]), type=ir.TensorType(ir.DataType.INT64)
+    )
+    model.graph.inputs.append(runtime_window)
+    window.replace_all_uses_with(runtime_window)
+    reasons = _skip_reasons(model)
+    assert len(reasons) == 5, reasons  # the 5 sliding layers; the 3 full ones are rewritten
+    assert set(reasons.values()) == {"window is not a constant"}
+
+
+@pytest.mark.corpus
+def test_near_miss_row_zeroing_with_another_threshold():
+    """Where(Less(row sum, 2), 0, attention) zeroes rows that do see a key: not fusable."""
+    model = _corpus_prefill()
+    less = next(
+        n for n in model.graph if n.op_type == "Less" and n.inputs[1].const_value is not None
+    )
+    less.replace_input_with(
+        1, ir.Value(name="two", const_value=ir.tensor(np.array(2.0, np.float32)))
+    )
+    model.graph.initializers["two"] = less.inputs[1]
+    reasons = _skip_reasons(model)
+    assert reasons and set(reasons.values()) == {"output Where's condition is not Less(row sum, 1)"}
+
+
+# --- torch.onnx dynamo, opset 24, attention_mask, dynamic batch -------------------------
+
+
+@pytest.fixture(scope="module")
+def torch_export(tmp_path_factory):
+    model, report = _rewrite(FIXTURES / TORCH_PREFILL)
+    path = tmp_path_factory.mktemp("hf") / "rewritten.onnx"
+    ir.save(model, path)
+    return model, report, str(path)
+
+
+def _session(path) -> ort.InferenceSession:
+    return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+
+
+def test_torch_export_every_layer_becomes_gqa(torch_export):
+    model, report, _ = torch_export
+    assert report.rewritten == 8, report.summary()
+    assert not report.skipped
+    assert sum(r.rule.endswith(("shared-sliding", "shared-full")) for r in report.rewrites) == 4
+    assert report.padding_contract == PaddingContract.RIGHT_PADDING_ONLY
+    ops = _ops(model)
+    # This graph has no position_ids input: one Range stays, the rotary positions.
+    assert ops["Range"] == 1
+    assert not [op for op in GONE if ops[op] and op != "Range"], ops
+
+
+@pytest.mark.parametrize("length", [1, 3, 11, 18])
+def test_torch_export_prefill_equals_the_original(torch_export, length):
+    _, _, rewritten = torch_export
+    rng = np.random.default_rng(length)
+    feeds = {
+        "input_ids": rng.integers(0, 128, (1, length), dtype=np.int64),
+        "attention_mask": np.ones((1, length), dtype=np.int64),
+    }
+    original = _session(str(FIXTURES / TORCH_PREFILL)).run(None, feeds)
+    candidate = _session(rewritten).run(None, feeds)
+    for reference, actual in zip(original, candidate, strict=True):
+        case = compare(f"S={length}", reference, actual)
+        assert case.passed, case
+
+
+def test_torch_export_right_padded_batch_2(torch_export):
+    """Row 1 is 7 tokens right-padded to 12 (past the window 8): at the valid positions both
+    models match each row run alone, and each other."""
+    _, _, rewritten = torch_export
+    rng = np.random.default_rng(7)
+    ids = rng.integers(0, 128, (2, 12), dtype=np.int64)
+    mask = np.ones((2, 12), dtype=np.int64)
+    mask[1, 7:] = 0
+    for path in (str(FIXTURES / TORCH_PREFILL), rewritten):
+        session = _session(path)
+        batch = session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
+        for row, valid in ((0, 12), (1, 7)):
+            alone = session.run(
+                ["logits"],
+                {
+                    "input_ids": ids[row : row + 1, :valid],
+                    "attention_mask": mask[row : row + 1, :valid],
+                },
+            )[0]
+            case = compare(f"{path} row {row}", alone[0], batch[row, :valid])
+            assert case.passed, case
+    original = _session(str(FIXTURES / TORCH_PREFILL)).run(
+        ["logits"], {"input_ids": ids, "attention_mask": mask}
+    )[0]
+    candidate = _session(rewritten).run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
+    for row, valid in ((0, 12), (1, 7)):
+        case = compare(f"row {row}", original[row, :valid], candidate[row, :valid])
+        assert case.passed, case
