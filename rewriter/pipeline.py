@@ -31,6 +31,7 @@ from rewriter.rules import (
     node_label,
 )
 from rewriter.rules._attention_rule import AttentionToGQARule
+from rewriter.rules._shape_evidence import ShapeFacts
 from rewriter.rules.hf_shared_attention import hf_padding_contract, hf_rules, refine_skips
 from rewriter.rules.nonshared_attention import NATIVE_FORM, always_native
 
@@ -110,11 +111,13 @@ def rewrite(
 
     probed = ProbedFormChooser(provider, form, force) if choose_form is None else None
     gqa_inputs = GQAInputs(exact_padding=exact_padding)
-    shared_rule = KVSharedAttentionToGQA(choose_form or probed, inputs=gqa_inputs)
+    # Inferred once, before any rewrite changes the graph the inference would see.
+    facts = ShapeFacts.infer(model)
+    shared_rule = KVSharedAttentionToGQA(choose_form or probed, inputs=gqa_inputs, facts=facts)
     rules: list[AttentionToGQARule] = [shared_rule]
     if layers == "all":
         supports = probed.native_support if probed is not None else _native_from(choose_form)
-        rules.append(NonSharedAttentionToGQA(supports, inputs=gqa_inputs))
+        rules.append(NonSharedAttentionToGQA(supports, inputs=gqa_inputs, facts=facts))
     # Hugging Face exports (4-D Attention over repeat_kv of a cache, position masks).
     hf = hf_rules(choose_form or probed, layers=layers, inputs=gqa_inputs)
     all_rules = [*rules, *hf]

@@ -60,13 +60,13 @@ from onnxscript.rewriter import pattern
 
 from rewriter.rules import _values
 from rewriter.rules._attention_rule import (
+    GQA_DTYPES,
     AttentionHeads,
     AttentionToGQARule,
     FormChooser,
     LayerRewrite,
     LayerSkip,
     always_past,
-    check_dtype,
     dtype_name,
     gqa_attributes,
     node_label,
@@ -207,7 +207,7 @@ class HFAttentionToGQA(AttentionToGQARule):
         if self.inputs.exact_padding and mask_form.attention_mask is not None:
             return "--exact-padding is not implemented for HF position masks"
         dtype = query_BNSD.dtype or key.cache_BNSH.dtype
-        problem = check_dtype(dtype, key.cache_BNSH, value.cache_BNSH)
+        problem = _check_dtype(dtype, key.cache_BNSH, value.cache_BNSH)
         if problem:
             return problem
         shared = not _is_first_reader(attention, key.cache_BNSH)
@@ -293,6 +293,16 @@ class HFAttentionToGQA(AttentionToGQARule):
         assert reshape is not None
         self.replaced_nodes.append(reshape)
         return result
+
+
+def _check_dtype(dtype: ir.DataType | None, *caches: ir.Value) -> str | None:
+    if dtype is None:
+        return "dtype unknown: the query and the cache carry no type information"
+    if dtype not in GQA_DTYPES:
+        return f"dtype {dtype} has no GroupQueryAttention kernel"
+    if any(cache.dtype not in (None, dtype) for cache in caches):
+        return "query and key/value dtypes differ"
+    return None
 
 
 def _static_dim(value: ir.Value, axis: int) -> int | None:
