@@ -126,6 +126,8 @@ def rewrite(
     # that were dead in the input, and the rewrite must not touch anything else.
     rule_set.remove_unused_nodes = False
     rule_set.apply_to_model(model)
+    for rule in hf:
+        rule.redirect_caches()
     report.nodes_removed = remove_dead_producers(
         [node for rule in all_rules for node in rule.replaced_nodes]
     )

@@ -97,6 +97,31 @@ class GQAInputs:
             self._cached(("cache_total", cache_BNSH), total),
         )
 
+    def appended_lengths(
+        self, op, past_BNPD: ir.Value | None, new_BSND: ir.Value
+    ) -> tuple[ir.Value, ir.Value]:
+        """Lengths without attention_mask for a layer that appends S new keys to a past of
+        P: T = P + S (no padding; read before the append, which GQA now does)."""
+
+        def total() -> ir.Value:
+            length = op.Shape(new_BSND, start=1, end=2)
+            if past_BNPD is not None:
+                length = op.Add(op.Shape(past_BNPD, start=2, end=3), length)
+            return op.Cast(length, to=ir.DataType.INT32)
+
+        def seqlens_k() -> ir.Value:
+            one = op.Constant(value=ir.tensor(np.array([1], dtype=np.int32)))
+            last = op.Sub(self._cached(("appended_total", past_BNPD, new_BSND), total), one)
+            shape = new_BSND.shape
+            if shape is not None and shape.rank() == 4 and shape[0] == 1:
+                return last
+            return op.Expand(last, op.Shape(new_BSND, start=0, end=1))
+
+        return (
+            self._cached(("appended_seqlens_k", past_BNPD, new_BSND), seqlens_k),
+            self._cached(("appended_total", past_BNPD, new_BSND), total),
+        )
+
     def _model_sequence_lengths(self) -> tuple[ir.Value, ir.Value] | None:
         """The seqlens_k/total_sequence_length the model's own GQA layers already use.
 

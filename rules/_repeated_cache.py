@@ -23,7 +23,13 @@ from onnxscript.rewriter import pattern
 from rewriter.rules import _values
 from rewriter.rules._submatch import SubPattern
 
-__all__ = ["RepeatedCache", "match_repeated_cache", "shape_elements"]
+__all__ = [
+    "AppendedCache",
+    "RepeatedCache",
+    "match_appended_cache",
+    "match_repeated_cache",
+    "shape_elements",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,3 +132,49 @@ def match_repeated_cache(context, value: ir.Value) -> RepeatedCache | str:
     assert kv_heads is not None and merged[1] is not None
     sizes = [d for d in (repeated[4], merged[3], _static_dim(cache, 3)) if d is not None]
     return RepeatedCache(cache, kv_heads, merged[1], sizes[0] if sizes else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class AppendedCache:
+    """A layer's own cache as the export appends to it: what GQA's native form replaces."""
+
+    cache_BNTD: ir.Value  # the present (Concat output, or the new keys' Transpose in prefill)
+    past_BNPD: ir.Value | None  # the graph's past input; None in a prefill graph
+    new_BSND: ir.Value  # this call's keys/values before their Transpose to BNSD
+    node: ir.Node  # the Concat (or Transpose) that GQA's present output replaces
+
+
+def match_appended_cache(cache_BNTD: ir.Value) -> AppendedCache | str | None:
+    """``Concat(past_BNPD, Transpose(new_BSND, [0,2,1,3]), axis=2)`` or, without a past,
+    ``Transpose(new_BSND, [0,2,1,3])``; None when the cache is built some other way (then
+    the layer reads it as a past instead), a string when it is a near-miss."""
+    producer = cache_BNTD.producer()
+    if producer is None or producer.domain not in ("", "ai.onnx"):
+        return None
+    if producer.op_type == "Transpose":
+        return _new_entries(cache_BNTD, None, producer)
+    if producer.op_type != "Concat" or len(producer.inputs) != 2:
+        return None
+    past, new = producer.inputs
+    assert past is not None and new is not None
+    if not _values.is_graph_input(past):
+        return None
+    axis = producer.attributes.get_int("axis", 0)
+    rank = past.shape.rank() if past.shape is not None else 4
+    if rank != 4 or axis % 4 != 2:
+        return (
+            f"cache {cache_BNTD.name} is Concat(past, new) on axis {axis}, not the sequence "
+            "axis 2 of BNSH: not a KV-cache append"
+        )
+    if new.producer() is None or new.producer().op_type != "Transpose":
+        return None
+    return _new_entries(new, past, producer)
+
+
+def _new_entries(new_BNSD: ir.Value, past: ir.Value | None, node: ir.Node) -> AppendedCache | None:
+    transpose = new_BNSD.producer()
+    assert transpose is not None
+    if list(transpose.attributes.get_ints("perm", [])) != [0, 2, 1, 3]:
+        return None
+    assert transpose.inputs[0] is not None
+    return AppendedCache(node.outputs[0], past, transpose.inputs[0], node)

@@ -73,7 +73,14 @@ from rewriter.rules._attention_rule import (
 )
 from rewriter.rules._gqa_inputs import GQAInputs
 from rewriter.rules._position_masks import PositionMask, allowed_keys, match_position_mask
-from rewriter.rules._repeated_cache import RepeatedCache, match_repeated_cache, shape_elements
+from rewriter.rules._repeated_cache import (
+    AppendedCache,
+    RepeatedCache,
+    match_appended_cache,
+    match_repeated_cache,
+    shape_elements,
+)
+from rewriter.rules.nonshared_attention import NATIVE_FORM
 
 __all__ = [
     "NO_ATTENTION_MASK_STYLE_SUFFIX",
@@ -101,6 +108,8 @@ class _Plan:
     form: str
     shared: bool
     graph: ir.Graph | ir.Function
+    # Own-cache layers whose cache is Concat(past, new): GQA's native form appends instead.
+    appended: tuple[AppendedCache, AppendedCache] | None = None
 
 
 class HFAttentionToGQA(AttentionToGQARule):
@@ -126,6 +135,8 @@ class HFAttentionToGQA(AttentionToGQARule):
         )
         self.zeroes_masked_rows = zeroes_masked_rows
         self.layers = layers
+        # (export's cache, GQA present replacing it, the node that built the cache)
+        self.cache_redirects: list[tuple[ir.Value, ir.Value, ir.Node]] = []
 
     def pattern(self, op, query_BNSD, key_BNTD, value_BNTD, mask, row_has_keys, zero, shape):
         attention = op.Attention(
@@ -213,6 +224,16 @@ class HFAttentionToGQA(AttentionToGQARule):
         shared = not _is_first_reader(attention, key.cache_BNSH)
         if not shared and self.layers != "all":
             return "a layer with its own cache (source of its repeat_kv); --layers shared leaves it"
+        appended = None
+        if not shared:
+            found = [match_appended_cache(c.cache_BNSH) for c in (key, value)]
+            reasons = [f for f in found if isinstance(f, str)]
+            if reasons:
+                return reasons[0]
+            if all(isinstance(f, AppendedCache) for f in found):
+                appended = (found[0], found[1])
+                if (appended[0].past_BNPD is None) != (appended[1].past_BNPD is None):
+                    return "one of K/V appends to a past, the other does not"
         windowed = mask_form.local_window_size is not None
         decision = self.choose_form(dtype_name(dtype), head_size, windowed)
         if decision.form is None:
@@ -236,38 +257,22 @@ class HFAttentionToGQA(AttentionToGQARule):
             decision.form,
             shared,
             context.graph_or_function,
+            appended,
         )
 
     def rewrite(self, op, query_BNSD, output, **bindings):
         plan: _Plan = self._take_plan()
         reshape_output = _root_output(output, self.zeroes_masked_rows)
-        key_BNTD, value_BNTD = plan.key.cache_BNSH, plan.value.cache_BNSH
-        hidden = plan.heads.kv_num_heads * plan.head_size
-        if plan.mask.attention_mask is not None:
-            seqlens_k, total_length = self.inputs.sequence_lengths(op, plan.mask.attention_mask)
-            batch_source = plan.mask.attention_mask
-        else:
-            seqlens_k, total_length = self.inputs.lengths_from_cache(op, key_BNTD)
-            batch_source = key_BNTD
-        empty = self.inputs.empty_kv(op, batch_source, hidden, plan.dtype)
-        merged_shape = self.inputs.cached(
-            ("merged_heads", plan.heads.num_heads * plan.head_size),
-            lambda: op.Constant(
-                value=ir.tensor(
-                    np.array([0, 0, plan.heads.num_heads * plan.head_size], dtype=np.int64)
-                )
-            ),
+        query_BSH = _merged_query(
+            op, query_BNSD, self._merged_shape(op, plan.heads.num_heads, plan)
         )
-        query_BSH = _merged_query(op, query_BNSD, merged_shape)
-        inputs: list[ir.Value | None] = [
-            query_BSH,
-            empty,
-            empty,
-            key_BNTD,
-            value_BNTD,
-            seqlens_k,
-            total_length,
-        ]
+        if plan.appended is not None:
+            inputs = self._native_inputs(op, plan)
+            form, num_outputs = NATIVE_FORM, 3
+        else:
+            inputs = self._past_inputs(op, plan)
+            form = plan.form
+            num_outputs = 1 if plan.form == "past" else 3
         style = plan.mask.style
         if plan.mask.attention_mask is None:
             style += NO_ATTENTION_MASK_STYLE_SUFFIX
@@ -275,24 +280,83 @@ class HFAttentionToGQA(AttentionToGQARule):
             node=node_label(plan.attention),
             rule=f"{self.name}/{'shared' if plan.shared else 'own-cache'}-"
             f"{'sliding' if plan.mask.local_window_size else 'full'}",
-            form=plan.form,
+            form=form,
             local_window_size=plan.mask.local_window_size,
             mask_style=style,
-            source=key_BNTD.name or "",
+            source=(plan.key.cache_BNSH.name or ""),
             dtype=dtype_name(plan.dtype),
             head_size=plan.head_size,
         )
         attributes = gqa_attributes(plan.heads, plan.head_size, plan.mask, exact_padding=False)
-        num_outputs = 1 if plan.form == "past" else 3
-        (result,) = self._emit(
-            op, plan.attention, inputs, attributes, [reshape_output], record, num_outputs
+        results = (
+            self._emit(
+                op, plan.attention, [query_BSH, *inputs], attributes, [reshape_output], record, 1
+            )
+            if num_outputs == 1
+            else self._emit_with_presents(
+                op, plan, [query_BSH, *inputs], attributes, reshape_output, record
+            )
         )
         # The dead-code sweep starts from the output Reshape: it walks up through the
         # Transpose (and Where) to the Attention and its mask and repeat chains.
         reshape = reshape_output.producer()
         assert reshape is not None
         self.replaced_nodes.append(reshape)
-        return result
+        return results[0]
+
+    def _merged_shape(self, op, heads: int, plan: _Plan) -> ir.Value:
+        hidden = heads * plan.head_size
+        return self.inputs.cached(
+            ("merged_heads", hidden),
+            lambda: op.Constant(value=ir.tensor(np.array([0, 0, hidden], dtype=np.int64))),
+        )
+
+    def _lengths(self, op, plan: _Plan, cache: ir.Value) -> tuple[ir.Value, ir.Value]:
+        if plan.mask.attention_mask is not None:
+            return self.inputs.sequence_lengths(op, plan.mask.attention_mask)
+        return self.inputs.lengths_from_cache(op, cache)
+
+    def _past_inputs(self, op, plan: _Plan) -> list[ir.Value | None]:
+        """`past` form: empty new K/V, the cache as past_key/past_value."""
+        key_BNTD, value_BNTD = plan.key.cache_BNSH, plan.value.cache_BNSH
+        hidden = plan.heads.kv_num_heads * plan.head_size
+        batch_source = plan.mask.attention_mask or key_BNTD
+        empty = self.inputs.empty_kv(op, batch_source, hidden, plan.dtype)
+        return [empty, empty, key_BNTD, value_BNTD, *self._lengths(op, plan, key_BNTD)]
+
+    def _native_inputs(self, op, plan: _Plan) -> list[ir.Value | None]:
+        """Native form: this call's K/V as [B, S, Nkv*D], the graph's past (if any); GQA
+        appends and its presents replace the export's Concat (redirect_caches())."""
+        assert plan.appended is not None
+        key, value = plan.appended
+        merged = self._merged_shape(op, plan.heads.kv_num_heads, plan)
+        new_key = op.Reshape(key.new_BSND, merged)
+        new_value = op.Reshape(value.new_BSND, merged)
+        if plan.mask.attention_mask is not None:
+            lengths = self.inputs.sequence_lengths(op, plan.mask.attention_mask)
+        else:
+            lengths = self.inputs.appended_lengths(op, key.past_BNPD, key.new_BSND)
+        return [new_key, new_value, key.past_BNPD, value.past_BNPD, *lengths]
+
+    def _emit_with_presents(self, op, plan, inputs, attributes, reshape_output, record):
+        results = self._emit(op, plan.attention, inputs, attributes, [reshape_output], record, 3)
+        # _emit returns only the replaced outputs; the presents are the GQA node's others.
+        gqa = results[0].producer()
+        assert gqa is not None
+        if plan.appended is not None:
+            for appended, present in zip(plan.appended, gqa.outputs[1:3], strict=True):
+                self.cache_redirects.append((appended.cache_BNTD, present, appended.node))
+        return results
+
+    def redirect_caches(self) -> None:
+        """After the rule set ran: readers of each replaced cache (graph outputs, shared
+        layers) read the GQA present instead, under the cache's name."""
+        for cache, present, node in self.cache_redirects:
+            cache.replace_all_uses_with(present, replace_graph_outputs=True)
+            if cache.name:
+                self.renames.append((present, cache.name))
+            self.replaced_nodes.append(node)
+        self.cache_redirects.clear()
 
 
 def _check_dtype(dtype: ir.DataType | None, *caches: ir.Value) -> str | None:

@@ -52,6 +52,10 @@ def test_corpus_every_layer_becomes_gqa(graph):
     rules = sorted(r.rule.split("/")[-1] for r in report.rewrites)
     assert rules.count("shared-sliding") == 2 and rules.count("shared-full") == 2, rules
     assert {r.local_window_size for r in report.rewrites} == {8, None}
+    # Source layers use GQA's native append (their presents replace the export's Concat),
+    # shared layers the copy-free past form over those presents.
+    forms = {r.rule.split("/")[-1].split("-")[0]: r.form for r in report.rewrites}
+    assert forms == {"own": "native", "shared": "past"}
     assert report.padding_contract == PaddingContract.BATCH_1_ONLY
     assert any("batch-1-only" in w for w in report.warnings)
     ops = _ops(model)
@@ -162,6 +166,18 @@ def test_near_miss_row_zeroing_with_another_threshold():
     model.graph.initializers["two"] = less.inputs[1]
     reasons = _skip_reasons(model)
     assert reasons and set(reasons.values()) == {"output Where's condition is not Less(row sum, 1)"}
+
+
+@pytest.mark.corpus
+def test_near_miss_cache_concat_on_the_wrong_axis():
+    model = ir.load(CORPUS / "decode.onnx")
+    (concat,) = [n for n in model.graph if n.outputs[0].name == "output.cache.layers.0.keys"]
+    concat.attributes["axis"] = ir.AttrInt64("axis", 1)
+    reasons = _skip_reasons(model)
+    assert reasons == {
+        "node_scaled_dot_product_attention": "cache output.cache.layers.0.keys is "
+        "Concat(past, new) on axis 1, not the sequence axis 2 of BNSH: not a KV-cache append"
+    }
 
 
 # --- torch.onnx dynamo, opset 24, attention_mask, dynamic batch -------------------------
