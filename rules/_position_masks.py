@@ -290,12 +290,24 @@ def _check_positions(key_positions: ir.Value, query_positions: ir.Value) -> str 
         return "query positions are neither the key Range nor Add(Range(0, S, 1), P)"
     total_terms = _add_operands(total)
     for query_range, past in (offset, offset[::-1]):
-        length = _arange_length(query_range)
-        if length is None or total_terms is None:
+        if total_terms is None:
             continue
-        if {id(length), id(past)} == {id(total_terms[0]), id(total_terms[1])}:
+        length = _arange_length(query_range)
+        if length is not None and {id(length), id(past)} == {id(t) for t in total_terms}:
             return None  # queries P + [0, S) are the last S of the keys [0, P + S)
+        if _is_single_position(query_range) and _is_one_past(total_terms, past):
+            return None  # single-token decode: Range(0, 1) folded to [0], T = P + 1
     return "query positions are not the last S key positions (T = P + S)"
+
+
+def _is_single_position(value: ir.Value) -> bool:
+    array = _values.constant_array(value)
+    return array is not None and array.reshape(-1).tolist() == [0]
+
+
+def _is_one_past(total_terms: tuple[ir.Value, ir.Value], past: ir.Value) -> bool:
+    a, b = total_terms
+    return (a is past and _values.scalar_int(b) == 1) or (b is past and _values.scalar_int(a) == 1)
 
 
 def _check_padding_indices(context, indices: ir.Value, key_positions: ir.Value) -> str | None:

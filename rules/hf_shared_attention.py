@@ -123,27 +123,38 @@ class HFAttentionToGQA(AttentionToGQARule):
         choose_form: FormChooser = always_past,
         *,
         zeroes_masked_rows: bool,
+        single_query_reshape: bool = False,
         layers: str = "all",
         exact_padding: bool = False,
         inputs: GQAInputs | None = None,
     ) -> None:
         super().__init__(
-            "HFAttentionToGQA" + ("/where" if zeroes_masked_rows else ""),
+            "HFAttentionToGQA"
+            + ("/where" if zeroes_masked_rows else "")
+            + ("/s1" if single_query_reshape else ""),
             choose_form,
             exact_padding=exact_padding,
             inputs=inputs,
         )
         self.zeroes_masked_rows = zeroes_masked_rows
+        # Single-token decode graphs (S fixed at 1): the exporter writes a Reshape to the
+        # same [B, N, 1, D] between the Attention and its output Transpose.
+        self.single_query_reshape = single_query_reshape
+        self._steps = ("Where",) * zeroes_masked_rows + ("Reshape",) * single_query_reshape
         self.layers = layers
         # (export's cache, GQA present replacing it, the node that built the cache)
         self.cache_redirects: list[tuple[ir.Value, ir.Value, ir.Node]] = []
 
-    def pattern(self, op, query_BNSD, key_BNTD, value_BNTD, mask, row_has_keys, zero, shape):
+    def pattern(
+        self, op, query_BNSD, key_BNTD, value_BNTD, mask, row_has_keys, zero, same_shape, shape
+    ):
         attention = op.Attention(
             query_BNSD, key_BNTD, value_BNTD, mask, _allow_other_inputs=True, _outputs=["output"]
         )
         if self.zeroes_masked_rows:
             attention = op.Where(row_has_keys, zero, attention)
+        if self.single_query_reshape:
+            attention = op.Reshape(attention, same_shape)
         return op.Reshape(op.Transpose(attention, perm=[0, 2, 1, 3]), shape)
 
     def check(self, context, **bindings):
@@ -174,6 +185,7 @@ class HFAttentionToGQA(AttentionToGQARule):
         shape,
         row_has_keys=None,
         zero=None,
+        same_shape=None,
         **_,
     ) -> _Plan | str:
         opset = context.model.opset_imports.get("", 0)
@@ -188,9 +200,11 @@ class HFAttentionToGQA(AttentionToGQARule):
         attrs = attention.attributes
         if attrs.get_int("is_causal", 0):
             return "is_causal=1 with 4-D HF inputs: not the exported pattern (mask carries it)"
-        problem = _single_reader_chain(attention, self.zeroes_masked_rows)
+        problem = _single_reader_chain(attention, self._steps)
         if problem:
             return problem
+        if self.single_query_reshape and not _is_identity_reshape(attention.outputs[0], same_shape):
+            return "Reshape after the Attention changes its [B, N, S, D] shape"
         key = match_repeated_cache(context, key_BNTD)
         if isinstance(key, str):
             return key
@@ -262,7 +276,7 @@ class HFAttentionToGQA(AttentionToGQARule):
 
     def rewrite(self, op, query_BNSD, output, **bindings):
         plan: _Plan = self._take_plan()
-        reshape_output = _root_output(output, self.zeroes_masked_rows)
+        reshape_output = _root_output(output, self._steps)
         query_BSH = _merged_query(
             op, query_BNSD, self._merged_shape(op, plan.heads.num_heads, plan)
         )
@@ -385,10 +399,10 @@ def _head_size(query: ir.Value, key: RepeatedCache, value: RepeatedCache) -> int
     return sizes.pop()
 
 
-def _single_reader_chain(attention: ir.Node, zeroes_masked_rows: bool) -> str | None:
+def _single_reader_chain(attention: ir.Node, steps: tuple[str, ...]) -> str | None:
     """The values between the Attention and the output Reshape must have no other reader."""
     value = attention.outputs[0]
-    for step in ("Where", "Transpose")[(0 if zeroes_masked_rows else 1) :]:
+    for step in (*steps, "Transpose"):
         if len(value.uses()) != 1 or value.is_graph_output():
             return f"Attention output is read by more than the {step} it flows into"
         (use,) = value.uses()
@@ -398,9 +412,23 @@ def _single_reader_chain(attention: ir.Node, zeroes_masked_rows: bool) -> str | 
     return None
 
 
-def _root_output(output: ir.Value, zeroes_masked_rows: bool) -> ir.Value:
+def _is_identity_reshape(attention_BNSD: ir.Value, same_shape: ir.Value) -> bool:
+    """Reshape(x, [1, -1, 1, D]) of a static [1, N, 1, D] x gives x's own shape."""
+    shape = attention_BNSD.shape
+    target = shape_elements(same_shape)
+    if shape is None or target is None or not all(isinstance(d, int) for d in shape):
+        return False
+    dims = list(shape)
+    if len(target) != len(dims) or target.count(-1) > 1 or None in target:
+        return False
+    known = int(np.prod([d for d in target if d != -1]))
+    resolved = [d if d != -1 else int(np.prod(dims)) // max(known, 1) for d in target]
+    return resolved == dims
+
+
+def _root_output(output: ir.Value, steps: tuple[str, ...]) -> ir.Value:
     value = output
-    for _ in range(3 if zeroes_masked_rows else 2):
+    for _ in range(len(steps) + 2):
         (use,) = value.uses()
         value = use.node.outputs[0]
     return value
@@ -433,7 +461,7 @@ def _check_row_zeroing(row_has_keys: ir.Value, zero: ir.Value, mask: PositionMas
 
 def _check_output_shape(shape: ir.Value, hidden: int, query_BNSD: ir.Value) -> str | None:
     """Reshape(Transpose(attention_BNSD)) must be the [B, S, N*D] GQA writes: N*D spelled
-    out (or -1 once B and S are), B and S as 0 (copy), the static batch, -1, or read off
+    out (or -1 once B and S are), B and S as 0 (copy), their static size, -1, or read off
     dims 0 and 1 of a [B, S] graph input (input_ids, attention_mask)."""
     dims = shape_elements(shape)
     if dims is None or len(dims) != 3:
@@ -442,11 +470,11 @@ def _check_output_shape(shape: ir.Value, hidden: int, query_BNSD: ir.Value) -> s
     copies = reshape is not None and not reshape.attributes.get_int("allowzero", 0)
     producer = shape.producer()
     parts = list(producer.inputs) if producer is not None else [None, None, None]
-    batch = _static_dim(query_BNSD, 0)
+    static = (_static_dim(query_BNSD, 0), _static_dim(query_BNSD, 2))  # B, S
     proven = [
         (copies and dims[i] == 0)
         or _is_graph_input_dim(parts[i], i)
-        or (i == 0 and dims[0] == batch)
+        or (static[i] is not None and dims[i] == static[i])
         for i in (0, 1)
     ]
     if dims[2] == hidden:
@@ -511,11 +539,19 @@ def hf_rules(
     exact_padding: bool = False,
     inputs: GQAInputs | None = None,
 ) -> list[HFAttentionToGQA]:
-    """Both variants (with and without the row-zeroing Where), sharing one GQAInputs."""
+    """Every variant (with or without the row-zeroing Where, the single-token Reshape),
+    sharing one GQAInputs."""
     inputs = inputs or GQAInputs(exact_padding=exact_padding)
     return [
-        HFAttentionToGQA(choose_form, zeroes_masked_rows=flag, layers=layers, inputs=inputs)
-        for flag in (True, False)
+        HFAttentionToGQA(
+            choose_form,
+            zeroes_masked_rows=where,
+            single_query_reshape=single,
+            layers=layers,
+            inputs=inputs,
+        )
+        for where in (True, False)
+        for single in (False, True)
     ]
 
 

@@ -70,6 +70,9 @@ class _Pair:
         self.prefill = _session(prefill, providers)
         self.decode = _session(decode, providers)
         self.vocab = int(self.prefill.get_outputs()[0].shape[-1])
+        ids = next(i for i in self.decode.get_inputs() if i.name == "input_ids")
+        # transformers' single-token decode component fixes S at 1 (multi_token_decode=False).
+        self.multi_token_decode = ids.shape[1] != 1
 
     def run_prefill(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         return _run(self.prefill, _token_feeds(self.prefill, ids, 0))
@@ -122,16 +125,19 @@ def _prefill_equivalence(models, ids, lengths) -> PairCheck:
     return PairCheck("prefill_equivalence", "both", all(c.passed for c in cases), tuple(cases))
 
 
-def _decode_schedules(lengths, steps):
-    """(prompt length, [tokens per call]): single-token steps, then one chunk."""
+def _decode_schedules(lengths, steps, models):
+    """(prompt length, [tokens per call]): single-token steps, then one chunk where every
+    decode graph takes several tokens."""
+    chunks = all(m.multi_token_decode for m in models)
     for length in lengths:
         yield length, [1] * steps
-        yield length, [steps]
+        if chunks:
+            yield length, [steps]
 
 
 def _cache_consistency(name, model: _Pair, ids, lengths, steps) -> PairCheck:
     cases = []
-    for length, chunks in _decode_schedules(lengths, steps):
+    for length, chunks in _decode_schedules(lengths, steps, [model]):
         past = model.run_prefill(ids[:, :length])
         position = length
         full = model.run_prefill(ids[:, : length + sum(chunks)])["logits"]
@@ -148,7 +154,7 @@ def _decode_equivalence(models, ids, lengths, steps, original_consistent) -> Pai
     if not original_consistent:
         return PairCheck("decode_equivalence", "both", None, ())
     cases = []
-    for length, chunks in _decode_schedules(lengths, steps):
+    for length, chunks in _decode_schedules(lengths, steps, models.values()):
         pasts = {name: m.run_prefill(ids[:, :length]) for name, m in models.items()}
         position = length
         for chunk in chunks:
