@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 
 import rewriter
-from rewriter.fixtures.hf_export import TORCH_PREFILL
+from rewriter.fixtures.hf_export import TORCH_PREFILL, TRANSFORMERS_PAIR
 from rewriter.report import PaddingContract, RewriteReport
 from rewriter.rules import always_past
 from rewriter.verification._pair import verify_pair
@@ -250,3 +250,21 @@ def test_torch_export_right_padded_batch_2(torch_export):
     for row, valid in ((0, 12), (1, 7)):
         case = compare(f"row {row}", original[row, :valid], candidate[row, :valid])
         assert case.passed, case
+
+
+# --- transformers exporter, single-token decode graph (S fixed at 1) ----------------------
+
+
+def test_transformers_single_token_pair_equals_the_original(tmp_path):
+    pair = FIXTURES / TRANSFORMERS_PAIR
+    rewritten = []
+    for graph in ("prefill", "decode"):
+        model, report = _rewrite(pair / f"{graph}.onnx")
+        assert report.rewritten == 8 and not report.skipped, report.summary()
+        ops = _ops(model)
+        assert not [op for op in GONE if ops[op]], ops
+        rewritten.append(_save(model, tmp_path / f"{graph}.onnx"))
+    result = verify_pair((str(pair / "prefill.onnx"), str(pair / "decode.onnx")), tuple(rewritten))
+    assert result.passed, result.summary()
+    decode = next(c for c in result.checks if c.name == "decode_equivalence")
+    assert decode.passed is True and len(decode.cases) > 0
