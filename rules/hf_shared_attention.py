@@ -45,9 +45,16 @@ from attention_mask when the mask reads it (``GQAInputs``), else from the cache:
 then has T valid keys, ``total_sequence_length = T = Shape(cache)[2]``, ``seqlens_k = T - 1``
 (no padding exists without attention_mask; the exports fix batch at 1: "batch-1-only").
 
-Source layers are rewritten the same way (``--layers all``): they read their own in-graph
-cache as past, and the Concat that appends to it stays, so the present outputs keep their
-names and values. (GQA's native append form is not used here; see the report.)
+Source layers (``--layers all``) whose cache is ``Concat(past, Transpose(new_BSND), axis=2)``
+(prefill: ``Transpose(new_BSND)``) become GQA's native form instead: this call's K/V merged to
+[B, S, Nkv*D], the graph's past input, ``T = P + S``; after the rule set ran,
+``redirect_caches()`` makes every reader of the export's cache (graph outputs, the shared
+layers' past) read GQA's present under the same name, and the Concat dies. A cache built
+otherwise is read as a past (``past`` form); a Concat on another axis is refused.
+
+Single-token decode graphs (transformers' default decode component, S fixed at 1) fold the
+query Range to ``[0]`` (T = P + 1) and write ``Reshape(x, [1, -1, 1, D])`` before the output
+Transpose: a rule variant accepts that Reshape when it provably keeps [1, N, 1, D].
 """
 
 from __future__ import annotations
