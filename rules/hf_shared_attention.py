@@ -52,6 +52,12 @@ Source layers (``--layers all``) whose cache is ``Concat(past, Transpose(new_BSN
 layers' past) read GQA's present under the same name, and the Concat dies. A cache built
 otherwise is read as a past (``past`` form); a Concat on another axis is refused.
 
+Not matched, with the reason "key positions are not Range(0, T, 1)": torch.onnx decode
+graphs of transformers' DynamicSlidingWindowLayer (``fixtures/hf_torch_decode_opset24.onnx``),
+which keep only the last W - 1 entries of a sliding cache and offset the sliding masks' key
+positions by what was dropped; proving that alignment is not implemented, so their sliding
+layers stay Attention (the full layers are rewritten).
+
 Single-token decode graphs (transformers' default decode component, S fixed at 1) fold the
 query Range to ``[0]`` (T = P + 1) and write ``Reshape(x, [1, -1, 1, D])`` before the output
 Transpose: a rule variant accepts that Reshape when it provably keeps [1, N, 1, D].
@@ -480,7 +486,7 @@ def _check_output_shape(shape: ir.Value, hidden: int, query_BNSD: ir.Value) -> s
     static = (_static_dim(query_BNSD, 0), _static_dim(query_BNSD, 2))  # B, S
     proven = [
         (copies and dims[i] == 0)
-        or _is_graph_input_dim(parts[i], i)
+        or _is_graph_input_dim(parts[i], i, query_BNSD)
         or (static[i] is not None and dims[i] == static[i])
         for i in (0, 1)
     ]
@@ -492,19 +498,31 @@ def _check_output_shape(shape: ir.Value, hidden: int, query_BNSD: ir.Value) -> s
     return f"output Reshape {dims} is not provably [B, S, {hidden}]"
 
 
-def _is_graph_input_dim(part: ir.Value | None, axis: int) -> bool:
+def _is_graph_input_dim(part: ir.Value | None, axis: int, query_BNSD: ir.Value) -> bool:
+    """Dim `axis` (0: B, 1: S) read off a [B, S] graph input (input_ids, attention_mask), or
+    B read off a 4-D graph input (a past cache) whose declared batch dim is the query's."""
     producer = part.producer() if part is not None else None
     if producer is None or producer.op_type != "Shape":
         return False
     source = producer.inputs[0]
     attrs = producer.attributes
+    if (
+        source is None
+        or not _values.is_graph_input(source)
+        or source.shape is None
+        or attrs.get_int("start", 0) != axis
+        or attrs.get_int("end", -100) != axis + 1
+    ):
+        return False
+    if source.shape.rank() == 2:
+        return True
+    query = query_BNSD.shape
     return (
-        source is not None
-        and _values.is_graph_input(source)
-        and source.shape is not None
-        and source.shape.rank() == 2
-        and attrs.get_int("start", 0) == axis
-        and attrs.get_int("end", -100) == axis + 1
+        axis == 0
+        and source.shape.rank() == 4
+        and query is not None
+        and isinstance(source.shape[0], ir.SymbolicDim)
+        and source.shape[0] == query[0]
     )
 
 

@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 
 import rewriter
-from rewriter.fixtures.hf_export import TORCH_PREFILL, TRANSFORMERS_PAIR
+from rewriter.fixtures.hf_export import TORCH_DECODE, TORCH_PREFILL, TRANSFORMERS_PAIR
 from rewriter.report import PaddingContract, RewriteReport
 from rewriter.rules import always_past
 from rewriter.verification._pair import verify_pair
@@ -250,6 +250,36 @@ def test_torch_export_right_padded_batch_2(torch_export):
     for row, valid in ((0, 12), (1, 7)):
         case = compare(f"row {row}", original[row, :valid], candidate[row, :valid])
         assert case.passed, case
+
+
+def test_torch_decode_rewrites_the_full_layers_and_says_why_not_the_sliding_ones(tmp_path):
+    """DynamicSlidingWindowLayer trims sliding caches to W - 1 entries and offsets the key
+    positions: not the Range(0, T) the rule proves alignment with, so those layers stay."""
+    model, report = _rewrite(FIXTURES / TORCH_DECODE)
+    rewritten = {r.node[-1]: r.rule.split("/")[-1] for r in report.rewrites}
+    assert rewritten == {"2": "own-cache-full", "6": "shared-full", "7": "shared-full"}
+    assert len(report.skipped) == 5
+    assert {s.reason for s in report.skipped} == {"key positions are not Range(0, T, 1)"}
+    path = _save(model, tmp_path / "decode.onnx")
+    original, candidate = _session(str(FIXTURES / TORCH_DECODE)), _session(path)
+    rng = np.random.default_rng(0)
+    for batch, past, length in ((2, 6, 1), (1, 5, 3), (2, 7, 1)):
+        feeds = {
+            "input_ids": rng.integers(0, 128, (batch, length), dtype=np.int64),
+            "attention_mask": np.ones((batch, past + length), dtype=np.int64),
+            "position_ids": np.broadcast_to(np.arange(past, past + length), (batch, length)).copy(),
+        }
+        for graph_input in original.get_inputs()[3:]:
+            shape = (batch, 1, past, graph_input.shape[3])
+            feeds[graph_input.name] = rng.standard_normal(shape).astype(np.float32)
+        for output, reference, actual in zip(
+            original.get_outputs(),
+            original.run(None, feeds),
+            candidate.run(None, feeds),
+            strict=True,
+        ):
+            case = compare(f"B={batch} P={past} S={length} {output.name}", reference, actual)
+            assert case.passed, case
 
 
 # --- transformers exporter, single-token decode graph (S fixed at 1) ----------------------
