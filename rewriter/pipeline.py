@@ -77,6 +77,7 @@ def rewrite(
     provider: str = "cpu",
     force: bool = False,
     exact_padding: bool = False,
+    window_slice: bool = True,
     choose_form: FormChooser | None = None,
 ) -> tuple[ModelT, RewriteReport]:
     """Rewrite the Attention layers of `model` into GroupQueryAttention.
@@ -87,6 +88,8 @@ def rewrite(
         `provider`; a form name forces it (FormRejectedError if the probe rejects it,
         unless `force`).
     exact_padding: pass the mask as attention_bias so any padding keeps its meaning.
+    window_slice: sliding KV-shared layers read only the keys their window reaches (the
+        borrowed cache sliced once per source and step; CPU GQA reads every key it gets).
     choose_form: replaces the probe (tests, or exporters that know their runtime).
     """
     if isinstance(model, onnx.ModelProto):
@@ -97,6 +100,7 @@ def rewrite(
             provider=provider,
             force=force,
             exact_padding=exact_padding,
+            window_slice=window_slice,
             choose_form=choose_form,
         )
         return ir.to_proto(ir_model), report
@@ -113,7 +117,9 @@ def rewrite(
     gqa_inputs = GQAInputs(exact_padding=exact_padding)
     # Inferred once, before any rewrite changes the graph the inference would see.
     facts = ShapeFacts.infer(model)
-    shared_rule = KVSharedAttentionToGQA(choose_form or probed, inputs=gqa_inputs, facts=facts)
+    shared_rule = KVSharedAttentionToGQA(
+        choose_form or probed, inputs=gqa_inputs, facts=facts, window_slice=window_slice
+    )
     rules: list[AttentionToGQARule] = [shared_rule]
     if layers == "all":
         supports = probed.native_support if probed is not None else _native_from(choose_form)

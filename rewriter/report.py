@@ -64,6 +64,7 @@ class RewriteReport:
         ]
         for r in self.rewrites:
             window = f", local_window_size={r.local_window_size}" if r.local_window_size else ""
+            window += ", window slice" if r.window_slice else ""
             lines.append(
                 f"  rewrote {r.node} -> GroupQueryAttention ({r.form}{window}, {r.mask_style})"
             )

@@ -143,6 +143,72 @@ class GQAInputs:
             self._model_lengths[id(graph)] = pair if pair and None not in pair else None
         return self._model_lengths[id(graph)]
 
+    def window_slice(
+        self,
+        op,
+        attention_mask: ir.Value,
+        query_BSD: ir.Value,
+        local_window_size: int,
+        cache_BNSH: tuple[ir.Value, ir.Value],
+    ) -> tuple[ir.Value, ir.Value, ir.Value, ir.Value]:
+        """(key, value, seqlens_k, total_sequence_length) for a sliding layer that reads only
+        the keys its window can reach.
+
+        ONNX Runtime's CPU GroupQueryAttention reads all T keys of its past per query head even
+        with local_window_size (measured: decode cost grows with T at W=512), so a KV-shared
+        sliding layer at T=4096 costs as much as a full one. Queries sit at [L_b - S, L_b)
+        (L_b the valid keys of row b, right padding), so no key before
+        min_b(L_b) - S - W + 1 is visible to any of them: the cache is sliced from
+
+            start = max(0, min(min_b(L_b) - S - W + 1, T - S - 1))
+
+        and seqlens_k and total_sequence_length are shifted by the same start. Capping start at
+        T - S - 1 keeps the sliced total above S: with total == S GQA would take the call for a
+        first prompt. Prefill (S == T) slices nothing. One start per attention_mask and window,
+        one slice per borrowed cache, shared by every layer that borrows it; S is read off the
+        first such layer's query (every layer's query has the same S).
+        """
+        seqlens_k, total_length = self.sequence_lengths(op, attention_mask)
+
+        def start() -> ir.Value:
+            int64 = ir.DataType.INT64
+            query_length = op.Shape(query_BSD, start=1, end=2)
+            shortest = op.ReduceMin(op.Cast(seqlens_k, to=int64), keepdims=1)  # min L_b - 1
+            # min L_b - S - W + 1 = (min L_b - 1) - S - (W - 2)
+            reach = op.Sub(
+                op.Sub(shortest, query_length),
+                op.Constant(value_ints=[local_window_size - 2]),
+            )
+            # T - S - 1
+            limit = op.Sub(
+                op.Sub(op.Cast(total_length, to=int64), query_length),
+                op.Constant(value_ints=[1]),
+            )
+            return op.Max(op.Min(reach, limit), op.Constant(value_ints=[0]))
+
+        first = self._cached(("window_start", attention_mask, local_window_size), start)
+
+        def shifted(lengths: ir.Value) -> Callable[[], ir.Value]:
+            return lambda: op.Sub(lengths, op.Cast(first, to=ir.DataType.INT32))
+
+        key = ("window", attention_mask, local_window_size)
+        sliced_seqlens = self._cached((*key, "seqlens_k"), shifted(seqlens_k))
+        sliced_total = self._cached((*key, "total"), shifted(total_length))
+
+        def sliced(cache: ir.Value) -> Callable[[], ir.Value]:
+            end = np.iinfo(np.int64).max  # Slice clamps it to T
+            return lambda: op.Slice(
+                cache, first, op.Constant(value_ints=[end]), op.Constant(value_ints=[2])
+            )
+
+        key_BNSH, value_BNSH = cache_BNSH
+        return (
+            self._cached((*key, key_BNSH), sliced(key_BNSH)),
+            self._cached((*key, value_BNSH), sliced(value_BNSH)),
+            sliced_seqlens,
+            sliced_total,
+        )
+
     def empty_kv(self, op, attention_mask: ir.Value, hidden: int, dtype: ir.DataType) -> ir.Value:
         # Empty key/value must carry the real batch size: ORT checks it against the query.
         def build() -> ir.Value:
