@@ -37,6 +37,10 @@ class GQAInputs:
     def use_graph(self, graph: ir.Graph | ir.Function) -> None:
         self._graph = graph
 
+    def cached(self, key: tuple[object, ...], build: Callable[[], ir.Value]) -> ir.Value:
+        """A value built once per graph and key, for rules that share more inputs."""
+        return self._cached(key, build)
+
     def _cached(self, key: tuple[object, ...], build: Callable[[], ir.Value]) -> ir.Value:
         assert self._graph is not None, "use_graph() first"
         key = (id(self._graph), *key)
@@ -72,6 +76,51 @@ class GQAInputs:
             if existing is not None:
                 return existing
         return self._cached(("seqlens_k", attention_mask, self.exact_padding), seqlens_k), total()
+
+    def lengths_from_cache(self, op, cache_BNSH: ir.Value) -> tuple[ir.Value, ir.Value]:
+        """(seqlens_k, total_sequence_length) for a graph without attention_mask: no row
+        is padded, so every row has T = Shape(cache)[2] valid keys."""
+
+        def total() -> ir.Value:
+            return op.Cast(op.Shape(cache_BNSH, start=2, end=3), to=ir.DataType.INT32)
+
+        def seqlens_k() -> ir.Value:
+            one = op.Constant(value=ir.tensor(np.array([1], dtype=np.int32)))
+            last = op.Sub(self._cached(("cache_total", cache_BNSH), total), one)
+            shape = cache_BNSH.shape
+            if shape is not None and shape.rank() == 4 and shape[0] == 1:
+                return last  # [1] is already [B]
+            return op.Expand(last, op.Shape(cache_BNSH, start=0, end=1))
+
+        return (
+            self._cached(("cache_seqlens_k", cache_BNSH), seqlens_k),
+            self._cached(("cache_total", cache_BNSH), total),
+        )
+
+    def appended_lengths(
+        self, op, past_BNPD: ir.Value | None, new_BSND: ir.Value
+    ) -> tuple[ir.Value, ir.Value]:
+        """Lengths without attention_mask for a layer that appends S new keys to a past of
+        P: T = P + S (no padding; read before the append, which GQA now does)."""
+
+        def total() -> ir.Value:
+            length = op.Shape(new_BSND, start=1, end=2)
+            if past_BNPD is not None:
+                length = op.Add(op.Shape(past_BNPD, start=2, end=3), length)
+            return op.Cast(length, to=ir.DataType.INT32)
+
+        def seqlens_k() -> ir.Value:
+            one = op.Constant(value=ir.tensor(np.array([1], dtype=np.int32)))
+            last = op.Sub(self._cached(("appended_total", past_BNPD, new_BSND), total), one)
+            shape = new_BSND.shape
+            if shape is not None and shape.rank() == 4 and shape[0] == 1:
+                return last
+            return op.Expand(last, op.Shape(new_BSND, start=0, end=1))
+
+        return (
+            self._cached(("appended_seqlens_k", past_BNPD, new_BSND), seqlens_k),
+            self._cached(("appended_total", past_BNPD, new_BSND), total),
+        )
 
     def _model_sequence_lengths(self) -> tuple[ir.Value, ir.Value] | None:
         """The seqlens_k/total_sequence_length the model's own GQA layers already use.
