@@ -91,6 +91,14 @@ def _rewrite_parser() -> argparse.ArgumentParser:
         help="pass the mask as attention_bias so left padding/holes keep exact semantics",
     )
     parser.add_argument(
+        "--speed",
+        choices=("auto", "off"),
+        default="auto",
+        help="auto (default): time each KV-shared layer kind on the provider and keep the "
+        "export's layer where it is correct and faster; off: rewrite every layer that "
+        "qualifies (the output then does not depend on timing)",
+    )
+    parser.add_argument(
         "--no-window-slice",
         dest="window_slice",
         action="store_false",
@@ -193,6 +201,7 @@ def _rewrite_command(args: argparse.Namespace) -> int:
         force=args.force,
         exact_padding=args.exact_padding,
         window_slice=args.window_slice,
+        speed=args.speed,
     )
     with staged_output(model, args.output, source=args.input) as staged:
         if args.no_verify:

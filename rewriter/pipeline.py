@@ -20,6 +20,7 @@ from onnxscript.rewriter import pattern
 from rewriter import __version__
 from rewriter._cleanup import remove_dead_producers
 from rewriter.forms import ProbedFormChooser
+from rewriter.probe._one_layer import OneLayer
 from rewriter.report import PaddingContract, RewriteReport
 from rewriter.rules import (
     FormChooser,
@@ -30,10 +31,11 @@ from rewriter.rules import (
     NonSharedAttentionToGQA,
     node_label,
 )
-from rewriter.rules._attention_rule import AttentionToGQARule
+from rewriter.rules._attention_rule import AttentionToGQARule, ExportKeeper, LayerKind
 from rewriter.rules._shape_evidence import ShapeFacts
 from rewriter.rules.hf_shared_attention import hf_padding_contract, hf_rules, refine_skips
 from rewriter.rules.nonshared_attention import NATIVE_FORM, always_native
+from rewriter.speed import SPEED_CHOICES, SpeedProbe
 
 __all__ = ["METADATA_PREFIX", "rewrite"]
 
@@ -78,6 +80,7 @@ def rewrite(
     force: bool = False,
     exact_padding: bool = False,
     window_slice: bool = True,
+    speed: str = "off",
     choose_form: FormChooser | None = None,
 ) -> tuple[ModelT, RewriteReport]:
     """Rewrite the Attention layers of `model` into GroupQueryAttention.
@@ -90,6 +93,10 @@ def rewrite(
     exact_padding: pass the mask as attention_bias so any padding keeps its meaning.
     window_slice: sliding KV-shared layers read only the keys their window reaches (the
         borrowed cache sliced once per source and step; CPU GQA reads every key it gets).
+    speed: "auto" times each KV-shared layer kind on `provider` (rewriter.speed) and keeps
+        the export's layer where it is correct and GroupQueryAttention is slower; "off"
+        (the library default: a pass whose output does not depend on timing) rewrites
+        every layer that qualifies. Only with form="auto" and no `choose_form`.
     choose_form: replaces the probe (tests, or exporters that know their runtime).
     """
     if isinstance(model, onnx.ModelProto):
@@ -101,6 +108,7 @@ def rewrite(
             force=force,
             exact_padding=exact_padding,
             window_slice=window_slice,
+            speed=speed,
             choose_form=choose_form,
         )
         return ir.to_proto(ir_model), report
@@ -108,6 +116,8 @@ def rewrite(
         raise TypeError(f"expected onnx_ir.Model or onnx.ModelProto, got {type(model).__name__}")
     if layers not in LAYER_CHOICES:
         raise ValueError(f"layers must be one of {LAYER_CHOICES}, got {layers!r}")
+    if speed not in SPEED_CHOICES:
+        raise ValueError(f"speed must be one of {SPEED_CHOICES}, got {speed!r}")
 
     report = RewriteReport(tool_version=__version__, form_request=form, layers=layers)
     attention_nodes = _attention_nodes(model)
@@ -117,8 +127,13 @@ def rewrite(
     gqa_inputs = GQAInputs(exact_padding=exact_padding)
     # Inferred once, before any rewrite changes the graph the inference would see.
     facts = ShapeFacts.infer(model)
+    timed = SpeedProbe(provider) if speed == "auto" and probed is not None else None
     shared_rule = KVSharedAttentionToGQA(
-        choose_form or probed, inputs=gqa_inputs, facts=facts, window_slice=window_slice
+        choose_form or probed,
+        inputs=gqa_inputs,
+        facts=facts,
+        window_slice=window_slice,
+        keep_export=_keeper(timed) if timed is not None and form == "auto" else None,
     )
     rules: list[AttentionToGQARule] = [shared_rule]
     if layers == "all":
@@ -161,6 +176,8 @@ def rewrite(
         elif report.padding_contract == PaddingContract.RIGHT_PADDING_ONLY:
             all_converted = not _attention_nodes(model)
             report.warnings.append(_GQA_CACHE_WARNING if all_converted else _RIGHT_PADDING_WARNING)
+    if timed is not None:
+        report.speed = {"provider": provider, "layers": timed.tables()}
     if probed is not None:
         report.probe = {"provider": provider, "tables": probed.probe_tables()}
         report.forced = probed.forced_layers > 0
@@ -171,6 +188,24 @@ def rewrite(
             )
     _record_metadata(model, report)
     return model, report
+
+
+def _keeper(timed: SpeedProbe) -> ExportKeeper:
+    def keep_export(kind: LayerKind) -> str | None:
+        verdict = timed(
+            OneLayer(
+                num_heads=kind.num_heads,
+                kv_num_heads=kind.kv_num_heads,
+                head_size=kind.head_size,
+                window=kind.local_window_size,
+                scale=kind.scale,
+                softcap=kind.softcap,
+                dtype=kind.dtype,
+            )
+        )
+        return verdict.reason if verdict.keep_original else None
+
+    return keep_export
 
 
 def _native_from(choose_form: FormChooser | None) -> FormChooser:

@@ -33,6 +33,7 @@ class RewriteReport:
     layers: str = "all"
     forced: bool = False
     probe: dict[str, Any] | None = None
+    speed: dict[str, Any] | None = None  # --speed auto: the timings each choice rests on
     verification: dict[str, Any] | None = None  # filled by the verifier, or {"skipped": ...}
 
     @property
@@ -52,6 +53,7 @@ class RewriteReport:
             "layers": self.layers,
             "forced": self.forced,
             "probe": self.probe,
+            "speed": self.speed,
             "verification": self.verification,
         }
 

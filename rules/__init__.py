@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from rewriter.rules._attention_rule import (
     GQA_DTYPES,
+    ExportKeeper,
     FormChooser,
     FormDecision,
+    LayerKind,
     LayerRewrite,
     LayerSkip,
     always_past,
@@ -21,10 +23,12 @@ from rewriter.rules.nonshared_attention import NonSharedAttentionToGQA
 
 __all__ = [
     "GQA_DTYPES",
+    "ExportKeeper",
     "FormChooser",
     "FormDecision",
     "GQAInputs",
     "KVSharedAttentionToGQA",
+    "LayerKind",
     "LayerRewrite",
     "LayerSkip",
     "NonSharedAttentionToGQA",

@@ -24,8 +24,10 @@ __all__ = [
     "GQA_DTYPES",
     "AttentionHeads",
     "AttentionToGQARule",
+    "ExportKeeper",
     "FormChooser",
     "FormDecision",
+    "LayerKind",
     "LayerRewrite",
     "LayerSkip",
     "always_past",
@@ -68,6 +70,23 @@ class LayerRewrite:
     head_size: int
     # The borrowed cache is cut to the keys the window reaches (GQAInputs.window_slice).
     window_slice: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerKind:
+    """What a KV-shared layer's speed depends on (the layer, not the call)."""
+
+    dtype: str
+    num_heads: int
+    kv_num_heads: int
+    head_size: int
+    local_window_size: int | None
+    scale: float
+    softcap: float
+
+
+# A layer whose export is correct -> the reason to keep it as exported, or None to rewrite.
+ExportKeeper = Callable[[LayerKind], "str | None"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,9 @@ import onnx_ir as ir
 from rewriter.rules._attention_rule import (
     AttentionHeads,
     AttentionToGQARule,
+    ExportKeeper,
     FormChooser,
+    LayerKind,
     LayerRewrite,
     always_past,
     check_3d,
@@ -67,6 +69,7 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
         inputs: GQAInputs | None = None,
         facts: ShapeFacts | None = None,
         window_slice: bool = True,
+        keep_export: ExportKeeper | None = None,
     ) -> None:
         super().__init__(
             "KVSharedAttentionToGQA",
@@ -77,6 +80,8 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
         )
         # Sliding layers read only the keys their window reaches (GQAInputs.window_slice).
         self.window_slice = window_slice
+        # Asked, for a layer whose export is correct, whether to keep it (faster there).
+        self.keep_export = keep_export
 
     def pattern(self, op, query_BSD, key_BSD, value_BSD, mask):
         return op.Attention(
@@ -125,6 +130,21 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
         decision = self.choose_form(dtype_name(dtype), head_size, windowed)
         if decision.form is None:
             return f"no GroupQueryAttention form qualifies: {decision.reason}"
+        export_is_correct = not attention.attributes.get_int("is_causal", 0)
+        if self.keep_export is not None and decision.form == "past" and export_is_correct:
+            # P1 and is_causal=1 exports are wrong in decode: those are always rewritten.
+            kind = LayerKind(
+                dtype_name(dtype),
+                heads.num_heads,
+                heads.kv_num_heads,
+                head_size,
+                mask_form.local_window_size,
+                heads.explicit_scale(head_size),
+                heads.softcap,
+            )
+            reason = self.keep_export(kind)
+            if reason:
+                return reason
         return _Plan(
             borrowed_key,
             borrowed_value,

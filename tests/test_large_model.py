@@ -64,6 +64,7 @@ def test_weights_over_2gb_stream_through(tmp_path):
                 str(source),
                 str(out),
                 "--no-verify",
+                "--speed=off",
                 "--quiet",
                 "--report",
                 str(report),

@@ -71,7 +71,16 @@ def big_input(tmp_path_factory) -> Iterator[Path]:
 
 def _start(source: Path, out: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "rewriter", str(source), str(out), "--no-verify", "--quiet"],
+        [
+            sys.executable,
+            "-m",
+            "rewriter",
+            str(source),
+            str(out),
+            "--no-verify",
+            "--quiet",
+            "--speed=off",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -104,7 +113,16 @@ def test_signals_leave_no_half_model(tmp_path, big_input, existing_out):
     out = tmp_path / "out.onnx"
     if existing_out:  # a complete previous result that an interrupted rerun must not damage
         subprocess.run(
-            [sys.executable, "-m", "rewriter", big_input, out, "--no-verify", "--quiet"],
+            [
+                sys.executable,
+                "-m",
+                "rewriter",
+                big_input,
+                out,
+                "--no-verify",
+                "--quiet",
+                "--speed=off",
+            ],
             check=True,
         )
     outcomes = []
@@ -186,7 +204,7 @@ def _simulate_enospc(monkeypatch, limit_bytes: int) -> None:
 
 
 def _rewrite_in_process(capsys, *argv: object) -> tuple[int, str]:
-    code = cli.main([*map(str, argv), "--no-verify", "--quiet"])
+    code = cli.main([*map(str, argv), "--no-verify", "--quiet", "--speed=off"])
     return code, capsys.readouterr().err
 
 
