@@ -122,6 +122,15 @@ def _verify_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("original", type=Path)
     parser.add_argument("candidate", type=Path)
+    parser.add_argument(
+        "--decode",
+        nargs=2,
+        type=Path,
+        metavar=("ORIGINAL_DECODE", "CANDIDATE_DECODE"),
+        help="exports split into prefill and decode graphs (transformers' exporter): ORIGINAL "
+        "and CANDIDATE are the prefill graphs, these the decode graphs, verified as a pair "
+        "(the decode graph fed the prefill graph's cache)",
+    )
     parser.add_argument("--report", type=Path, help="write the JSON report here")
     _add_provider(parser)
     parser.add_argument("--quiet", action="store_true")
@@ -241,9 +250,12 @@ def _rewrite_command(args: argparse.Namespace) -> int:
 def _verify_command(args: argparse.Namespace) -> int:
     from rewriter.verification import VerificationError, verify
 
-    _check_report_path(args.report, args.original, args.candidate)
-    load_model(args.original)  # clear one-line errors for unreadable files
-    load_model(args.candidate)
+    decode = tuple(args.decode or ())
+    _check_report_path(args.report, args.original, args.candidate, *decode)
+    for path in (args.original, args.candidate, *decode):
+        load_model(path)  # clear one-line errors for unreadable files
+    if decode:
+        return _verify_pair_command(args)
     try:
         result = verify(
             args.original,
@@ -254,6 +266,33 @@ def _verify_command(args: argparse.Namespace) -> int:
     except VerificationError as error:
         raise InputError(str(error)) from None
     _write_report(args.report, {"verification": result.to_dict()})
+    print(result.summary(), file=sys.stdout if result.passed else sys.stderr)
+    return EXIT_OK if result.passed else EXIT_VERIFY_FAILED
+
+
+def _verify_pair_command(args: argparse.Namespace) -> int:
+    from rewriter.verification import VerificationError
+    from rewriter.verification._pair import verify_pair
+
+    original_decode, candidate_decode = args.decode
+    try:
+        result = verify_pair(
+            (str(args.original), str(original_decode)),
+            (str(args.candidate), str(candidate_decode)),
+            provider=args.provider,
+        )
+    except VerificationError as error:
+        raise InputError(str(error)) from None
+    checks = [
+        {
+            "name": check.name,
+            "model": check.model,
+            "passed": check.passed,
+            "max_abs_diff": check.max_abs_diff,
+        }
+        for check in result.checks
+    ]
+    _write_report(args.report, {"verification": {"passed": result.passed, "checks": checks}})
     print(result.summary(), file=sys.stdout if result.passed else sys.stderr)
     return EXIT_OK if result.passed else EXIT_VERIFY_FAILED
 

@@ -133,3 +133,23 @@ def test_hf_exporter_graphs_are_rewritten_whole_and_verified(tmp_path: Path, gra
     if graph == "decode":  # the decode graph alone takes past inputs
         assert _check(report, "cache_consistency", "original")["passed"] is True
         assert _check(report, "decode_equivalence", "candidate")["passed"] is True
+
+
+def test_hf_prefill_and_decode_graphs_verify_as_a_pair(tmp_path: Path) -> None:
+    graphs = CORPUS / "hf-exporter-opset23"
+    rewritten = {}
+    for graph in ("prefill", "decode"):
+        out = tmp_path / f"{graph}.onnx"
+        assert cli.main([str(graphs / f"{graph}.onnx"), str(out), "--quiet"]) == 0
+        rewritten[graph] = out
+    report_path = tmp_path / "pair.json"
+    argv = ["verify", str(graphs / "prefill.onnx"), str(rewritten["prefill"]), "--quiet"]
+    argv += ["--decode", str(graphs / "decode.onnx"), str(rewritten["decode"])]
+    assert cli.main([*argv, "--report", str(report_path)]) == 0
+    checks = json.loads(report_path.read_text())["verification"]["checks"]
+    assert [(c["name"], c["model"], c["passed"]) for c in checks] == [
+        ("prefill_equivalence", "both", True),
+        ("cache_consistency", "original", True),
+        ("cache_consistency", "candidate", True),
+        ("decode_equivalence", "both", True),
+    ]
