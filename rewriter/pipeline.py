@@ -20,7 +20,6 @@ from onnxscript.rewriter import pattern
 from rewriter import __version__
 from rewriter._cleanup import remove_dead_producers
 from rewriter.forms import ProbedFormChooser
-from rewriter.probe._one_layer import OneLayer
 from rewriter.report import PaddingContract, RewriteReport
 from rewriter.rules import (
     FormChooser,
@@ -31,7 +30,7 @@ from rewriter.rules import (
     NonSharedAttentionToGQA,
     node_label,
 )
-from rewriter.rules._attention_rule import AttentionToGQARule, ExportKeeper, LayerKind
+from rewriter.rules._attention_rule import AttentionToGQARule
 from rewriter.rules._shape_evidence import ShapeFacts
 from rewriter.rules.hf_shared_attention import hf_padding_contract, hf_rules, refine_skips
 from rewriter.rules.nonshared_attention import NATIVE_FORM, always_native
@@ -133,7 +132,7 @@ def rewrite(
         inputs=gqa_inputs,
         facts=facts,
         window_slice=window_slice,
-        keep_export=_keeper(timed) if timed is not None and form == "auto" else None,
+        keep_export=timed.keep_export if timed is not None and form == "auto" else None,
     )
     rules: list[AttentionToGQARule] = [shared_rule]
     if layers == "all":
@@ -188,24 +187,6 @@ def rewrite(
             )
     _record_metadata(model, report)
     return model, report
-
-
-def _keeper(timed: SpeedProbe) -> ExportKeeper:
-    def keep_export(kind: LayerKind) -> str | None:
-        verdict = timed(
-            OneLayer(
-                num_heads=kind.num_heads,
-                kv_num_heads=kind.kv_num_heads,
-                head_size=kind.head_size,
-                window=kind.local_window_size,
-                scale=kind.scale,
-                softcap=kind.softcap,
-                dtype=kind.dtype,
-            )
-        )
-        return verdict.reason if verdict.keep_original else None
-
-    return keep_export
 
 
 def _native_from(choose_form: FormChooser | None) -> FormChooser:

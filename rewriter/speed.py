@@ -34,6 +34,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from rewriter.probe._one_layer import CACHE_KEY, CACHE_VALUE, OneLayer, kv_shared_layer
+from rewriter.rules import LayerKind
 
 __all__ = ["SPEED_CHOICES", "SpeedProbe", "SpeedVerdict"]
 
@@ -44,7 +45,7 @@ _PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider"]
 
 @dataclasses.dataclass(frozen=True)
 class SpeedVerdict:
-    layer: OneLayer
+    layer: LayerKind
     keep_original: bool
     original_ms: dict[str, float]  # "prefill", "decode": medians per call
     gqa_ms: dict[str, float]
@@ -79,22 +80,38 @@ class SpeedProbe:
         self.decode_steps = decode_steps
         self.margin = margin
         self.repeats = repeats
-        self.verdicts: dict[OneLayer, SpeedVerdict] = {}
+        self.verdicts: dict[LayerKind, SpeedVerdict] = {}
 
-    def __call__(self, layer: OneLayer) -> SpeedVerdict:
+    def __call__(self, layer: LayerKind) -> SpeedVerdict:
         if layer not in self.verdicts:
             self.verdicts[layer] = self._measure(layer)
         return self.verdicts[layer]
 
+    def keep_export(self, layer: LayerKind) -> str | None:
+        """A rules.ExportKeeper: the reason to keep the layer as exported, or None."""
+        verdict = self(layer)
+        return verdict.reason if verdict.keep_original else None
+
     def tables(self) -> list[dict[str, Any]]:
         return [verdict.to_dict() for verdict in self.verdicts.values()]
 
-    def _measure(self, layer: OneLayer) -> SpeedVerdict:
+    def _measure(self, kind: LayerKind) -> SpeedVerdict:
         # Imported here: the pipeline imports this module, and this measures the pipeline's
         # own output for the layer.
         from rewriter.pipeline import rewrite
         from rewriter.rules import always_past
 
+        # Only correct exports are ever kept, and P2 with is_causal=0 is the correct one.
+        layer = OneLayer(
+            num_heads=kind.num_heads,
+            kv_num_heads=kind.kv_num_heads,
+            head_size=kind.head_size,
+            window=kind.local_window_size,
+            mask_style="p2",
+            scale=kind.scale,
+            softcap=kind.softcap,
+            dtype=kind.dtype,
+        )
         original = kv_shared_layer(layer)
         rewritten, _ = rewrite(
             kv_shared_layer(layer), layers="shared", choose_form=always_past, speed="off"
@@ -120,7 +137,7 @@ class SpeedProbe:
             f"GroupQueryAttention {cost['gqa']:.1f} ms"
         )
         reason = f"kept as exported, faster: {generation}" if keep else generation
-        return SpeedVerdict(layer, keep, medians["original"], medians["gqa"], reason)
+        return SpeedVerdict(kind, keep, medians["original"], medians["gqa"], reason)
 
 
 def _session(model: ir.Model, provider: str) -> ort.InferenceSession:

@@ -261,7 +261,10 @@ class AttentionToGQARule(pattern.RewriteRuleClassBase):
 
     def check(self, context, **bindings) -> pattern.MatchResult | bool:
         attention = context.root
-        verdict = self._plan_for(context, attention, **bindings)
+        return self._record(attention, self._plan_for(context, attention, **bindings))
+
+    def _record(self, attention: ir.Node, verdict: Any) -> pattern.MatchResult | bool:
+        """A plan for rewrite(), or the reason `attention` is skipped."""
         label = node_label(attention)
         if isinstance(verdict, str):
             self.skips[label] = LayerSkip(label, verdict)

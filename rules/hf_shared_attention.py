@@ -177,14 +177,8 @@ class HFAttentionToGQA(AttentionToGQARule):
         if any(v.shape is not None and v.shape.rank() != 4 for v in inputs):
             # Not this export style: the 3-D rules own the skip reason.
             return pattern.MatchResult().fail("query/key/value are not 4-D", attention)
-        verdict = self._plan_for(context, attention, **bindings)
-        label = node_label(attention)
-        if isinstance(verdict, str):
-            self.skips[label] = LayerSkip(label, verdict)
-            return pattern.MatchResult().fail(verdict, attention)
-        self.skips.pop(label, None)
-        self._plan = verdict
-        return True
+        # The pattern's root is what follows the Attention, not the Attention itself.
+        return self._record(attention, self._plan_for(context, attention, **bindings))
 
     def _plan_for(
         self,

@@ -11,7 +11,6 @@ import pytest
 from onnxscript.rewriter import pattern
 
 from rewriter import cli, rewrite
-from rewriter.probe._one_layer import OneLayer
 from rewriter.rules import KVSharedAttentionToGQA, LayerKind
 from rewriter.speed import SpeedProbe
 
@@ -54,7 +53,7 @@ def test_a_defective_export_is_rewritten_whatever_the_timing(name: str) -> None:
 
 def test_probe_decides_by_the_generation_it_measured() -> None:
     probe = SpeedProbe(decode_length=256, prefill_length=64, decode_steps=32, repeats=(5, 2))
-    layer = OneLayer(num_heads=4, kv_num_heads=1, head_size=16, window=None)
+    layer = LayerKind("float32", 4, 1, 16, None, scale=1.0, softcap=0.0)
     verdict = probe(layer)
     assert probe(layer) is verdict  # measured once per layer kind
     for timings in (verdict.original_ms, verdict.gqa_ms):
@@ -66,6 +65,7 @@ def test_probe_decides_by_the_generation_it_measured() -> None:
     assert verdict.keep_original == (cost["gqa"] > 1.1 * cost["original"])
     assert verdict.reason.startswith("kept as exported" if verdict.keep_original else "one")
     assert probe.tables()[0]["layer"]["head_size"] == 16
+    assert probe.keep_export(layer) == (verdict.reason if verdict.keep_original else None)
 
 
 def test_cli_reports_the_timings_its_choices_rest_on(tmp_path: Path) -> None:
@@ -74,7 +74,7 @@ def test_cli_reports_the_timings_its_choices_rest_on(tmp_path: Path) -> None:
     assert cli.main(argv) == 0  # --speed auto is the CLI default
     report = json.loads(report_path.read_text())
     verdicts = {
-        (entry["layer"]["head_size"], entry["layer"]["window"]): entry
+        (entry["layer"]["head_size"], entry["layer"]["local_window_size"]): entry
         for entry in report["speed"]["layers"]
     }
     assert set(verdicts) == {(8, 4), (16, None)}
