@@ -30,6 +30,7 @@ import math
 from collections.abc import Callable, Iterable
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 __all__ = [
@@ -54,6 +55,20 @@ PAST_KEY, PAST_VALUE = "past_key", "past_value"  # own layer's [B, Nkv, P, D]
 ATTENTION_MASK, INPUT_IDS, POSITION_IDS = "attention_mask", "input_ids", "position_ids"
 OUTPUT, PRESENT_KEY, PRESENT_VALUE = "output", "present_key", "present_value"
 
+_RANKS = {
+    QUERY: 3,
+    KEY_CACHE: 4,
+    VALUE_CACHE: 4,
+    KEY_TOTAL: 3,
+    VALUE_TOTAL: 3,
+    KEY_NEW: 3,
+    VALUE_NEW: 3,
+    PAST_KEY: 4,
+    PAST_VALUE: 4,
+    ATTENTION_MASK: 2,
+    INPUT_IDS: 2,
+    POSITION_IDS: 2,
+}
 _GRAPH_INPUT_ROLES = {
     "attention_mask": ATTENTION_MASK,
     "input_ids": INPUT_IDS,
@@ -62,6 +77,12 @@ _GRAPH_INPUT_ROLES = {
 # A layer's own subgraph has a few dozen nodes and constants of a few bytes; anything bigger
 # means the walk left the layer (into projections and weights).
 _MAX_NODES = 256
+# Between the original Attention's query/key/value inputs and the values the replacement
+# reads there may only be a change of layout (the borrowed cache's Transpose + Reshape, a
+# head repeat): anything else computes, and is not what the replacement reads.
+_LAYOUT_OPS = frozenset(
+    {"Transpose", "Reshape", "Identity", "Squeeze", "Unsqueeze", "Expand", "Cast", "CastLike"}
+)
 _FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
 _MAX_CONSTANT_BYTES = 1 << 20
 
@@ -124,8 +145,9 @@ def node_label(node: ir.Node) -> str:
 
 def pair_layers(
     original: ir.Model, candidate: ir.Model
-) -> tuple[list[LayerPair | tuple[str, str]], frozenset[ir.Node], frozenset[ir.Node]]:
-    """Every rewritten layer of the main graph, as a LayerPair or (node label, why not).
+) -> tuple[list[LayerPair | tuple[str, str, str]], frozenset[ir.Node], frozenset[ir.Node]]:
+    """Every rewritten layer of the main graph, as a LayerPair or (Attention label,
+    GroupQueryAttention label, why no proof).
 
     Also returns the nodes of each graph that belong to some layer (pairs that could not be
     cut out still claim their Attention and GroupQueryAttention nodes).
@@ -134,7 +156,7 @@ def pair_layers(
         value.name: node for node in original.graph for value in node.outputs if value.name
     }
     original_names = set(produced_by) | {v.name for v in original.graph.inputs if v.name}
-    pairs: list[LayerPair | tuple[str, str]] = []
+    pairs: list[LayerPair | tuple[str, str, str]] = []
     original_nodes: set[ir.Node] = set()
     candidate_nodes: set[ir.Node] = set()
     for gqa in candidate.graph:
@@ -148,7 +170,7 @@ def pair_layers(
         try:
             pair = _cut_layer(original, candidate, attention, gqa, original_names)
         except UnprovableLayer as reason:
-            pairs.append((node_label(gqa), str(reason)))
+            pairs.append((node_label(attention), node_label(gqa), str(reason)))
             continue
         original_nodes |= pair.original_nodes
         candidate_nodes |= pair.candidate_nodes
@@ -181,7 +203,13 @@ def _cut_layer(
         if value is None:
             continue
         if index in (0, 1, 2, 4, 5):
-            original_walk.visit(value, lambda v: v.name in data_names, data_index=index)
+            original_walk.visit(
+                value,
+                lambda v: v.name in data_names,
+                data_index=index,
+                through=_LAYOUT_OPS,
+                expected=sorted(n or "" for n in data_names),
+            )
         else:
             original_walk.visit(value, lambda v: False)
     candidate_index = {
@@ -213,6 +241,8 @@ def _cut_layer(
     original_model, original_inputs = _standalone(
         original, original_walk.boundary, [(r, o) for r, o, _ in outputs], roles, config
     )
+    if config.mask_rank is None:
+        config = dataclasses.replace(config, mask_rank=_inferred_mask_rank(original_model))
     candidate_model, candidate_inputs = _standalone(
         candidate, candidate_walk.boundary, [(r, c) for r, _, c in outputs], roles, config
     )
@@ -241,23 +271,38 @@ class _Walk:
         self.reached_from: dict[str, set[int]] = {}
 
     def visit(
-        self, start: ir.Value, stop: Callable[[ir.Value], bool], data_index: int | None = None
+        self,
+        start: ir.Value,
+        stop: Callable[[ir.Value], bool],
+        data_index: int | None = None,
+        through: frozenset[str] | None = None,
+        expected: list[str] | None = None,
     ) -> None:
-        stack = [start]
-        seen: set[ir.Value] = set()
+        """Walk back from ``start`` until ``stop``. With ``through``, the path from ``start``
+        may only pass those (layout) ops, along their first input; their other inputs
+        (shapes) are walked back to graph inputs and constants like a mask."""
+        stack = [(start, True)]
+        seen: set[tuple[ir.Value, bool]] = set()
         while stack:
-            value = stack.pop()
-            if value in seen:
+            value, on_path = stack.pop()
+            if (value, on_path) in seen:
                 continue
-            seen.add(value)
-            if value.is_graph_input() or (value.producer() is not None and stop(value)):
-                self._stop_at(value, data_index)
+            seen.add((value, on_path))
+            stops = on_path and value.producer() is not None and stop(value)
+            if value.is_graph_input() or stops:
+                self._stop_at(value, data_index if on_path else None)
                 continue
             if value.is_initializer() or value.producer() is None:
                 self._constant(value)
                 continue
             node = value.producer()
             assert node is not None
+            if on_path and through is not None and node.op_type not in through:
+                raise UnprovableLayer(
+                    f"{self.who} reads its input {data_index} through {node.op_type} "
+                    f"({node_label(node)}), not from what the replacement reads "
+                    f"({', '.join(expected or [])})"
+                )
             if node.domain not in ("", "ai.onnx", _MS) or _has_subgraph(node):
                 raise UnprovableLayer(f"{self.who} reaches {node_label(node)} ({node.op_type})")
             if node not in self.nodes:
@@ -267,7 +312,10 @@ class _Walk:
                         f"{self.who} has more than {_MAX_NODES} nodes: the walk left the layer "
                         f"at {node_label(node)}"
                     )
-            stack.extend(v for v in node.inputs if v is not None)
+            for position, operand in enumerate(node.inputs):
+                if operand is not None:
+                    stays = on_path and (through is None or position == 0)
+                    stack.append((operand, stays))
 
     def _stop_at(self, value: ir.Value, data_index: int | None) -> None:
         if value not in self.boundary:
@@ -447,6 +495,24 @@ def _scalar(value: ir.Value | None) -> int | None:
     return None
 
 
+def _inferred_mask_rank(model_bytes: bytes) -> int | None:
+    """Rank of the Attention's mask in a standalone original, by ONNX shape inference (the
+    model is a few KB: no weights)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(onnx.load_from_string(model_bytes))
+    except Exception:  # inference is an explanation aid only
+        return None
+    ranks = {
+        info.name: len(info.type.tensor_type.shape.dim)
+        for info in inferred.graph.value_info
+        if info.type.tensor_type.HasField("shape")
+    }
+    for node in inferred.graph.node:
+        if node.op_type == "Attention" and OUTPUT in node.output and len(node.input) > 3:
+            return ranks.get(node.input[3])
+    return None
+
+
 def _standalone(
     model: ir.Model,
     boundary: list[ir.Value],
@@ -481,11 +547,28 @@ def _standalone(
             if value.name not in named:
                 value.name = f"v{counter}"
                 counter += 1
+    # Recorded shapes differ between layers that compute alike (exporters name symbolic dims
+    # per layer) and say nothing the feeds do not: inputs keep their rank, nothing more.
+    for value in (*graph.inputs, *graph.outputs, *(v for n in graph for v in n.outputs)):
+        value.shape = None
+        value.doc_string = None
+        value.metadata_props.clear()
+    for value in graph.inputs:
+        value.shape = ir.Shape([None] * _RANKS[value.name or ""])
     for index, value in enumerate(list(graph.initializers.values())):
-        if not value.is_graph_input():
-            graph.initializers.pop(value.name or "")
-            value.name = f"c{index}"
-            graph.register_initializer(value)
+        # A fresh tensor: renaming the value would rename the tensor it shares with the
+        # model under verification (onnx_ir keeps them in sync), and a small one at that.
+        name = f"c{index}"
+        assert value.const_value is not None
+        constant = ir.Value(
+            name=name,
+            shape=value.shape,
+            type=value.type,
+            const_value=ir.tensor(value.const_value.numpy().copy(), name=name),
+        )
+        value.replace_all_uses_with(constant)
+        graph.initializers.pop(value.name or "")
+        graph.register_initializer(constant)
     graph.name = "layer"
     graph.doc_string = None
     graph.metadata_props.clear()

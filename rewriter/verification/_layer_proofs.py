@@ -56,8 +56,8 @@ _MASK_3D = (
 class LayerProof:
     """The proof of one rewritten layer. ``passed``: every candidate check ran and holds."""
 
-    node: str
-    original_node: str
+    node: str  # the original Attention (as the rewrite report's `node`)
+    replacement: str  # the candidate's GroupQueryAttention
     passed: bool
     config: str = ""
     checks: list[CheckResult] = dataclasses.field(default_factory=list)
@@ -69,7 +69,7 @@ class LayerProof:
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "node": self.node,
-            "original_node": self.original_node,
+            "replacement": self.replacement,
             "passed": self.passed,
             "config": self.config,
             "checks": [check.to_dict() for check in self.checks],
@@ -116,10 +116,14 @@ class LayerProofs:
 
     @property
     def original_defects(self) -> list[str]:
+        """One line per defect, naming every layer that has it (identical layers share)."""
+        layers_with: dict[str, list[str]] = {}
+        for layer in self.layers:
+            for defect in layer.original_defects:
+                layers_with.setdefault(defect, []).append(layer.node)
         return [
-            f"{layer.original_node}: {defect}"
-            for layer in self.layers
-            for defect in layer.original_defects
+            f"layer{'s' if len(nodes) > 1 else ''} {', '.join(nodes)}: {defect}"
+            for defect, nodes in layers_with.items()
         ]
 
 
@@ -141,31 +145,33 @@ def prove_layers(
     by_fingerprint: dict[str, LayerProof] = {}
     for index, pair in enumerate(pairs, start=1):
         if isinstance(pair, tuple):
-            node, reason = pair
+            node, replacement, reason = pair
             report(f"layer {index}/{len(pairs)} {node}: no proof: {reason}")
-            proofs.append(LayerProof(node, "", passed=False, reason=reason))
+            proofs.append(LayerProof(node, replacement, passed=False, reason=reason))
             continue
         known = by_fingerprint.get(pair.fingerprint) if dedupe else None
         if known is not None:
             proofs.append(
                 dataclasses.replace(
                     known,
-                    node=pair.node,
-                    original_node=pair.original_node,
+                    node=pair.original_node,
+                    replacement=pair.node,
                     proof_shared_with=known.node,
                     seconds=0.0,
                 )
             )
-            report(f"layer {index}/{len(pairs)} {pair.node}: same subgraphs as {known.node}")
+            report(
+                f"layer {index}/{len(pairs)} {pair.original_node}: same subgraphs as {known.node}"
+            )
             continue
-        report(f"layer {index}/{len(pairs)} {pair.node} ({pair.config.describe()})")
+        report(f"layer {index}/{len(pairs)} {pair.original_node} ({pair.config.describe()})")
         proof = _prove(pair, window, providers, seed, report)
         by_fingerprint[pair.fingerprint] = proof
         proofs.append(proof)
     return LayerProofs(proofs, original_nodes, candidate_nodes, time.perf_counter() - start)
 
 
-def _model_window(pairs: Sequence[LayerPair | tuple[str, str]]) -> int:
+def _model_window(pairs: Sequence[LayerPair | tuple[str, str, str]]) -> int:
     windows = [p.config.window for p in pairs if isinstance(p, LayerPair) and p.config.window]
     return max(windows) if windows else _DEFAULT_WINDOW
 
@@ -179,7 +185,7 @@ def _prove(
 ) -> LayerProof:
     start = time.perf_counter()
     config = pair.config
-    proof = LayerProof(pair.node, pair.original_node, passed=False, config=config.describe())
+    proof = LayerProof(pair.original_node, pair.node, passed=False, config=config.describe())
     try:
         candidate = _session(pair.candidate_bytes, providers)
     except Exception as error:
@@ -296,8 +302,8 @@ def _defect(check: str, result: CheckResult, config: LayerConfig) -> str:
             f"(tolerance {result.tolerance:.3g}) at {result.detail}"
         )
     cause = ""
-    if check in ("decode", "chunk", "batch_decode") and config.upper_left_causal:
-        cause = _UPPER_LEFT
-    if check.startswith("batch") and config.mask_rank == 3:
+    if check.startswith("batch") and config.mask_rank == 3 and "error" in result.detail:
         cause = _MASK_3D
+    elif check in ("decode", "chunk", "batch_decode") and config.upper_left_causal:
+        cause = _UPPER_LEFT
     return f"{text}; {cause}" if cause else text

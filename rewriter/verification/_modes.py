@@ -1,0 +1,207 @@
+"""verify(mode=...): layer proofs always, the whole-model check where it fits in memory.
+
+- ``layers``: every rewritten layer proven on its own (``_layer_proofs``) plus the graph diff
+  outside the layers (``_graph_diff``); memory of a few MB whatever the model's size.
+- ``model``: today's whole-model checks (``_verify``): two sessions of the full model.
+- ``all``: both.
+- ``auto`` (default): layers, and the whole model when its estimated memory fits in
+  ``MemAvailable``; the estimate and the decision are reported.
+
+Verdict: every check that ran must hold for the candidate (failures of the original are
+its defects); a layer that could not be cut out is covered only by a whole-model check that
+ran and passed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+
+from rewriter.verification._graph_diff import diff_outside_layers
+from rewriter.verification._layer_proofs import prove_layers
+from rewriter.verification._result import VerificationError, VerificationResult
+from rewriter.verification._session import ModelSource, _load_ir, execution_providers
+from rewriter.verification._verify import verify as verify_model
+
+__all__ = ["MODES", "MemoryEstimate", "estimate_model_memory", "verify"]
+
+MODES = ("auto", "layers", "model", "all")
+
+# Measured (bench, onnxruntime 1.31.1 CPU, E2B attention size, 2.1 GB of fp32 weights): two
+# sessions peaked at 5.1 GB = 1.2x both models' weights; plus Python, ORT and activations.
+_SESSION_FACTOR = 1.25
+_OVERHEAD_BYTES = 512 << 20
+_GB = 1e9
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+    """Peak memory of the whole-model check, estimated from weight bytes."""
+
+    original_weight_bytes: int
+    candidate_weight_bytes: int
+    estimated_bytes: int
+    available_bytes: int | None  # MemAvailable; None where /proc/meminfo is unreadable
+
+    @property
+    def fits(self) -> bool:
+        return self.available_bytes is None or self.estimated_bytes <= self.available_bytes
+
+    def describe(self) -> str:
+        available = (
+            f"{self.available_bytes / _GB:.2f} GB available (MemAvailable)"
+            if self.available_bytes is not None
+            else "available memory unknown"
+        )
+        return (
+            f"estimated {self.estimated_bytes / _GB:.2f} GB = {_SESSION_FACTOR} x "
+            f"({self.original_weight_bytes / _GB:.2f} + {self.candidate_weight_bytes / _GB:.2f}"
+            f") GB of weights + {_OVERHEAD_BYTES / _GB:.2f} GB; {available}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "original_weight_bytes": self.original_weight_bytes,
+            "candidate_weight_bytes": self.candidate_weight_bytes,
+            "estimated_bytes": self.estimated_bytes,
+            "available_bytes": self.available_bytes,
+            "fits": self.fits,
+            "how": self.describe(),
+        }
+
+
+def weight_bytes(model: ir.Model) -> int:
+    """Bytes of every initializer, inline or external (metadata only: nothing is read)."""
+    total = 0
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                total += value.const_value.nbytes
+    return total
+
+
+def estimate_model_memory(original: ir.Model, candidate: ir.Model) -> MemoryEstimate:
+    before, after = weight_bytes(original), weight_bytes(candidate)
+    estimated = int(_SESSION_FACTOR * (before + after)) + _OVERHEAD_BYTES
+    return MemoryEstimate(before, after, estimated, available_memory())
+
+
+def available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def verify(
+    original: ModelSource,
+    candidate: ModelSource,
+    *,
+    provider: str = "cpu",
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+    mode: str = "auto",
+) -> VerificationResult:
+    """Prove on ONNX Runtime that ``candidate`` computes what ``original`` means.
+
+    Raises:
+        VerificationError: unknown mode or provider, an unreadable model, or (whole-model
+            check) an input that cannot be fed or a model ONNX Runtime cannot load.
+    """
+    if mode not in MODES:
+        raise VerificationError(f"unknown verification mode {mode!r}: choose one of {MODES}")
+    report = progress if progress is not None else _ignore
+    execution_providers(provider)
+    original_ir = _as_ir(original, "original")
+    candidate_ir = _as_ir(candidate, "candidate")
+
+    layers, graph_diff, defects, layer_defects = [], None, [], []
+    layers_hold = True
+    unproven: list[str] = []
+    if mode != "model":
+        report("layer proofs: every rewritten layer against a float64 reference")
+        proofs = prove_layers(
+            original_ir, candidate_ir, provider=provider, seed=seed, progress=report
+        )
+        layers = proofs.layers
+        layer_defects = proofs.original_defects
+        unproven = [layer.node for layer in layers if layer.reason]
+        layers_hold = all(layer.passed for layer in layers if not layer.reason)
+        report("graph diff outside the rewritten layers")
+        graph_diff = diff_outside_layers(
+            original_ir, candidate_ir, proofs.original_layer_nodes, proofs.candidate_layer_nodes
+        )
+        report(graph_diff.summary())
+        report(f"layer proofs: {len(layers)} layer(s) in {proofs.seconds:.1f} s")
+
+    estimate = estimate_model_memory(original_ir, candidate_ir)
+    model: dict[str, Any] = {"ran": False, "memory_estimate": estimate.to_dict()}
+    checks = []
+    model_holds: bool | None = None
+    if mode in ("model", "all") or (mode == "auto" and estimate.fits):
+        report(f"whole-model check ({estimate.describe()})")
+        result = verify_model(
+            original,
+            candidate,
+            provider=provider,
+            seed=seed,
+            progress=lambda message: report(f"whole model: {message}"),
+        )
+        checks, model_holds = result.checks, result.passed
+        defects = result.original_defects
+        model.update(ran=True, passed=result.passed)
+    else:
+        model["reason"] = (
+            f"does not fit: {estimate.describe()}"
+            if mode == "auto"
+            else f"--verify {mode} leaves it out"
+        )
+        report(f"whole-model check skipped: {model['reason']}")
+
+    passed = model_holds is not False and layers_hold
+    if graph_diff is not None and graph_diff.passed is False:
+        passed = False
+    if unproven and model_holds is not True:
+        passed = False  # a layer nobody proved
+    if mode == "model" and model_holds is None:
+        passed = False
+    result = VerificationResult(
+        passed=passed,
+        checks=checks,
+        original_defects=defects,
+        mode=mode,
+        layers=layers,
+        graph_diff=graph_diff,
+        model=model,
+        layer_defects=layer_defects,
+    )
+    report(f"verdict: {'passed' if passed else 'failed'}")
+    return result
+
+
+def _as_ir(source: ModelSource, role: str) -> ir.Model:
+    if isinstance(source, ir.Model):
+        return source
+    if isinstance(source, onnx.ModelProto):
+        return ir.serde.deserialize_model(source)
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if not os.path.isfile(path):
+            raise VerificationError(f"{role} model not found: {path}")
+        return _load_ir(path, role)
+    raise TypeError(
+        f"{role}: expected onnx_ir.Model, onnx.ModelProto or a path, got {type(source).__name__}"
+    )
+
+
+def _ignore(_message: str) -> None:
+    pass
