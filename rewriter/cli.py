@@ -34,6 +34,9 @@ __all__ = ["main"]
 EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 
 
+_NOTHING_REWRITTEN = "nothing was rewritten: the output graph is the input's"
+
+
 class _UsageError(Exception):
     pass
 
@@ -200,6 +203,10 @@ def _rewrite_command(args: argparse.Namespace) -> int:
     with staged_output(model, args.output, source=args.input) as staged:
         if args.no_verify:
             report.verification = {"skipped": "--no-verify"}
+        elif not report.rewrites:
+            # Nothing to prove: the graph is the input's (plus metadata), and a model the
+            # verifier cannot feed must still come out as an unchanged copy.
+            report.verification = {"skipped": _NOTHING_REWRITTEN}
         else:
             progress = None if args.quiet else _progress
             try:
@@ -225,8 +232,8 @@ def _rewrite_command(args: argparse.Namespace) -> int:
             print(report.summary())
             if report.verification and "checks" in report.verification:
                 print(result.summary())
-            elif args.no_verify:
-                print("verification skipped (--no-verify)")
+            elif report.verification:
+                print(f"verification skipped ({report.verification['skipped']})")
             print(f"wrote {args.output}")
     except Interrupted as interruption:
         interruption.written = args.output

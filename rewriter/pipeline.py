@@ -31,6 +31,7 @@ from rewriter.rules import (
     node_label,
 )
 from rewriter.rules._attention_rule import AttentionToGQARule
+from rewriter.rules._shape_evidence import ShapeFacts
 from rewriter.rules.nonshared_attention import NATIVE_FORM, always_native
 
 __all__ = ["METADATA_PREFIX", "rewrite"]
@@ -109,11 +110,13 @@ def rewrite(
 
     probed = ProbedFormChooser(provider, form, force) if choose_form is None else None
     gqa_inputs = GQAInputs(exact_padding=exact_padding)
-    shared_rule = KVSharedAttentionToGQA(choose_form or probed, inputs=gqa_inputs)
+    # Inferred once, before any rewrite changes the graph the inference would see.
+    facts = ShapeFacts.infer(model)
+    shared_rule = KVSharedAttentionToGQA(choose_form or probed, inputs=gqa_inputs, facts=facts)
     rules: list[AttentionToGQARule] = [shared_rule]
     if layers == "all":
         supports = probed.native_support if probed is not None else _native_from(choose_form)
-        rules.append(NonSharedAttentionToGQA(supports, inputs=gqa_inputs))
+        rules.append(NonSharedAttentionToGQA(supports, inputs=gqa_inputs, facts=facts))
     rule_set = pattern.RewriteRuleSet([_as_rule(rule) for rule in rules])
     # Our own sweep removes what the rewrite left dead; onnxscript's would also remove nodes
     # that were dead in the input, and the rewrite must not touch anything else.

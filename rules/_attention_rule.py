@@ -18,6 +18,7 @@ from onnxscript.rewriter import pattern
 
 from rewriter.rules._gqa_inputs import GQAInputs
 from rewriter.rules._mask_patterns import MaskForm
+from rewriter.rules._shape_evidence import HeadSizeEvidence, ShapeFacts
 
 __all__ = [
     "GQA_DTYPES",
@@ -123,6 +124,7 @@ def read_heads(context, attention: ir.Node) -> AttentionHeads | str:
 
 
 def infer_head_size(
+    facts: ShapeFacts,
     caches_BNSH: tuple[ir.Value, ir.Value],
     projection_BSD: ir.Value,
     projection_heads: int,
@@ -130,30 +132,44 @@ def infer_head_size(
     *,
     cache_kind: str,
     projection_kind: str,
-    more_sizes: tuple[int, ...] = (),
+    more_evidence: tuple[HeadSizeEvidence, ...] = (),
 ) -> int | str:
-    """D, agreed on by every static source: the caches' last dim, a 3-D projection's last
-    dim over its head count, and `more_sizes`; or why it cannot be known."""
-    candidates = set(more_sizes)
+    """D, agreed on by every static source: the caches' last dim (annotated or inferred), the
+    past input and new key/value of the layer that writes them, a 3-D projection's last dim
+    over its head count, and `more_evidence`; or why it cannot be known."""
+    evidence = list(more_evidence)
     for cache in caches_BNSH:
-        shape = cache.shape
-        if shape is None:
-            continue
-        if shape.rank() != 4:
+        rank = facts.rank(cache)
+        if rank is not None and rank != 4:
             return f"{cache_kind} {cache.name} is not 4-D BNSH"
-        if isinstance(shape[1], int) and shape[1] != heads.kv_num_heads:
-            return f"{cache_kind} has {shape[1]} heads, kv_num_heads={heads.kv_num_heads}"
-        if isinstance(shape[3], int):
-            candidates.add(shape[3])
-    shape = projection_BSD.shape
-    if shape is not None and shape.rank() == 3 and isinstance(shape[2], int):
-        candidates.add(shape[2] // projection_heads)
-    sources = f"{projection_kind} and {cache_kind}"
-    if not candidates:
-        return f"head size unknown (no static shape on the {sources})"
-    if len(candidates) > 1:
-        return f"inconsistent head sizes {sorted(candidates)} between {sources}"
-    return candidates.pop()
+        for cache_heads in facts.static_dims(cache, 1):
+            if cache_heads != heads.kv_num_heads:
+                return f"{cache_kind} has {cache_heads} heads, kv_num_heads={heads.kv_num_heads}"
+        writer_heads = facts.writer_kv_heads(cache)
+        if writer_heads is not None and writer_heads != heads.kv_num_heads:
+            return (
+                f"{cache_kind} {cache.name} is written with kv_num_heads={writer_heads}, "
+                f"read with kv_num_heads={heads.kv_num_heads}"
+            )
+        evidence += facts.cache_head_sizes(cache, cache_kind)
+    for shape in facts.shapes(projection_BSD):
+        if shape.rank() != 3 or not isinstance(width := shape[2], int):
+            continue
+        if width % projection_heads:
+            return f"{projection_kind} width {width} is not a multiple of {projection_heads} heads"
+        evidence.append(
+            HeadSizeEvidence(
+                width // projection_heads,
+                f"{projection_kind} {projection_BSD.name} ({width}/{projection_heads})",
+            )
+        )
+    sizes = {item.head_size for item in evidence}
+    if not sizes:
+        return f"head size unknown (no static shape on the {projection_kind} and {cache_kind})"
+    if len(sizes) > 1:
+        stated = "; ".join(f"{item.head_size} from {item.source}" for item in evidence)
+        return f"inconsistent head sizes {sorted(sizes)}: {stated}"
+    return sizes.pop()
 
 
 def check_causal(attention: ir.Node, mask: MaskForm) -> str | None:
@@ -162,12 +178,30 @@ def check_causal(attention: ir.Node, mask: MaskForm) -> str | None:
     return None
 
 
-def check_dtype(dtype: ir.DataType | None, *others: ir.Value) -> str | None:
-    if dtype is None:
+def check_3d(facts: ShapeFacts, query: ir.Value, key: ir.Value, value: ir.Value) -> str | None:
+    """The rules read 3-D [B, S, heads*D] query/key/value; 4-D BNSH inputs (the Hugging Face
+    exporters' layout) are another pattern."""
+    for role, operand in (("query", query), ("key", key), ("value", value)):
+        rank = facts.rank(operand)
+        if rank == 4:
+            return (
+                f"{role} {operand.name} is 4-D [B, heads, S, D] (the Hugging Face exporters' "
+                "layout); these rules match 3-D [B, S, heads*D] query/key/value"
+            )
+        if rank is not None and rank != 3:
+            return f"{role} {operand.name} is {rank}-D, not 3-D [B, S, heads*D]"
+    return None
+
+
+def check_dtype(facts: ShapeFacts, query: ir.Value, *others: ir.Value) -> str | None:
+    """One GQA-supported dtype, stated by the query or else the caches, and not contradicted."""
+    stated = [dtype for dtype in (facts.dtype(v) for v in (query, *others)) if dtype is not None]
+    if not stated:
         return "dtype unknown: the query and the cache carry no type information"
+    dtype = stated[0]
     if dtype not in GQA_DTYPES:
         return f"dtype {dtype} has no GroupQueryAttention kernel"
-    if any(v.dtype not in (None, dtype) for v in others):
+    if any(other != dtype for other in stated[1:]):
         return "query and key/value dtypes differ"
     return None
 
@@ -187,10 +221,15 @@ class AttentionToGQARule(pattern.RewriteRuleClassBase):
         *,
         exact_padding: bool = False,
         inputs: GQAInputs | None = None,
+        facts: ShapeFacts | None = None,
     ) -> None:
         super().__init__(name, remove_nodes=False)
         self.choose_form = choose_form
         self.inputs = inputs or GQAInputs(exact_padding=exact_padding)
+        # Shapes inferred before any rewrite; a rule used on its own infers them at its
+        # first check() of a model.
+        self._facts = facts
+        self._facts_model: ir.Model | None = None
         self.rewrites: list[LayerRewrite] = []
         self.skips: dict[str, LayerSkip] = {}
         self.replaced_nodes: list[ir.Node] = []
@@ -212,6 +251,14 @@ class AttentionToGQARule(pattern.RewriteRuleClassBase):
 
     def _plan_for(self, context, attention: ir.Node, **bindings) -> Any:
         raise NotImplementedError
+
+    def facts(self, context) -> ShapeFacts:
+        if self._facts is None or (
+            self._facts_model is not None and self._facts_model is not context.model
+        ):
+            self._facts = ShapeFacts.infer(context.model)
+            self._facts_model = context.model
+        return self._facts
 
     def _take_plan(self) -> Any:
         plan, self._plan = self._plan, None

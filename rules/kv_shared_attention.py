@@ -24,6 +24,7 @@ from rewriter.rules._attention_rule import (
     FormChooser,
     LayerRewrite,
     always_past,
+    check_3d,
     check_causal,
     check_dtype,
     dtype_name,
@@ -36,6 +37,7 @@ from rewriter.rules._attention_rule import (
 from rewriter.rules._borrowed_cache import BorrowedCache, match_borrowed_cache
 from rewriter.rules._gqa_inputs import GQAInputs
 from rewriter.rules._mask_patterns import MaskForm, match_mask
+from rewriter.rules._shape_evidence import HeadSizeEvidence, ShapeFacts
 
 __all__ = ["KVSharedAttentionToGQA"]
 
@@ -63,9 +65,14 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
         *,
         exact_padding: bool = False,
         inputs: GQAInputs | None = None,
+        facts: ShapeFacts | None = None,
     ) -> None:
         super().__init__(
-            "KVSharedAttentionToGQA", choose_form, exact_padding=exact_padding, inputs=inputs
+            "KVSharedAttentionToGQA",
+            choose_form,
+            exact_padding=exact_padding,
+            inputs=inputs,
+            facts=facts,
         )
 
     def pattern(self, op, query_BSD, key_BSD, value_BSD, mask):
@@ -83,6 +90,10 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
             return "present outputs are used"
         if mask is None:
             return "has no mask input"
+        facts = self.facts(context)
+        problem = check_3d(facts, query, key, value)
+        if problem:
+            return problem
         heads = read_heads(context, attention)
         if isinstance(heads, str):
             return heads
@@ -94,17 +105,19 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
             return borrowed_value
         if not _same_source(borrowed_key.cache_BNSH, borrowed_value.cache_BNSH):
             return "K and V do not come from the same source layer's present outputs"
-        head_size = _head_size(borrowed_key, borrowed_value, query, heads)
+        head_size = _head_size(facts, borrowed_key, borrowed_value, query, heads)
         if isinstance(head_size, str):
             return head_size
         mask_form = match_mask(context, mask)
         if isinstance(mask_form, str):
             return mask_form
         problem = check_causal(attention, mask_form)
-        dtype = query.dtype or borrowed_key.cache_BNSH.dtype
-        problem = problem or check_dtype(dtype, borrowed_key.cache_BNSH, borrowed_value.cache_BNSH)
+        caches = (borrowed_key.cache_BNSH, borrowed_value.cache_BNSH)
+        problem = problem or check_dtype(facts, query, *caches)
         if problem:
             return problem
+        dtype = facts.dtype(query) or facts.dtype(borrowed_key.cache_BNSH)
+        assert dtype is not None  # check_dtype established it
         windowed = mask_form.local_window_size is not None
         decision = self.choose_form(dtype_name(dtype), head_size, windowed)
         if decision.form is None:
@@ -194,20 +207,30 @@ def _same_source(key_BNSH: ir.Value, value_BNSH: ir.Value) -> bool:
 
 
 def _head_size(
-    key: BorrowedCache, value: BorrowedCache, query: ir.Value, heads: AttentionHeads
+    facts: ShapeFacts,
+    key: BorrowedCache,
+    value: BorrowedCache,
+    query: ir.Value,
+    heads: AttentionHeads,
 ) -> int | str:
-    hidden_sizes = []
+    reshaped = []
     for cache in (key, value):
         if cache.hidden_size is not None:
             if cache.hidden_size % heads.kv_num_heads:
                 return "Reshape size is not a multiple of kv_num_heads"
-            hidden_sizes.append(cache.hidden_size // heads.kv_num_heads)
+            reshaped.append(
+                HeadSizeEvidence(
+                    cache.hidden_size // heads.kv_num_heads,
+                    f"Reshape of {cache.cache_BNSH.name} to {cache.hidden_size}",
+                )
+            )
     return infer_head_size(
+        facts,
         (key.cache_BNSH, value.cache_BNSH),
         query,
         heads.num_heads,
         heads,
         cache_kind="borrowed cache",
         projection_kind="query",
-        more_sizes=tuple(hidden_sizes),
+        more_evidence=tuple(reshaped),
     )

@@ -27,6 +27,7 @@ from rewriter.rules._attention_rule import (
     FormChooser,
     FormDecision,
     LayerRewrite,
+    check_3d,
     check_causal,
     check_dtype,
     dtype_name,
@@ -38,6 +39,7 @@ from rewriter.rules._attention_rule import (
 )
 from rewriter.rules._gqa_inputs import GQAInputs
 from rewriter.rules._mask_patterns import MaskForm, match_mask
+from rewriter.rules._shape_evidence import ShapeFacts
 
 __all__ = ["NATIVE_FORM", "NonSharedAttentionToGQA"]
 
@@ -66,10 +68,15 @@ class NonSharedAttentionToGQA(AttentionToGQARule):
         *,
         exact_padding: bool = False,
         inputs: GQAInputs | None = None,
+        facts: ShapeFacts | None = None,
     ) -> None:
         # The chooser only answers whether GQA runs this dtype/D here (see NATIVE_FORM).
         super().__init__(
-            "NonSharedAttentionToGQA", supports, exact_padding=exact_padding, inputs=inputs
+            "NonSharedAttentionToGQA",
+            supports,
+            exact_padding=exact_padding,
+            inputs=inputs,
+            facts=facts,
         )
 
     def pattern(self, op, query_BSD, key_BSD, value_BSD, mask, past_key_BNPD, past_value_BNPD):
@@ -85,7 +92,17 @@ class NonSharedAttentionToGQA(AttentionToGQARule):
         )
 
     def _plan_for(
-        self, context, attention, *, query_BSD, key_BSD, mask, past_key_BNPD, past_value_BNPD, **_
+        self,
+        context,
+        attention,
+        *,
+        query_BSD,
+        key_BSD,
+        value_BSD,
+        mask,
+        past_key_BNPD,
+        past_value_BNPD,
+        **_,
     ) -> _Plan | str:
         query, key, past_key, past_value = query_BSD, key_BSD, past_key_BNPD, past_value_BNPD
         if past_key is None or past_value is None:
@@ -97,13 +114,15 @@ class NonSharedAttentionToGQA(AttentionToGQARule):
             return "has a nonpad_kv_seqlen input"
         if mask is None:
             return "has no mask input"
+        facts = self.facts(context)
+        problem = check_3d(facts, query, key, value_BSD)
+        if problem:
+            return problem
         heads = read_heads(context, attention)
         if isinstance(heads, str):
             return heads
-        for value in (query, key):
-            if value.shape is not None and value.shape.rank() != 3:
-                return f"{value.name} is not 3-D [B, S, heads*D]"
         head_size = infer_head_size(
+            facts,
             (past_key, past_value),
             key,
             heads.kv_num_heads,
@@ -116,10 +135,11 @@ class NonSharedAttentionToGQA(AttentionToGQARule):
         mask_form = match_mask(context, mask)
         if isinstance(mask_form, str):
             return mask_form
-        dtype = query.dtype or past_key.dtype
-        problem = check_causal(attention, mask_form) or check_dtype(dtype, key, past_key)
+        problem = check_causal(attention, mask_form) or check_dtype(facts, query, key, past_key)
         if problem:
             return problem
+        dtype = facts.dtype(query) or facts.dtype(past_key)
+        assert dtype is not None  # check_dtype established it
         decision = self.choose_form(
             dtype_name(dtype), head_size, mask_form.local_window_size is not None
         )

@@ -1,4 +1,4 @@
-"""Hypothesis profiles for the property tests (``pytest -m property``).
+"""Hypothesis profiles for the property tests (``pytest -m property``), and the corpus gate.
 
 ``ci`` (the default): derandomized, 100 examples per property, a generous deadline; the
 property suite takes about two minutes on two cores. ``thorough``: 1000 random examples per
@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, Phase, settings
 
 # Examples run ONNX Runtime sessions: their time varies with the machine's load, so the
@@ -39,3 +41,29 @@ settings.register_profile(
     phases=_PHASES,
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+# -- the corpus of real exports ------------------------------------------------------------------
+
+# Real exports live beside the checkout (never copied into it): ../shared/corpus/.
+CORPUS = Path(__file__).resolve().parent.parent.parent / "shared" / "corpus"
+# .ci/run sets this: there a missing corpus is an error, not a reason to run less.
+_CORPUS_REQUIRED = "KVSHARE_REQUIRE_CORPUS"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A clone without ../shared/corpus runs every other test and says which it left out."""
+    if CORPUS.is_dir():
+        return
+    if os.environ.get(_CORPUS_REQUIRED):
+        raise pytest.UsageError(f"{_CORPUS_REQUIRED} is set but {CORPUS} does not exist")
+    corpus = [item for item in items if item.get_closest_marker("corpus")]
+    if corpus:
+        config.hook.pytest_deselected(items=corpus)
+        items[:] = [item for item in items if not item.get_closest_marker("corpus")]
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    if CORPUS.is_dir():
+        return f"corpus of real exports: {CORPUS}"
+    return f"corpus of real exports: {CORPUS} not found, corpus tests deselected"

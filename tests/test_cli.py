@@ -73,8 +73,28 @@ def test_nothing_to_rewrite_writes_an_unchanged_copy(tmp_path: Path) -> None:
     assert cli.main([str(P2), str(first), "--quiet"]) == 0
     report_path = tmp_path / "r.json"
     assert cli.main([str(first), str(second), "--quiet", "--report", str(report_path)]) == 0
-    assert json.loads(report_path.read_text())["rewritten"] == 0
+    report = json.loads(report_path.read_text())
+    assert report["rewritten"] == 0
+    assert report["verification"] == {"skipped": cli._NOTHING_REWRITTEN}
     assert onnx.load(second).graph == onnx.load(first).graph
+
+
+def test_nothing_to_rewrite_in_a_defective_original_is_written(tmp_path: Path) -> None:
+    # --layers shared on the P1 fixture after its shared layers were made unmatchable: the
+    # original's decode and batch defects must not stop an honest no-op.
+    model = ir.load(P1)
+    for node in model.graph:
+        if node.op_type == "Attention":
+            node.attributes["softcap"] = ir.AttrFloat32("softcap", 0.0)
+            node.attributes["is_causal"] = ir.AttrInt64("is_causal", 0)
+    source, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    ir.save(model, source)
+    report_path = tmp_path / "r.json"
+    assert cli.main([str(source), str(out), "--quiet", "--report", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["rewritten"] == 0 and len(report["skipped"]) == 3
+    assert all("causal" in skip["reason"] for skip in report["skipped"])
+    assert onnx.load(out).graph == onnx.load(source).graph
 
 
 def test_form_past_present_verifies(tmp_path: Path) -> None:

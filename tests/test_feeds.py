@@ -78,11 +78,13 @@ def test_fixture_signature() -> None:
         (3, 1, 16),
     ]
     assert signature.cache[0].present_key == "present.0.key"
+    # The presents' time dims are the exporter-style symbols _d0, _d2, ... (one per layer).
     assert dict(signature.dim_roles) == {
         "batch": "batch",
         "sequence_length": "sequence",
         "total_sequence_length": "total",
         "past_sequence_length": "past",
+        **{f"_d{2 * layer}": "total" for layer in range(4)},
     }
 
 

@@ -11,6 +11,7 @@ import pytest
 from decoder_runs import FIXTURES
 
 from rewriter import rewrite as rewrite_model
+from rewriter.fixtures.gemma4_like import build_decoder, tiny_config
 from rewriter.forms import FormRejectedError
 from rewriter.pipeline import METADATA_PREFIX
 from rewriter.rules import FormDecision
@@ -320,3 +321,50 @@ def test_mask_cast_before_cumsum_is_recognised_and_verifies() -> None:
     rewritten, report = rewrite(model)
     assert report.rewritten == 3 and report.skipped == []
     assert verify(original, rewritten).passed
+
+
+# -- head size from what real exports state ----------------------------------------------------
+
+
+def _symbolic_head_dims(model: ir.Model) -> bool:
+    presents = [v for v in model.graph.outputs if v.name.startswith("present.")]
+    queries = [node.inputs[0] for node in shared_attention(model)]
+    return all(not isinstance(v.shape[-1], int) for v in presents + queries)
+
+
+@pytest.mark.parametrize("annotations", ["exporter", "static"])
+def test_head_size_found_however_the_export_annotates(annotations: str) -> None:
+    # "exporter" is how the mobius exports annotate (present [batch, 1, _d22, _d21], query
+    # [batch, sequence_len, _d31]): the head size is only on the source layer's past input
+    # and after shape inference. The committed fixtures are built that way.
+    config = tiny_config(mask_style="p1", annotations=annotations)
+    model = ir.from_proto(build_decoder(config))
+    assert _symbolic_head_dims(model) == (annotations == "exporter")
+    annotated = {v.name: (v.shape, v.dtype) for n in model.graph for v in n.outputs}
+    model, report = rewrite(model)
+    assert report.rewritten == 3 and report.skipped == []
+    assert sorted(r.head_size for r in report.rewrites) == [8, 8, 16]
+    # What shape inference found is evidence only: no annotation was written or changed.
+    survivors = {v.name: (v.shape, v.dtype) for n in model.graph for v in n.outputs}
+    assert {name: survivors[name] for name in annotated if name in survivors} == {
+        name: annotated[name] for name in annotated if name in survivors
+    }
+
+
+def test_committed_fixtures_carry_symbolic_head_dims_like_real_exports() -> None:
+    for name in FIXTURES:
+        assert _symbolic_head_dims(load(name)), name
+
+
+def test_head_size_disagreement_names_every_source() -> None:
+    model = load("p1_tiny")
+    # The source layer 2's past input now claims D=16 while its projections say 8.
+    past = next(v for v in model.graph.inputs if v.name == "past_key_values.2.key")
+    past.shape = ir.Shape(["batch", 1, "past_sequence_length", 16])
+    _, report = rewrite(model)
+    assert len(report.skipped) == 2  # layers 4 and 5 borrow layer 2's cache
+    for skip in report.skipped:
+        assert skip.reason.startswith("inconsistent head sizes [8, 16]: ")
+        assert "16 from borrowed cache writer" in skip.reason
+        assert "past input past_key_values.2.key" in skip.reason
+        assert "8 from query" in skip.reason

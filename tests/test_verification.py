@@ -13,6 +13,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
+from rewriter.rules import FormDecision
 from rewriter.verification import CheckResult, VerificationError, VerificationResult, verify
 
 pipeline = pytest.importorskip("rewriter.pipeline")
@@ -144,6 +145,42 @@ def test_p1_original_defects_are_reported_and_its_rewrite_passes(name: str, rtol
     assert 1 <= prefill.tolerance / rtol < 100
 
 
+def test_p1_defects_say_the_rewrite_fixed_them() -> None:
+    result = verify(_fixture("p1_tiny"), _rewritten("p1_tiny"))
+    assert [(d.check, d.fixed_by_rewrite) for d in result.defects] == [
+        ("cache_consistency", True),
+        ("batch_consistency", True),
+    ]
+    assert all(line.endswith("; fixed by the rewrite") for line in result.original_defects)
+
+
+def test_no_op_of_a_defective_original_passes_and_keeps_its_defects() -> None:
+    # The candidate is the original: every failure is inherited, none is the rewrite's.
+    result = verify(_fixture("p1_tiny"), _fixture("p1_tiny"))
+    assert result.passed, result.summary()
+    assert result.gates == []
+    assert _check(result, "cache_consistency").passed is False
+    assert [(d.check, d.fixed_by_rewrite) for d in result.defects] == [
+        ("cache_consistency", False),
+        ("batch_consistency", False),
+    ]
+    assert all("not fixed" in line for line in result.original_defects)
+
+
+def test_partial_rewrite_of_a_defective_original_passes() -> None:
+    # The full shared layer (D=16) stays on P1's Attention, so decode stays wrong there.
+    def sliding_only(dtype: str, head_size: int, windowed: bool) -> FormDecision:
+        return FormDecision("past") if windowed else FormDecision(None, "test: full left")
+
+    candidate, report = pipeline.rewrite(_fixture("p1_tiny"), choose_form=sliding_only)
+    assert report.rewritten == 2 and len(report.skipped) == 1
+    result = verify(_fixture("p1_tiny"), candidate)
+    assert result.passed, result.summary()
+    assert _check(result, "prefill_equivalence").passed
+    assert _check(result, "cache_consistency").passed is False
+    assert {d.check: d.fixed_by_rewrite for d in result.defects}["cache_consistency"] is False
+
+
 def test_p2_causal_original_has_a_decode_defect_only() -> None:
     result = verify(_fixture("p2_causal_tiny"), _rewritten("p2_causal_tiny"))
     assert result.passed, result.summary()
@@ -210,6 +247,15 @@ def test_candidate_with_upper_left_causal_decode_fails_cache_consistency() -> No
     assert _check(result, "cache_consistency").passed is False
     assert _check(result, "batch_consistency").passed is False
     assert result.original_defects == []
+    assert result.gates[:3] == [
+        "cache_consistency: the candidate fails where the original passes",
+        "decode_equivalence: the candidate differs from the original",
+        "batch_consistency: the candidate fails where the original passes",
+    ]
+    # No layer was rewritten, yet the graphs differ (P1 masks instead of P2's): the layer
+    # proofs' graph diff names that too.
+    assert result.layers == []
+    assert result.gates[3].startswith("unchanged_outside_layers: ")
 
 
 def test_non_finite_candidate_output_fails() -> None:
@@ -346,12 +392,16 @@ def test_report_structure_and_progress() -> None:
         "passed",
         "checks",
         "original_defects",
+        "defects",
+        "failed_because",
         "mode",
         "layers",
         "graph_diff",
         "model",
         "layer_defects",
     }
+    assert [d["fixed_by_rewrite"] for d in report["defects"]] == [True, True]
+    assert report["failed_because"] == []
     for check in report["checks"]:
         assert {"name", "passed", "max_abs_diff", "tolerance", "model", "detail"} <= set(check)
     skipped = [c for c in report["checks"] if c.get("skipped")]

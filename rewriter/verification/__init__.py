@@ -4,7 +4,10 @@ Public API::
 
     result = verify(original, candidate, provider="cpu", seed=0, progress=print, mode="auto")
     result.passed, result.layers, result.graph_diff, result.model, result.checks,
-    result.original_defects, result.summary(), result.to_dict()
+    result.defects, result.layer_defects, result.gates, result.summary(), result.to_dict()
+
+The verdict judges the rewrite: a check the original fails is the original's defect (with
+whether the rewrite fixed it), not a failure of the candidate.
 
 ``mode`` (``_modes``): ``layers`` proves each rewritten layer on its own against a float64
 reference (``_layer_proofs``) and diffs the graph outside the layers (``_graph_diff``);
@@ -19,6 +22,7 @@ from rewriter.verification._layer_proofs import LayerProof
 from rewriter.verification._modes import MODES, MemoryEstimate, estimate_model_memory, verify
 from rewriter.verification._result import (
     CheckResult,
+    OriginalDefect,
     VerificationError,
     VerificationResult,
 )
@@ -28,6 +32,7 @@ __all__ = [
     "CheckResult",
     "LayerProof",
     "MemoryEstimate",
+    "OriginalDefect",
     "VerificationError",
     "VerificationResult",
     "estimate_model_memory",

@@ -8,7 +8,8 @@
    decode step; on each model.
 
 A failure of the original in (2) or (4) is a defect of the original, with its likely cause
-when the graph shows one; it never fails the verdict.
+when the graph shows one and whether the candidate passes the same check; it never fails the
+verdict (``verify`` decides what does).
 """
 
 from __future__ import annotations
@@ -24,11 +25,20 @@ from rewriter.verification._graph_facts import (
     GraphFacts,
     attention_nodes_with_3d_mask,
 )
-from rewriter.verification._result import Case, CheckResult
+from rewriter.verification._result import Case, CheckResult, OriginalDefect
 from rewriter.verification._session import LoadedModel, short_error
 from rewriter.verification._tolerance import compare
 
-__all__ = ["ModelRunner", "Plan", "RunFailure", "run_checks"]
+__all__ = [
+    "CANDIDATE",
+    "NON_FINITE",
+    "ORIGINAL",
+    "PREFILL",
+    "ModelRunner",
+    "Plan",
+    "RunFailure",
+    "run_checks",
+]
 
 PREFILL, CACHE, DECODE, BATCH = (
     "prefill_equivalence",
@@ -37,6 +47,7 @@ PREFILL, CACHE, DECODE, BATCH = (
     "batch_consistency",
 )
 CANDIDATE, ORIGINAL = "candidate", "original"
+NON_FINITE = "non-finite output"
 
 # Used when no GroupQueryAttention node states a window: still long enough for a few decode
 # steps and a chunk to differ from their prefill counterparts.
@@ -172,7 +183,7 @@ def run_checks(
     plan: Plan,
     original_facts: GraphFacts,
     progress: Callable[[str], None],
-) -> tuple[list[CheckResult], list[str]]:
+) -> tuple[list[CheckResult], list[OriginalDefect]]:
     compared = [
         name
         for name in candidate.signature.compared_outputs
@@ -184,7 +195,7 @@ def run_checks(
         if name in original.signature.present_outputs
     ]
     checks: list[CheckResult] = []
-    defects: list[str] = []
+    defects: list[OriginalDefect] = []
 
     progress(f"prefill equivalence, S in {list(plan.prefill_lengths)}")
     checks.append(_prefill_equivalence(original, candidate, plan, compared, presents))
@@ -198,16 +209,18 @@ def run_checks(
     original_cache = cache_checks[ORIGINAL]
     if original_cache.passed is False:
         cause = _UPPER_LEFT_CAUSE if original_facts.upper_left_causal_nodes else ""
-        defects.append(_defect("cache consistency", original_cache, "a full prefill", cause))
+        description = _defect("cache consistency", original_cache, "a full prefill", cause)
+        defects.append(_original_defect(description, original_cache, cache_checks[CANDIDATE]))
 
     progress("decode equivalence")
     checks.append(_decode_equivalence(runs, original_cache, compared, presents))
 
+    batch_checks: dict[str, CheckResult] = {}
     for runner in (candidate, original):
         progress(f"batch consistency on the {runner.role} model")
-        check = _batch_consistency(runner, plan, compared)
-        checks.append(check)
-    original_batch = checks[-1]
+        batch_checks[runner.role] = _batch_consistency(runner, plan, compared)
+        checks.append(batch_checks[runner.role])
+    original_batch = batch_checks[ORIGINAL]
     if original_batch.passed is False:
         nodes = attention_nodes_with_3d_mask(original.loaded.model)
         cause = ""
@@ -216,7 +229,8 @@ def run_checks(
                 f"likely cause: {len(nodes)} Attention node(s) take a 3-D [B,S,T] attn_mask, "
                 "which ONNX reads as [q_num_heads,S,T]"
             )
-        defects.append(_defect("batch consistency", original_batch, "the row run alone", cause))
+        description = _defect("batch consistency", original_batch, "the row run alone", cause)
+        defects.append(_original_defect(description, original_batch, batch_checks[CANDIDATE]))
     if plan.note:
         for check in checks:
             check.detail = f"{check.detail}; {plan.note}" if check.detail else plan.note
@@ -407,7 +421,14 @@ def _non_finite_cases(runs: Sequence[Mapping[str, np.ndarray]]) -> list[Case]:
     )
     if not bad:
         return []
-    return [Case("non-finite output", np.inf, 0.0, False, f"NaN/inf in {', '.join(bad)}")]
+    return [Case(NON_FINITE, np.inf, 0.0, False, f"NaN/inf in {', '.join(bad)}")]
+
+
+def _original_defect(
+    description: str, original: CheckResult, candidate: CheckResult
+) -> OriginalDefect:
+    fixed = None if candidate.skipped else bool(candidate.passed)
+    return OriginalDefect(original.name, description, fixed)
 
 
 def _defect(check: str, result: CheckResult, reference: str, cause: str) -> str:

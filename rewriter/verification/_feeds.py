@@ -58,11 +58,14 @@ _NUMPY_DTYPES: dict[str, np.dtype] = {
 # Cache naming conventions of the common exporters (optimum, onnxruntime-genai, older ones).
 _PAST_NAMES = [
     re.compile(r"^past_key_values\.(?P<layer>\d+)\.(?P<kind>key|value)$"),
+    # transformers' ONNX exporter (export_for_generation): input.cache.layers.3.keys
+    re.compile(r"^input\.cache\.layers\.(?P<layer>\d+)\.(?P<kind>key|value)s$"),
     re.compile(r"^past\.(?P<layer>\d+)\.(?P<kind>key|value)$"),
     re.compile(r"^past_(?P<kind>key|value)_(?P<layer>\d+)$"),
 ]
 _PRESENT_NAMES = [
     re.compile(r"^present\.(?P<layer>\d+)\.(?P<kind>key|value)$"),
+    re.compile(r"^(output\.)?cache\.layers\.(?P<layer>\d+)\.(?P<kind>key|value)s$"),
     re.compile(r"^present_key_values\.(?P<layer>\d+)\.(?P<kind>key|value)$"),
     re.compile(r"^present_(?P<kind>key|value)_(?P<layer>\d+)$"),
 ]
@@ -90,7 +93,12 @@ class TensorSpec:
 
     @classmethod
     def from_node_arg(cls, arg: ort.NodeArg) -> TensorSpec:
-        shape = tuple(arg.shape) if arg.shape is not None else None
+        # torch.onnx writes some static dims as symbols named by their value ("32").
+        shape = (
+            tuple(int(d) if isinstance(d, str) and d.isdigit() else d for d in arg.shape)
+            if arg.shape is not None
+            else None
+        )
         return cls(name=arg.name, type=arg.type, shape=shape)
 
     @property
@@ -387,7 +395,9 @@ class FeedSynthesizer:
                 index.append(slice(0, step.past_length))
             else:
                 index.append(slice(None))
-        return pool[tuple(index)]
+        # Indexing a 0-D input (the HF exporter's `_sliding_window_tensor`) gives a NumPy
+        # scalar, which ONNX Runtime does not take as a tensor.
+        return np.asarray(pool[tuple(index)])
 
     def _pool(self, spec: TensorSpec, roles: list[str | int]) -> np.ndarray:
         if spec.name not in self._pools:

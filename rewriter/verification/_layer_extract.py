@@ -445,9 +445,39 @@ def _head_size(
             sizes.add(shape[2] // heads)
         elif shape.rank() == 4 and isinstance(shape[3], int):
             sizes.add(shape[3])
+    for name, role in roles.items():
+        if role in (KEY_CACHE, VALUE_CACHE) and boundary.get(name) is not None:
+            sizes |= _cache_writer_head_sizes(boundary[name])  # type: ignore[arg-type]
     if len(sizes) != 1:
         raise UnprovableLayer(f"head size not known from static shapes (found {sorted(sizes)})")
     return sizes.pop()
+
+
+# Cache writers: (domain, op) -> (first past input, first new key input, kv heads attribute).
+_CACHE_WRITERS = {
+    (_MS, "GroupQueryAttention"): (3, 1, "kv_num_heads"),
+    ("", "Attention"): (4, 1, "kv_num_heads"),
+}
+
+
+def _cache_writer_head_sizes(cache_BNSH: ir.Value) -> set[int]:
+    """D of a borrowed present cache, as its source layer states it: exporters often leave
+    the present's head dim symbolic but spell it on the source's past input and new key."""
+    writer = cache_BNSH.producer()
+    if writer is None or (writer.domain, writer.op_type) not in _CACHE_WRITERS:
+        return set()
+    past_index, key_index, heads_attribute = _CACHE_WRITERS[(writer.domain, writer.op_type)]
+    sizes: set[int] = set()
+    for value in writer.inputs[past_index : past_index + 2]:
+        shape = value.shape if value is not None else None
+        if shape is not None and shape.rank() == 4 and isinstance(shape[3], int):
+            sizes.add(shape[3])
+    heads = writer.attributes.get_int(heads_attribute, 0)
+    key = writer.inputs[key_index] if len(writer.inputs) > key_index else None
+    shape = key.shape if key is not None else None
+    if heads and shape is not None and shape.rank() == 3 and isinstance(shape[2], int):
+        sizes.add(shape[2] // heads)
+    return sizes
 
 
 # Comparison ops of a sliding-window mask: key j is visible while the distance d = i - j

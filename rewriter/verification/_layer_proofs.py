@@ -232,7 +232,9 @@ def _prove(
             proof.checks.append(result)
             report(f"    {result.summary()}")
             if role == ORIGINAL and result.passed is False:
-                proof.original_defects.append(_defect(check, result, config))
+                fixed = proof.checks[-2].passed is True  # the candidate's run of this check
+                status = "fixed by the rewrite" if fixed else "not fixed by the rewrite"
+                proof.original_defects.append(f"{_defect(check, result, config)}; {status}")
     proof.passed = all(check.passed is True for check in proof.checks if check.model == CANDIDATE)
     proof.seconds = time.perf_counter() - start
     return proof

@@ -22,9 +22,9 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
-from rewriter.verification._graph_diff import diff_outside_layers
+from rewriter.verification._graph_diff import GRAPH_DIFF, diff_outside_layers
 from rewriter.verification._layer_proofs import prove_layers
-from rewriter.verification._result import VerificationError, VerificationResult
+from rewriter.verification._result import CheckResult, VerificationError, VerificationResult
 from rewriter.verification._session import ModelSource, _load_ir, execution_providers
 from rewriter.verification._verify import verify as verify_model
 
@@ -124,8 +124,7 @@ def verify(
     original_ir = _as_ir(original, "original")
     candidate_ir = _as_ir(candidate, "candidate")
 
-    layers, graph_diff, defects, layer_defects = [], None, [], []
-    layers_hold = True
+    layers, graph_diff, defects, layer_defects, gates = [], None, [], [], []
     unproven: list[str] = []
     if mode != "model":
         report("layer proofs: every rewritten layer against a float64 reference")
@@ -133,13 +132,24 @@ def verify(
             original_ir, candidate_ir, provider=provider, seed=seed, progress=report
         )
         layers = proofs.layers
-        layer_defects = proofs.original_defects
         unproven = [layer.node for layer in layers if layer.reason]
-        layers_hold = all(layer.passed for layer in layers if not layer.reason)
+        layer_defects = proofs.original_defects
         report("graph diff outside the rewritten layers")
-        graph_diff = diff_outside_layers(
-            original_ir, candidate_ir, proofs.original_layer_nodes, proofs.candidate_layer_nodes
-        )
+        if unproven:
+            # Without a cut, where such a layer ends is unknown: its mask chain would read as
+            # "removed outside the layers".
+            graph_diff = CheckResult.skip(
+                GRAPH_DIFF,
+                "candidate",
+                f"the subgraph of layer(s) {', '.join(unproven)} is unknown",
+            )
+        else:
+            graph_diff = diff_outside_layers(
+                original_ir,
+                candidate_ir,
+                proofs.original_layer_nodes,
+                proofs.candidate_layer_nodes,
+            )
         report(graph_diff.summary())
         report(f"layer proofs: {len(layers)} layer(s) in {proofs.seconds:.1f} s")
 
@@ -157,7 +167,7 @@ def verify(
             progress=lambda message: report(f"whole model: {message}"),
         )
         checks, model_holds = result.checks, result.passed
-        defects = result.original_defects
+        defects, gates = result.defects, list(result.gates)
         model.update(ran=True, passed=result.passed)
     else:
         model["reason"] = (
@@ -167,17 +177,28 @@ def verify(
         )
         report(f"whole-model check skipped: {model['reason']}")
 
-    passed = model_holds is not False and layers_hold
+    gates += [
+        f"layer {layer.node}: {check.name}: {check.detail}"
+        for layer in layers
+        if not layer.reason
+        for check in layer.checks
+        if check.model == "candidate" and check.passed is not True
+    ]
     if graph_diff is not None and graph_diff.passed is False:
-        passed = False
+        gates.append(f"{graph_diff.name}: {graph_diff.detail}")
     if unproven and model_holds is not True:
-        passed = False  # a layer nobody proved
-    if mode == "model" and model_holds is None:
-        passed = False
+        # A layer nobody proved: no layer proof, and no whole-model check that holds.
+        gates += [
+            f"layer {layer.node}: no proof: {layer.reason}" for layer in layers if layer.reason
+        ]
+    if model_holds is False and not gates:
+        gates.append("the whole-model check failed")
+    passed = not gates
     result = VerificationResult(
         passed=passed,
         checks=checks,
-        original_defects=defects,
+        defects=defects,
+        gates=gates,
         mode=mode,
         layers=layers,
         graph_diff=graph_diff,

@@ -11,7 +11,7 @@ import dataclasses
 import math
 from typing import Any
 
-__all__ = ["Case", "CheckResult", "VerificationError", "VerificationResult"]
+__all__ = ["Case", "CheckResult", "OriginalDefect", "VerificationError", "VerificationResult"]
 
 
 class VerificationError(Exception):
@@ -129,22 +129,53 @@ class CheckResult:
         return line
 
 
+@dataclasses.dataclass(frozen=True)
+class OriginalDefect:
+    """A check the original model fails, and whether the candidate passes it."""
+
+    check: str
+    description: str
+    fixed_by_rewrite: bool | None  # None: the candidate's check did not run
+
+    @property
+    def status(self) -> str:
+        return {
+            True: "fixed by the rewrite",
+            False: "not fixed: the candidate fails this check too",
+            None: "not checked on the candidate",
+        }[self.fixed_by_rewrite]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "check": self.check,
+            "description": self.description,
+            "fixed_by_rewrite": self.fixed_by_rewrite,
+        }
+
+
 @dataclasses.dataclass
 class VerificationResult:
-    """``passed`` holds when every candidate check that ran holds and prefill equivalence ran
-    and holds; failures of the original are listed in ``original_defects`` instead."""
+    """The verdict judges the rewrite, not the original: it fails where the candidate is
+    worse (see ``verify``); failures of the original are its ``defects``, each saying
+    whether the rewrite fixed it. ``gates`` says why a failed verdict failed."""
 
     passed: bool
     checks: list[CheckResult]
-    original_defects: list[str]
+    defects: list[OriginalDefect]
+    gates: list[str] = dataclasses.field(default_factory=list)
     # Set by verify(mode=...): which proofs ran. `checks` are the whole-model checks.
     mode: str | None = None
     layers: list[Any] = dataclasses.field(default_factory=list)  # LayerProof per layer
     graph_diff: CheckResult | None = None  # nothing changed outside the rewritten layers
     model: dict[str, Any] | None = None  # whole-model check: ran/passed or why it did not
     # Defects of the original found by the layer proofs, one line each naming its layers
-    # (`original_defects` are those of the whole-model check).
+    # (`defects` are those of the whole-model check).
     layer_defects: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def original_defects(self) -> list[str]:
+        """One line per defect of the original, with what the rewrite did about it."""
+        return [f"{defect.description}; {defect.status}" for defect in self.defects]
 
     def failed_checks(self) -> list[CheckResult]:
         return [check for check in self.checks if check.passed is False]
@@ -153,7 +184,9 @@ class VerificationResult:
         return {
             "passed": self.passed,
             "checks": [check.to_dict() for check in self.checks],
-            "original_defects": list(self.original_defects),
+            "original_defects": self.original_defects,
+            "defects": [defect.to_dict() for defect in self.defects],
+            "failed_because": list(self.gates),
         } | self._proofs_dict()
 
     def summary(self) -> str:
@@ -165,6 +198,7 @@ class VerificationResult:
         lines += [check.summary() for check in self.checks]
         lines += [f"DEFECT original: {defect}" for defect in self.original_defects]
         lines += [f"DEFECT original: {defect}" for defect in self.layer_defects]
+        lines += [f"failed because: {gate}" for gate in self.gates]
         lines.append(f"verdict: {'PASSED' if self.passed else 'FAILED'}")
         return "\n".join(lines)
 

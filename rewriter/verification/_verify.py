@@ -5,13 +5,21 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 
-from rewriter.verification._checks import ModelRunner, Plan, run_checks
+from rewriter.verification._checks import (
+    CANDIDATE,
+    NON_FINITE,
+    ORIGINAL,
+    PREFILL,
+    ModelRunner,
+    Plan,
+    run_checks,
+)
 from rewriter.verification._feeds import DecoderSignature, FeedSynthesizer
 from rewriter.verification._graph_facts import read_graph_facts
-from rewriter.verification._result import VerificationError, VerificationResult
+from rewriter.verification._result import CheckResult, VerificationError, VerificationResult
 from rewriter.verification._session import ModelSource, execution_providers, load_model
 
-__all__ = ["verify"]
+__all__ = ["verdict_gates", "verify"]
 
 # Token ids when neither model states its vocabulary: 0 and 1 exist in any vocabulary.
 _FALLBACK_VOCAB = 2
@@ -76,15 +84,32 @@ def verify(
             original_facts,
             report,
         )
-    prefill_holds = any(check.name == "prefill_equivalence" and check.passed for check in checks)
-    candidate_holds = all(
-        check.passed is not False for check in checks if check.model == "candidate"
-    )
-    result = VerificationResult(
-        passed=prefill_holds and candidate_holds, checks=checks, original_defects=defects
-    )
+    gates = verdict_gates(checks)
+    result = VerificationResult(passed=not gates, checks=checks, defects=defects, gates=gates)
     report(f"verdict: {'passed' if result.passed else 'failed'}")
     return result
+
+
+def verdict_gates(checks: list[CheckResult]) -> list[str]:
+    """Why the candidate is worse than the original, if it is: prefill equivalence did not
+    hold, a candidate output was not finite, or the candidate fails a check that the
+    original passes (or one with no original counterpart). A check that both fail is the
+    original's defect, inherited, not the rewrite's fault: a no-op or a partial rewrite of a
+    defective original passes."""
+    gates = []
+    if not any(check.name == PREFILL and check.passed for check in checks):
+        gates.append("prefill equivalence with the original does not hold")
+    original = {check.name: check for check in checks if check.model == ORIGINAL}
+    for check in checks:
+        if check.model != CANDIDATE or check.passed is not False or check.name == PREFILL:
+            continue
+        if any(case.label == NON_FINITE for case in check.cases):
+            gates.append(f"{check.name}: the candidate's outputs are not finite")
+        elif check.name not in original:  # decode equivalence: the original is the reference
+            gates.append(f"{check.name}: the candidate differs from the original")
+        elif original[check.name].passed is not False:
+            gates.append(f"{check.name}: the candidate fails where the original passes")
+    return gates
 
 
 def _ignore(_message: str) -> None:

@@ -1,0 +1,150 @@
+"""The CLI on the real exports of ../shared/corpus (made by mobius and by transformers'
+exporter, not by our generator): what it rewrites, what it skips and why, and that the
+verifier's verdict and the rewritten model's own consistency hold on ONNX Runtime CPU.
+
+The corpus is read where it lies (its README says what each file contains and what the
+original gets wrong); these tests are deselected in a clone without it (tests/conftest.py),
+and .ci/run requires it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+import pytest
+from conftest import CORPUS
+
+from rewriter import cli
+
+pytestmark = pytest.mark.corpus
+
+
+@dataclasses.dataclass(frozen=True)
+class Export:
+    path: str
+    shared_layers: int  # KV-shared Attention nodes (no past inputs)
+    own_cache_attention: int  # Attention nodes with past inputs (rewritten by --layers all)
+    original_defects: tuple[str, ...]  # checks the original fails (corpus README)
+
+
+MOBIUS = [
+    Export(
+        "mobius-a80d6ad/p1_mixed_cpu_f32.onnx",
+        4,
+        0,
+        ("cache_consistency", "batch_consistency"),
+    ),
+    Export(
+        "mobius-a80d6ad/p1_mixed_cuda_f16_d256_d512.onnx",
+        4,
+        1,
+        ("cache_consistency", "batch_consistency"),
+    ),
+    Export("mobius-a80d6ad/p2_all_attention_default_f32.onnx", 4, 4, ("cache_consistency",)),
+]
+
+
+def _run(tmp_path: Path, source: Path, *options: str) -> tuple[int, dict, Path]:
+    out, report_path = tmp_path / "out.onnx", tmp_path / "report.json"
+    code = cli.main([str(source), str(out), "--quiet", "--report", str(report_path), *options])
+    report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    return code, report, out
+
+
+def _attention_nodes(path: Path) -> list[ir.Node]:
+    model = ir.load(path)
+    return [node for node in model.graph if node.op_type == "Attention"]
+
+
+def _check(report: dict, name: str, model: str) -> dict:
+    (check,) = [
+        c for c in report["verification"]["checks"] if c["name"] == name and c["model"] == model
+    ]
+    return check
+
+
+@pytest.mark.parametrize("export", MOBIUS, ids=lambda e: Path(e.path).stem)
+def test_mobius_exports_are_rewritten_whole_and_verified(tmp_path: Path, export: Export) -> None:
+    source = CORPUS / export.path
+    before = source.read_bytes()
+    attention = _attention_nodes(source)
+    shared = [n for n in attention if all(v is None for v in n.inputs[4:])]
+    assert (len(shared), len(attention) - len(shared)) == (
+        export.shared_layers,
+        export.own_cache_attention,
+    )
+
+    code, report, out = _run(tmp_path, source)
+
+    assert code == 0, report.get("verification", {}).get("failed_because")
+    assert source.read_bytes() == before
+    assert report["skipped"] == []
+    assert report["rewritten"] == len(attention)
+    rewritten = {r["node"]: r for r in report["rewrites"]}
+    for node in shared:
+        assert rewritten[node.name]["rule"].startswith("KVSharedAttentionToGQA/")
+        assert rewritten[node.name]["form"] == "past"
+    assert _attention_nodes(out) == []
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+
+    verification = report["verification"]
+    assert verification["passed"] is True and verification["failed_because"] == []
+    # The rewritten model holds on its own: decode equals a longer prefill, and a
+    # right-padded batch of 2 equals each row alone (prefill and a decode step).
+    assert _check(report, "prefill_equivalence", "candidate")["passed"] is True
+    assert _check(report, "cache_consistency", "candidate")["passed"] is True
+    batch = _check(report, "batch_consistency", "candidate")
+    assert batch["passed"] is True and "decode step" in batch["detail"]
+    # The corpus README's defects of the original are found, and the rewrite fixes each.
+    defects = {d["check"]: d["fixed_by_rewrite"] for d in verification["defects"]}
+    assert defects == dict.fromkeys(export.original_defects, True)
+
+
+def test_p1_mixed_head_size_comes_from_the_source_layer_not_its_present(tmp_path: Path) -> None:
+    # The source GQA layers' present outputs say [batch, 1, _d22, _d21]: the head size is
+    # static only on their past inputs, in the projections and after shape inference.
+    source = CORPUS / "mobius-a80d6ad/p1_mixed_cpu_f32.onnx"
+    code, report, _ = _run(tmp_path, source, "--layers", "shared", "--no-verify")
+    assert code == 0
+    assert {(r["head_size"], r["local_window_size"]) for r in report["rewrites"]} == {
+        (32, 8),
+        (64, None),
+    }
+
+
+@pytest.mark.parametrize("graph", ["prefill", "decode"])
+def test_hf_exporter_graphs_come_out_unchanged_with_the_reason(tmp_path: Path, graph: str) -> None:
+    source = CORPUS / "hf-exporter-opset23" / f"{graph}.onnx"
+    code, report, out = _run(tmp_path, source)
+    assert code == 0
+    assert report["rewritten"] == 0
+    assert len(report["skipped"]) == 8
+    for skip in report["skipped"]:
+        assert "is 4-D [B, heads, S, D] (the Hugging Face exporters' layout)" in skip["reason"]
+    assert report["verification"] == {"skipped": cli._NOTHING_REWRITTEN}
+    assert onnx.load(out, load_external_data=False).graph.node == (
+        onnx.load(source, load_external_data=False).graph.node
+    )
+
+
+def test_all_attention_build_with_external_data(tmp_path: Path) -> None:
+    # The same real export with its weights as external data, as large exports ship.
+    source = tmp_path / "in" / "model.onnx"
+    source.parent.mkdir()
+    model = onnx.load(CORPUS / "mobius-a80d6ad/p2_all_attention_default_f32.onnx")
+    onnx.save(model, source, save_as_external_data=True, location="model.onnx.data")
+    weights = source.with_name("model.onnx.data")
+    assert weights.stat().st_size > 1_000_000
+    before = (source.read_bytes(), weights.read_bytes())
+
+    code, report, out = _run(tmp_path, source)
+
+    assert code == 0
+    assert (source.read_bytes(), weights.read_bytes()) == before
+    assert report["rewritten"] == 8 and report["verification"]["passed"] is True
+    assert out.with_name("out.onnx.data").stat().st_size >= weights.stat().st_size
+    assert _attention_nodes(out) == []
