@@ -301,3 +301,39 @@ def test_cli_verify_layers_reports_every_layer(tmp_path: Path, capsys) -> None:
 
     code = main(["verify", str(FIXTURES / "p1_tiny.onnx"), str(out), "--verify", "all"])
     assert code == 0
+
+
+def _decoder_with_large_embedding() -> ir.Model:
+    from rewriter.fixtures.gemma4_like import build_decoder, tiny_config
+
+    # A vocabulary of 8192 makes the embedding (and the lm head) weights above 1 MiB.
+    return ir.from_proto(build_decoder(tiny_config(mask_style="p2", vocab_size=8192)))
+
+
+def test_model_check_shares_identical_weights_between_sessions() -> None:
+    original = _decoder_with_large_embedding()
+    candidate, _ = rewrite(_decoder_with_large_embedding())
+    result = verify(original, candidate, mode="model")
+    assert result.passed, result.summary()
+    assert result.model is not None and result.model["shared_weight_bytes"] >= 1 << 21
+    estimate = result.model["memory_estimate"]
+    assert estimate["shared_bytes"] == result.model["shared_weight_bytes"]
+
+
+def test_a_changed_weight_is_not_shared_and_is_caught() -> None:
+    original = _decoder_with_large_embedding()
+    candidate, _ = rewrite(_decoder_with_large_embedding())
+    name, value = max(
+        candidate.graph.initializers.items(), key=lambda item: item[1].const_value.nbytes
+    )
+    array = value.const_value.numpy().copy()
+    array *= 2.0
+    value.const_value = ir.tensor(array, name=name)
+    result = verify(original, candidate, mode="all")
+    assert not result.passed
+    # The candidate ran with its own (changed) weight: the whole-model prefill differs ...
+    prefill = next(c for c in result.checks if c.name == "prefill_equivalence")
+    assert prefill.passed is False
+    # ... and the graph diff names it, while every layer's own proof holds.
+    assert result.graph_diff is not None and name in result.graph_diff.detail
+    assert all(layer.passed for layer in result.layers)

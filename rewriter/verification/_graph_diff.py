@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from rewriter.verification._result import CheckResult
 
-__all__ = ["GRAPH_DIFF", "diff_outside_layers"]
+__all__ = ["GRAPH_DIFF", "diff_outside_layers", "same_tensor"]
 
 GRAPH_DIFF = "unchanged_outside_layers"
 _CHUNK_BYTES = 64 << 20
@@ -142,7 +142,7 @@ def _initializers(
         if before is None or after is None or before.const_value is None:
             missing.append(name)
             continue
-        if after.const_value is None or not _same_tensor(before.const_value, after.const_value):
+        if after.const_value is None or not same_tensor(before.const_value, after.const_value):
             changed.append(name)
         compared += 1
     differences: list[str] = []
@@ -151,7 +151,8 @@ def _initializers(
     return compared, differences
 
 
-def _same_tensor(a: ir.TensorProtocol, b: ir.TensorProtocol) -> bool:
+def same_tensor(a: ir.TensorProtocol, b: ir.TensorProtocol) -> bool:
+    """Same dtype, shape and bytes; external data is read in chunks, never whole."""
     if a is b:
         return True
     if a.dtype != b.dtype or tuple(a.shape) != tuple(b.shape):

@@ -23,28 +23,37 @@ import onnx
 import onnx_ir as ir
 
 from rewriter.verification._graph_diff import GRAPH_DIFF, diff_outside_layers
+from rewriter.verification._graph_facts import read_graph_facts
 from rewriter.verification._layer_proofs import prove_layers
 from rewriter.verification._result import CheckResult, VerificationError, VerificationResult
 from rewriter.verification._session import ModelSource, _load_ir, execution_providers
+from rewriter.verification._shared_weights import MIN_SHARED_BYTES, SharedWeights
 from rewriter.verification._verify import verify as verify_model
 
 __all__ = ["MODES", "MemoryEstimate", "estimate_model_memory", "verify"]
 
 MODES = ("auto", "layers", "model", "all")
 
-# Measured (bench, onnxruntime 1.31.1 CPU, E2B attention size, 2.1 GB of fp32 weights): two
-# sessions peaked at 5.1 GB = 1.2x both models' weights; plus Python, ORT and activations.
-_SESSION_FACTOR = 1.25
+# Unshared weights: ORT copies each initializer into its session and prepacks MatMul
+# weights; measured (bench, onnxruntime 1.31.1 CPU, 2.1 GB of fp32 weights, two sessions)
+# 5.1 GB = 1.2x both models' weights.
+_UNSHARED_FACTOR = 1.25
+# Python with onnx/onnxruntime/onnxscript imported, ORT arenas, feeds.
 _OVERHEAD_BYTES = 512 << 20
+# The whole-model check holds a few logits tensors [1, S, vocab] at once (full prefill,
+# the prefix's, the padded batch's rows).
+_LOGITS_HELD = 4
 _GB = 1e9
 
 
 @dataclasses.dataclass(frozen=True)
 class MemoryEstimate:
-    """Peak memory of the whole-model check, estimated from weight bytes."""
+    """Peak memory of the whole-model check, estimated from weight bytes and the logits."""
 
     original_weight_bytes: int
     candidate_weight_bytes: int
+    shared_bytes: int  # weights both sessions read from one copy (same name, dtype, shape)
+    activation_bytes: int  # logits held at the longest prefill
     estimated_bytes: int
     available_bytes: int | None  # MemAvailable; None where /proc/meminfo is unreadable
 
@@ -58,16 +67,20 @@ class MemoryEstimate:
             if self.available_bytes is not None
             else "available memory unknown"
         )
+        unshared = self.original_weight_bytes + self.candidate_weight_bytes - 2 * self.shared_bytes
         return (
-            f"estimated {self.estimated_bytes / _GB:.2f} GB = {_SESSION_FACTOR} x "
-            f"({self.original_weight_bytes / _GB:.2f} + {self.candidate_weight_bytes / _GB:.2f}"
-            f") GB of weights + {_OVERHEAD_BYTES / _GB:.2f} GB; {available}"
+            f"estimated {self.estimated_bytes / _GB:.2f} GB = {self.shared_bytes / _GB:.2f} GB "
+            f"of weights shared by both sessions + {_UNSHARED_FACTOR} x "
+            f"{unshared / _GB:.2f} GB unshared + {self.activation_bytes / _GB:.2f} GB of "
+            f"logits + {_OVERHEAD_BYTES / _GB:.2f} GB; {available}"
         )
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "original_weight_bytes": self.original_weight_bytes,
             "candidate_weight_bytes": self.candidate_weight_bytes,
+            "shared_bytes": self.shared_bytes,
+            "activation_bytes": self.activation_bytes,
             "estimated_bytes": self.estimated_bytes,
             "available_bytes": self.available_bytes,
             "fits": self.fits,
@@ -85,10 +98,32 @@ def weight_bytes(model: ir.Model) -> int:
     return total
 
 
-def estimate_model_memory(original: ir.Model, candidate: ir.Model) -> MemoryEstimate:
+def _shareable_bytes(original: ir.Model, candidate: ir.Model) -> int:
+    """Weights SharedWeights would share if their bytes agree (metadata only)."""
+    total = 0
+    for name, value in original.graph.initializers.items():
+        other = candidate.graph.initializers.get(name)
+        mine = value.const_value
+        theirs = other.const_value if other is not None else None
+        if mine is None or theirs is None or mine.nbytes < MIN_SHARED_BYTES:
+            continue
+        if mine.dtype == theirs.dtype and tuple(mine.shape) == tuple(theirs.shape):
+            total += mine.nbytes
+    return total
+
+
+def estimate_model_memory(
+    original: ir.Model, candidate: ir.Model, window: int = 8
+) -> MemoryEstimate:
     before, after = weight_bytes(original), weight_bytes(candidate)
-    estimated = int(_SESSION_FACTOR * (before + after)) + _OVERHEAD_BYTES
-    return MemoryEstimate(before, after, estimated, available_memory())
+    shared = _shareable_bytes(original, candidate)
+    facts = read_graph_facts(original)
+    vocabulary = facts.embedding_rows or 0
+    # The model check's longest prefill is 2W + 2 tokens (see _checks.Plan).
+    activations = _LOGITS_HELD * vocabulary * (2 * window + 2) * 4
+    unshared = before + after - 2 * shared
+    estimated = shared + int(_UNSHARED_FACTOR * unshared) + activations + _OVERHEAD_BYTES
+    return MemoryEstimate(before, after, shared, activations, estimated, available_memory())
 
 
 def available_memory() -> int | None:
@@ -153,19 +188,28 @@ def verify(
         report(graph_diff.summary())
         report(f"layer proofs: {len(layers)} layer(s) in {proofs.seconds:.1f} s")
 
-    estimate = estimate_model_memory(original_ir, candidate_ir)
+    window = max((w for w in read_graph_facts(candidate_ir).gqa_windows), default=8)
+    estimate = estimate_model_memory(original_ir, candidate_ir, window)
     model: dict[str, Any] = {"ran": False, "memory_estimate": estimate.to_dict()}
     checks = []
     model_holds: bool | None = None
     if mode in ("model", "all") or (mode == "auto" and estimate.fits):
         report(f"whole-model check ({estimate.describe()})")
+        shared = SharedWeights.from_models(original_ir, candidate_ir)
+        report(
+            f"whole model: {shared.shared_bytes / _GB:.2f} GB of weights shared by both "
+            f"sessions ({len(shared.candidate_names)} of {len(shared.values)} large weights "
+            "byte-identical in the candidate)"
+        )
         result = verify_model(
             original,
             candidate,
             provider=provider,
             seed=seed,
             progress=lambda message: report(f"whole model: {message}"),
+            shared_weights=shared,
         )
+        model["shared_weight_bytes"] = shared.shared_bytes
         checks, model_holds = result.checks, result.passed
         defects, gates = result.defects, list(result.gates)
         model.update(ran=True, passed=result.passed)
