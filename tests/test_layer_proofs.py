@@ -337,3 +337,16 @@ def test_a_changed_weight_is_not_shared_and_is_caught() -> None:
     # ... and the graph diff names it, while every layer's own proof holds.
     assert result.graph_diff is not None and name in result.graph_diff.detail
     assert all(layer.passed for layer in result.layers)
+
+
+def test_constants_stored_as_external_data_still_cut(tmp_path: Path) -> None:
+    # Some exporters write every initializer, shape constants included, as external data.
+    original, candidate = tmp_path / "original.onnx", tmp_path / "candidate.onnx"
+    ir.save(
+        ir.load(FIXTURES / "p2_tiny.onnx"), original, external_data="o.data", size_threshold_bytes=0
+    )
+    model, _ = rewrite(ir.load(FIXTURES / "p2_tiny.onnx"))
+    ir.save(model, candidate, external_data="c.data", size_threshold_bytes=0)
+    result = verify(original, candidate, mode="layers")
+    assert result.passed, result.summary()
+    assert len(result.layers) == 3 and all(not layer.reason for layer in result.layers)

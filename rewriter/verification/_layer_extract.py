@@ -19,7 +19,7 @@ The original is then walked back from its Attention to the same data values. Bot
 are extracted with ``onnx_ir.convenience.extract`` and their boundary values renamed to their
 role (``query``, ``key_cache``, ...), internal values and nodes to canonical names, so two
 layers that compute alike serialize to the same bytes. A subgraph that reaches weights (any
-initializer above 1 MiB or stored externally) is not a layer and is refused with a reason.
+initializer above 1 MiB) is not a layer and is refused with a reason.
 """
 
 from __future__ import annotations
@@ -329,7 +329,9 @@ class _Walk:
         tensor = value.const_value
         if tensor is None:
             raise UnprovableLayer(f"{self.who} reads {value.name}, which has no producer")
-        if isinstance(tensor, ir.ExternalTensor) or tensor.nbytes > _MAX_CONSTANT_BYTES:
+        # By size only: exporters that write every initializer as external data store
+        # shape constants there too.
+        if tensor.nbytes > _MAX_CONSTANT_BYTES:
             raise UnprovableLayer(
                 f"{self.who} reaches weights ({value.name}, {tensor.nbytes} bytes): the layer "
                 "is not separable from the model"
