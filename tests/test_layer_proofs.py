@@ -350,3 +350,23 @@ def test_constants_stored_as_external_data_still_cut(tmp_path: Path) -> None:
     result = verify(original, candidate, mode="layers")
     assert result.passed, result.summary()
     assert len(result.layers) == 3 and all(not layer.reason for layer in result.layers)
+
+
+def test_softcap_is_proven_and_a_missing_softcap_is_caught() -> None:
+    from rewriter.fixtures.gemma4_like import build_decoder, tiny_config
+
+    original = ir.from_proto(build_decoder(tiny_config(mask_style="p2", softcap=5.0)))
+    candidate, _ = rewrite(ir.from_proto(build_decoder(tiny_config(mask_style="p2", softcap=5.0))))
+    result = verify(original, candidate, mode="layers")
+    assert result.passed, result.summary()
+    assert all("softcap 5" in layer.config for layer in result.layers)
+    node = _shared_gqa(candidate)
+    assert node.attributes.get_float("softcap", 0.0) == 5.0
+    del node.attributes["softcap"]
+    result = verify(original, candidate, mode="layers")
+    assert not result.passed
+    broken = [layer for layer in result.layers if not layer.passed]
+    assert len(broken) == 1
+    prefill = next(c for c in broken[0].checks if c.name == "prefill" and c.model == "candidate")
+    assert prefill.max_abs_diff is not None and prefill.tolerance is not None
+    assert prefill.max_abs_diff > 10 * prefill.tolerance
