@@ -63,7 +63,7 @@ def e2b_config(**overrides: object) -> DecoderConfig:
         mask_style="p2",
         p2_is_causal=0,
         nonshared_attention="gqa",
-        max_position=4096,
+        max_position=8192,  # rotary tables long enough for decode at T = 8192
     )
     return dataclasses.replace(base, **overrides)  # type: ignore[arg-type]
 
@@ -72,8 +72,8 @@ WORKLOADS: dict[str, Callable[..., DecoderConfig]] = {
     "e2b": e2b_config,
     # The "default provider" export style: every layer is Attention (issue 8's target).
     "e2b-all-attention": lambda **kw: e2b_config(nonshared_attention="attention", **kw),
-    # The committed fixtures' layout, with rotary tables long enough for T = 4096.
-    "tiny": lambda **kw: tiny_config(mask_style="p2", p2_is_causal=0, max_position=4096, **kw),
+    # The committed fixtures' layout, with rotary tables long enough for T = 8192.
+    "tiny": lambda **kw: tiny_config(mask_style="p2", p2_is_causal=0, max_position=8192, **kw),
 }
 
 
@@ -159,6 +159,10 @@ def _rewritten(model: ir.Model, provider: str) -> ir.Model:
     return rewrite(model, provider=provider)[0]
 
 
+def _no_window_slice(model: ir.Model, provider: str) -> ir.Model:
+    return rewrite(model, provider=provider, window_slice=False)[0]
+
+
 def _sliding_only(model: ir.Model, provider: str) -> ir.Model:
     return rewrite(model, provider=provider, choose_form=keep_full_attention(provider))[0]
 
@@ -170,6 +174,10 @@ def _sliding_gqa_full_bnsh(model: ir.Model, provider: str) -> ir.Model:
 # name -> (makes the variant from the original for a provider, one line for the report)
 VARIANTS: dict[str, tuple[Callable[[ir.Model, str], ir.Model], str]] = {
     "rewritten": (_rewritten, "rewriter.rewrite(model): every KV-shared layer to GQA"),
+    "no-window-slice": (
+        _no_window_slice,
+        "rewriter.rewrite(model, window_slice=False): sliding layers read the whole cache",
+    ),
     "sliding-only": (
         _sliding_only,
         "sliding KV-shared layers to GQA; full-attention ones kept as the export's Attention",

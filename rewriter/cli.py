@@ -104,6 +104,13 @@ def _rewrite_parser() -> argparse.ArgumentParser:
         help="pass the mask as attention_bias so left padding/holes keep exact semantics",
     )
     parser.add_argument(
+        "--no-window-slice",
+        dest="window_slice",
+        action="store_false",
+        help="let sliding KV-shared layers read the whole borrowed cache, not only the keys "
+        "their window reaches",
+    )
+    parser.add_argument(
         "--in-place", action="store_true", help="allow OUTPUT to be INPUT (atomic replace)"
     )
     _add_provider(parser)
@@ -199,6 +206,7 @@ def _rewrite_command(args: argparse.Namespace) -> int:
         provider=args.provider,
         force=args.force,
         exact_padding=args.exact_padding,
+        window_slice=args.window_slice,
     )
     with staged_output(model, args.output, source=args.input) as staged:
         if args.no_verify:

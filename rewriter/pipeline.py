@@ -32,6 +32,7 @@ from rewriter.rules import (
 )
 from rewriter.rules._attention_rule import AttentionToGQARule
 from rewriter.rules._shape_evidence import ShapeFacts
+from rewriter.rules.hf_shared_attention import hf_padding_contract, hf_rules, refine_skips
 from rewriter.rules.nonshared_attention import NATIVE_FORM, always_native
 
 __all__ = ["METADATA_PREFIX", "rewrite"]
@@ -76,6 +77,7 @@ def rewrite(
     provider: str = "cpu",
     force: bool = False,
     exact_padding: bool = False,
+    window_slice: bool = True,
     choose_form: FormChooser | None = None,
 ) -> tuple[ModelT, RewriteReport]:
     """Rewrite the Attention layers of `model` into GroupQueryAttention.
@@ -86,6 +88,8 @@ def rewrite(
         `provider`; a form name forces it (FormRejectedError if the probe rejects it,
         unless `force`).
     exact_padding: pass the mask as attention_bias so any padding keeps its meaning.
+    window_slice: sliding KV-shared layers read only the keys their window reaches (the
+        borrowed cache sliced once per source and step; CPU GQA reads every key it gets).
     choose_form: replaces the probe (tests, or exporters that know their runtime).
     """
     if isinstance(model, onnx.ModelProto):
@@ -96,6 +100,7 @@ def rewrite(
             provider=provider,
             force=force,
             exact_padding=exact_padding,
+            window_slice=window_slice,
             choose_form=choose_form,
         )
         return ir.to_proto(ir_model), report
@@ -112,35 +117,48 @@ def rewrite(
     gqa_inputs = GQAInputs(exact_padding=exact_padding)
     # Inferred once, before any rewrite changes the graph the inference would see.
     facts = ShapeFacts.infer(model)
-    shared_rule = KVSharedAttentionToGQA(choose_form or probed, inputs=gqa_inputs, facts=facts)
+    shared_rule = KVSharedAttentionToGQA(
+        choose_form or probed, inputs=gqa_inputs, facts=facts, window_slice=window_slice
+    )
     rules: list[AttentionToGQARule] = [shared_rule]
     if layers == "all":
         supports = probed.native_support if probed is not None else _native_from(choose_form)
         rules.append(NonSharedAttentionToGQA(supports, inputs=gqa_inputs, facts=facts))
-    rule_set = pattern.RewriteRuleSet([_as_rule(rule) for rule in rules])
+    # Hugging Face exports (4-D Attention over repeat_kv of a cache, position masks).
+    hf = hf_rules(choose_form or probed, layers=layers, inputs=gqa_inputs)
+    all_rules = [*rules, *hf]
+    rule_set = pattern.RewriteRuleSet([_as_rule(rule) for rule in all_rules])
     # Our own sweep removes what the rewrite left dead; onnxscript's would also remove nodes
     # that were dead in the input, and the rewrite must not touch anything else.
     rule_set.remove_unused_nodes = False
     rule_set.apply_to_model(model)
+    for rule in hf:
+        rule.redirect_caches()
     report.nodes_removed = remove_dead_producers(
-        [node for rule in rules for node in rule.replaced_nodes]
+        [node for rule in all_rules for node in rule.replaced_nodes]
     )
     # Readers of a rewritten layer keep seeing the same value names as in the input.
-    for rule in rules:
+    for rule in all_rules:
         for gqa_output, name in rule.renames:
             gqa_output.name = name
     common_passes.TopologicalSortPass()(model)
 
-    report.rewrites = [r for rule in rules for r in rule.rewrites]
+    report.rewrites = [r for rule in all_rules for r in rule.rewrites]
     unknown = _unknown_domains(model)
     if unknown:
         report.warnings.append(
             "left alone, the rules do not know these domains: " + ", ".join(unknown)
         )
-    report.skipped = _skips(attention_nodes, {r.node for r in report.rewrites}, rules)
+    report.skipped = refine_skips(
+        _skips(attention_nodes, {r.node for r in report.rewrites}, rules), hf
+    )
     if report.rewrites:
         report.padding_contract = _padding_contract(had_gqa, exact_padding)
-        if report.padding_contract == PaddingContract.RIGHT_PADDING_ONLY:
+        hf_contract = hf_padding_contract(report.rewrites)
+        if hf_contract is not None:
+            report.padding_contract, warning = hf_contract
+            report.warnings.append(warning)
+        elif report.padding_contract == PaddingContract.RIGHT_PADDING_ONLY:
             all_converted = not _attention_nodes(model)
             report.warnings.append(_GQA_CACHE_WARNING if all_converted else _RIGHT_PADDING_WARNING)
     if probed is not None:

@@ -16,6 +16,9 @@ class PaddingContract:
     UNCHANGED = "unchanged"  # nothing rewritten, or GQA layers already imposed right padding
     RIGHT_PADDING_ONLY = "right-padding-only"  # narrowed: left padding/holes no longer exact
     EXACT = "exact"  # --exact-padding: the mask is passed to GQA as attention_bias
+    # The graph has no attention_mask (HF exporter): no padding to honour; lengths come from
+    # the cache, and batched multi-token calls after a past are refused by GQA.
+    BATCH_1_ONLY = "batch-1-only"
 
 
 @dataclasses.dataclass
@@ -61,6 +64,7 @@ class RewriteReport:
         ]
         for r in self.rewrites:
             window = f", local_window_size={r.local_window_size}" if r.local_window_size else ""
+            window += ", window slice" if r.window_slice else ""
             lines.append(
                 f"  rewrote {r.node} -> GroupQueryAttention ({r.form}{window}, {r.mask_style})"
             )

@@ -66,6 +66,8 @@ class LayerRewrite:
     source: str  # the cache the layer reads: a borrowed present, or its own past input
     dtype: str
     head_size: int
+    # The borrowed cache is cut to the keys the window reaches (GQAInputs.window_slice).
+    window_slice: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

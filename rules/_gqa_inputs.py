@@ -37,6 +37,10 @@ class GQAInputs:
     def use_graph(self, graph: ir.Graph | ir.Function) -> None:
         self._graph = graph
 
+    def cached(self, key: tuple[object, ...], build: Callable[[], ir.Value]) -> ir.Value:
+        """A value built once per graph and key, for rules that share more inputs."""
+        return self._cached(key, build)
+
     def _cached(self, key: tuple[object, ...], build: Callable[[], ir.Value]) -> ir.Value:
         assert self._graph is not None, "use_graph() first"
         key = (id(self._graph), *key)
@@ -73,6 +77,51 @@ class GQAInputs:
                 return existing
         return self._cached(("seqlens_k", attention_mask, self.exact_padding), seqlens_k), total()
 
+    def lengths_from_cache(self, op, cache_BNSH: ir.Value) -> tuple[ir.Value, ir.Value]:
+        """(seqlens_k, total_sequence_length) for a graph without attention_mask: no row
+        is padded, so every row has T = Shape(cache)[2] valid keys."""
+
+        def total() -> ir.Value:
+            return op.Cast(op.Shape(cache_BNSH, start=2, end=3), to=ir.DataType.INT32)
+
+        def seqlens_k() -> ir.Value:
+            one = op.Constant(value=ir.tensor(np.array([1], dtype=np.int32)))
+            last = op.Sub(self._cached(("cache_total", cache_BNSH), total), one)
+            shape = cache_BNSH.shape
+            if shape is not None and shape.rank() == 4 and shape[0] == 1:
+                return last  # [1] is already [B]
+            return op.Expand(last, op.Shape(cache_BNSH, start=0, end=1))
+
+        return (
+            self._cached(("cache_seqlens_k", cache_BNSH), seqlens_k),
+            self._cached(("cache_total", cache_BNSH), total),
+        )
+
+    def appended_lengths(
+        self, op, past_BNPD: ir.Value | None, new_BSND: ir.Value
+    ) -> tuple[ir.Value, ir.Value]:
+        """Lengths without attention_mask for a layer that appends S new keys to a past of
+        P: T = P + S (no padding; read before the append, which GQA now does)."""
+
+        def total() -> ir.Value:
+            length = op.Shape(new_BSND, start=1, end=2)
+            if past_BNPD is not None:
+                length = op.Add(op.Shape(past_BNPD, start=2, end=3), length)
+            return op.Cast(length, to=ir.DataType.INT32)
+
+        def seqlens_k() -> ir.Value:
+            one = op.Constant(value=ir.tensor(np.array([1], dtype=np.int32)))
+            last = op.Sub(self._cached(("appended_total", past_BNPD, new_BSND), total), one)
+            shape = new_BSND.shape
+            if shape is not None and shape.rank() == 4 and shape[0] == 1:
+                return last
+            return op.Expand(last, op.Shape(new_BSND, start=0, end=1))
+
+        return (
+            self._cached(("appended_seqlens_k", past_BNPD, new_BSND), seqlens_k),
+            self._cached(("appended_total", past_BNPD, new_BSND), total),
+        )
+
     def _model_sequence_lengths(self) -> tuple[ir.Value, ir.Value] | None:
         """The seqlens_k/total_sequence_length the model's own GQA layers already use.
 
@@ -93,6 +142,72 @@ class GQAInputs:
             pair = pairs.pop() if len(pairs) == 1 else None
             self._model_lengths[id(graph)] = pair if pair and None not in pair else None
         return self._model_lengths[id(graph)]
+
+    def window_slice(
+        self,
+        op,
+        attention_mask: ir.Value,
+        query_BSD: ir.Value,
+        local_window_size: int,
+        cache_BNSH: tuple[ir.Value, ir.Value],
+    ) -> tuple[ir.Value, ir.Value, ir.Value, ir.Value]:
+        """(key, value, seqlens_k, total_sequence_length) for a sliding layer that reads only
+        the keys its window can reach.
+
+        ONNX Runtime's CPU GroupQueryAttention reads all T keys of its past per query head even
+        with local_window_size (measured: decode cost grows with T at W=512), so a KV-shared
+        sliding layer at T=4096 costs as much as a full one. Queries sit at [L_b - S, L_b)
+        (L_b the valid keys of row b, right padding), so no key before
+        min_b(L_b) - S - W + 1 is visible to any of them: the cache is sliced from
+
+            start = max(0, min(min_b(L_b) - S - W + 1, T - S - 1))
+
+        and seqlens_k and total_sequence_length are shifted by the same start. Capping start at
+        T - S - 1 keeps the sliced total above S: with total == S GQA would take the call for a
+        first prompt. Prefill (S == T) slices nothing. One start per attention_mask and window,
+        one slice per borrowed cache, shared by every layer that borrows it; S is read off the
+        first such layer's query (every layer's query has the same S).
+        """
+        seqlens_k, total_length = self.sequence_lengths(op, attention_mask)
+
+        def start() -> ir.Value:
+            int64 = ir.DataType.INT64
+            query_length = op.Shape(query_BSD, start=1, end=2)
+            shortest = op.ReduceMin(op.Cast(seqlens_k, to=int64), keepdims=1)  # min L_b - 1
+            # min L_b - S - W + 1 = (min L_b - 1) - S - (W - 2)
+            reach = op.Sub(
+                op.Sub(shortest, query_length),
+                op.Constant(value_ints=[local_window_size - 2]),
+            )
+            # T - S - 1
+            limit = op.Sub(
+                op.Sub(op.Cast(total_length, to=int64), query_length),
+                op.Constant(value_ints=[1]),
+            )
+            return op.Max(op.Min(reach, limit), op.Constant(value_ints=[0]))
+
+        first = self._cached(("window_start", attention_mask, local_window_size), start)
+
+        def shifted(lengths: ir.Value) -> Callable[[], ir.Value]:
+            return lambda: op.Sub(lengths, op.Cast(first, to=ir.DataType.INT32))
+
+        key = ("window", attention_mask, local_window_size)
+        sliced_seqlens = self._cached((*key, "seqlens_k"), shifted(seqlens_k))
+        sliced_total = self._cached((*key, "total"), shifted(total_length))
+
+        def sliced(cache: ir.Value) -> Callable[[], ir.Value]:
+            end = np.iinfo(np.int64).max  # Slice clamps it to T
+            return lambda: op.Slice(
+                cache, first, op.Constant(value_ints=[end]), op.Constant(value_ints=[2])
+            )
+
+        key_BNSH, value_BNSH = cache_BNSH
+        return (
+            self._cached((*key, key_BNSH), sliced(key_BNSH)),
+            self._cached((*key, value_BNSH), sliced(value_BNSH)),
+            sliced_seqlens,
+            sliced_total,
+        )
 
     def empty_kv(self, op, attention_mask: ir.Value, hidden: int, dtype: ir.DataType) -> ir.Value:
         # Empty key/value must carry the real batch size: ORT checks it against the query.

@@ -66,6 +66,7 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
         exact_padding: bool = False,
         inputs: GQAInputs | None = None,
         facts: ShapeFacts | None = None,
+        window_slice: bool = True,
     ) -> None:
         super().__init__(
             "KVSharedAttentionToGQA",
@@ -74,6 +75,8 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
             inputs=inputs,
             facts=facts,
         )
+        # Sliding layers read only the keys their window reaches (GQAInputs.window_slice).
+        self.window_slice = window_slice
 
     def pattern(self, op, query_BSD, key_BSD, value_BSD, mask):
         return op.Attention(
@@ -137,6 +140,20 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
         plan: _Plan = self._take_plan()
         seqlens_k, total_length = self.inputs.sequence_lengths(op, plan.mask.attention_mask)
         key_value_past = self._key_value_past(op, plan, query_BSD, key_BSD, value_BSD)
+        window = plan.mask.local_window_size
+        # The bias of --exact-padding spans all T keys; the split/kv forms have no past to cut.
+        window_slice = (
+            self.window_slice
+            and window is not None
+            and not self.inputs.exact_padding
+            and plan.form in ("past", "past-present")
+        )
+        if window_slice:
+            assert window is not None
+            caches = (plan.key.cache_BNSH, plan.value.cache_BNSH)
+            *key_value_past[2:4], seqlens_k, total_length = self.inputs.window_slice(
+                op, plan.mask.attention_mask, query_BSD, window, caches
+            )
         inputs: list[ir.Value | None] = [query_BSD, *key_value_past, seqlens_k, total_length]
         if self.inputs.exact_padding:
             # cos_cache, sin_cache, position_ids unused; attention_bias is input 10.
@@ -151,6 +168,7 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
             source=plan.key.cache_BNSH.name or "",
             dtype=dtype_name(plan.dtype),
             head_size=plan.head_size,
+            window_slice=window_slice,
         )
         attributes = gqa_attributes(
             plan.heads, plan.head_size, plan.mask, self.inputs.exact_padding

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 
 FIXTURES = (
@@ -18,6 +19,16 @@ FIXTURES = (
     "p2_all_attention_tiny",
     "p2_tiny_opset24_explicit",
 )
+
+
+def borrowed_cache(past: ir.Value) -> ir.Value:
+    """The cache a rewritten layer's past input reads: sliding KV-shared layers read a Slice
+    of it, the keys their window reaches (rules/_gqa_inputs.py, window_slice)."""
+    producer = past.producer()
+    if producer is not None and producer.op_type == "Slice":
+        return producer.inputs[0]
+    return past
+
 
 # Relative to max(1, max|reference|): fixed per dtype, never tuned per model (SPEC.md 6).
 TOLERANCE = {np.dtype(np.float32): 1e-4, np.dtype(np.float16): 1e-2}

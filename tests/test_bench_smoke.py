@@ -41,7 +41,9 @@ def test_quick_benchmark_writes_results(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
 
     for key in (
+        "decode_ratio_t1024",
         "decode_ratio_t4096",
+        "decode_ratio_t8192",
         "prefill_ratio_s2048",
         "rewrite_seconds",
         "rewrite_peak_rss_mb",
@@ -51,7 +53,9 @@ def test_quick_benchmark_writes_results(tmp_path: Path) -> None:
         assert key in result, key
     assert result["quick"] is True
     for key in (
+        "decode_ratio_t1024",
         "decode_ratio_t4096",
+        "decode_ratio_t8192",
         "prefill_ratio_s2048",
         "rewrite_seconds",
         "rewrite_peak_rss_mb",
@@ -62,6 +66,7 @@ def test_quick_benchmark_writes_results(tmp_path: Path) -> None:
         "prefill_s2048",
         "decode_t1024",
         "decode_t4096",
+        "decode_t8192",
     }
     for scenario in result["latency"].values():
         assert {"original", "rewritten"} <= set(scenario["models"])

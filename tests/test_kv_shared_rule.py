@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from decoder_runs import FIXTURES
+from decoder_runs import FIXTURES, borrowed_cache
 
 from rewriter import rewrite as rewrite_model
 from rewriter.fixtures.gemma4_like import build_decoder, tiny_config
@@ -84,7 +84,9 @@ def test_gqa_attributes_and_inputs(name: str) -> None:
         expected[node.outputs[0].name] = (mask_chain_has_window, cache.name)
     model, report = rewrite(original)
 
-    new_gqa = [n for n in gqa_nodes(model) if n.inputs[3].name.startswith("present.")]
+    new_gqa = [
+        n for n in gqa_nodes(model) if borrowed_cache(n.inputs[3]).name.startswith("present.")
+    ]
     assert len(new_gqa) == 3
     for node, rewrite_entry in zip(new_gqa, report.rewrites, strict=True):
         windowed, cache_name = expected[node.outputs[0].name]
@@ -101,8 +103,11 @@ def test_gqa_attributes_and_inputs(name: str) -> None:
         # past form: empty key/value, the borrowed present cache as past, present omitted.
         assert node.inputs[1] is node.inputs[2]
         assert node.inputs[1].producer().op_type == "ConstantOfShape"
-        assert node.inputs[3].name == cache_name
-        assert node.inputs[4].name == cache_name.replace(".key", ".value")
+        assert borrowed_cache(node.inputs[3]).name == cache_name
+        assert borrowed_cache(node.inputs[4]).name == cache_name.replace(".key", ".value")
+        # Sliding layers read the keys their window reaches; full layers the whole cache.
+        assert rewrite_entry.window_slice == windowed
+        assert (node.inputs[3].producer().op_type == "Slice") == windowed
         assert len(node.outputs) == 1
         assert rewrite_entry.form == "past"
 
@@ -124,13 +129,24 @@ def _mask_has_less(mask: ir.Value) -> bool:
 def test_seqlens_k_is_computed_once_or_reused() -> None:
     # p2_tiny's own GQA layers already compute seqlens_k: the rewrite reuses theirs.
     model, _ = rewrite(load("p2_tiny"))
-    assert len({n.inputs[5] for n in gqa_nodes(model)}) == 1
+    assert len({_unshifted(n.inputs[5]) for n in gqa_nodes(model)}) == 1
     assert ops(model).count("ReduceSum") == 1
     # In an all-Attention model it is computed once for all rewritten layers.
     model, _ = rewrite(load("p2_all_attention_tiny"))
-    assert len({n.inputs[5] for n in gqa_nodes(model)}) == 1
+    assert len({_unshifted(n.inputs[5]) for n in gqa_nodes(model)}) == 1
+    # The sliding layers' window slice shifts it once for all of them.
+    sliced = {n.inputs[5] for n in gqa_nodes(model) if n.inputs[3].producer().op_type == "Slice"}
+    assert len(sliced) == 1
     # One empty K/V per head size (sliding D=8, full D=16), shared by layers of that size.
     assert len({n.inputs[1] for n in gqa_nodes(model)}) == 2
+
+
+def _unshifted(seqlens_k: ir.Value) -> ir.Value:
+    """seqlens_k before the window slice's shift (Sub(seqlens_k, start))."""
+    producer = seqlens_k.producer()
+    if producer is not None and producer.op_type == "Sub":
+        return producer.inputs[0]
+    return seqlens_k
 
 
 def test_nothing_else_changes() -> None:

@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from decoder_runs import borrowed_cache
 from hypothesis import assume, event, given, note
 from hypothesis import strategies as st
 from strategies import decoder_configs
@@ -532,7 +533,7 @@ def check_rewrite(
     else:
         assert "local_window_size" not in gqa.attributes
     kinds = ("value", "key") if expect.swapped else ("key", "value")
-    assert [gqa.inputs[3].name, gqa.inputs[4].name] == [
+    assert [borrowed_cache(gqa.inputs[3]).name, borrowed_cache(gqa.inputs[4]).name] == [
         f"present.{target.source}.{kind}" for kind in kinds
     ]
     return rewritten_proto

@@ -1,0 +1,322 @@
+"""Recognise the attention masks Hugging Face exports build from positions (no CumSum).
+
+Dimension letters: B batch, S query length, P past length, T = P + S keys.
+
+transformers' ``sdpa_mask`` compares key positions with query positions, both from
+``Range`` (not from ``attention_mask``)::
+
+    key_positions_111T   = Unsqueeze(Unsqueeze(Range(0, T, 1), [0, 1]), [2])
+    query_positions_11S1 = Unsqueeze(Unsqueeze(Range(0, S, 1) [+ P], [0, 1]), [3])
+
+In a prefill graph the two Ranges are one value (T = S); in a decode graph the queries are
+``Add(Range(0, S, 1), P)`` and the keys ``Range(0, Add(P, S), 1)`` with the same P and S, so
+the queries are the last S keys: GroupQueryAttention's bottom-right alignment. The allowed
+keys are an ``And`` of terms (torch writes ``And(True, ...)`` around some of them):
+
+- causal:  ``LessOrEqual(key_positions, query_positions)``;
+- window:  ``Greater(key_positions, Sub(query_positions, W))``: key j is visible to query i
+  iff ``i - j < W``, which with the causal term is ``local_window_size = W`` (SPEC.md 4);
+- padding (torch.onnx with attention_mask): ``GatherND(Cast(attention_mask, bool),
+  [batch_index, key_positions])`` = ``attention_mask[b, j]``, [B, 1, 1, T].
+
+The boolean mask is optionally ``Expand``-ed to [B, 1, S, T] and then either passed as is
+(torch.onnx) or turned into a float bias ``Mul(Cast(Not(allowed)), -3.4e38)`` (transformers
+exporter). Terms, operand orders and nesting of the And are read in any order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import onnx_ir as ir
+from onnxscript.rewriter import pattern
+
+from rewriter.rules import _values
+from rewriter.rules._submatch import SubPattern
+
+__all__ = ["PositionMask", "allowed_keys", "match_position_mask"]
+
+_LARGE_NEGATIVE = -1.0e4
+
+
+@dataclasses.dataclass(frozen=True)
+class PositionMask:
+    style: str  # "hf-bias" (float from Not/Cast/Mul) or "hf-bool"
+    local_window_size: int | None
+    allowed: ir.Value  # the boolean And of the terms, before any Expand
+    attention_mask: ir.Value | None  # the graph's [B, T] padding mask, when a term reads it
+    causal_in_mask: bool = True  # always: the causal term is required
+
+
+# --- the float bias around the boolean mask ------------------------------------------------
+
+
+class _BiasFromNot(pattern.PatternBase):
+    def pattern(self, op, allowed, large_negative):
+        return op.Mul(op.Cast(op.Not(allowed)), large_negative)
+
+    def check(self, context, large_negative: ir.Value, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        value = _values.scalar_float(large_negative)
+        if value is None or value > _LARGE_NEGATIVE:
+            return result.fail("bias for masked keys is not a large negative constant", None)
+        return result
+
+
+class _BiasFromWhere(pattern.PatternBase):
+    def pattern(self, op, allowed, zero, large_negative):
+        return op.Where(allowed, zero, large_negative)
+
+    def check(self, context, zero: ir.Value, large_negative: ir.Value, **_):
+        result = pattern.MatchResult()
+        if _values.scalar_float(zero) != 0.0:
+            return result.fail("bias for visible keys is not the constant 0", zero)
+        value = _values.scalar_float(large_negative)
+        if value is None or value > _LARGE_NEGATIVE:
+            return result.fail("bias for masked keys is not a large negative constant", None)
+        return result
+
+
+_BIASES = (SubPattern(_BiasFromNot(), commute=True), SubPattern(_BiasFromWhere()))
+
+
+# --- the terms of the And --------------------------------------------------------------
+
+
+class _Causal(pattern.PatternBase):
+    """key <= query, in one of two spellings (a pattern has one root op)."""
+
+    def __init__(self, spelling: int) -> None:
+        super().__init__(name=f"Causal{spelling}")
+        self.spelling = spelling
+
+    def pattern(self, op, key_positions, query_positions):
+        if self.spelling:
+            return op.GreaterOrEqual(query_positions, key_positions)
+        return op.LessOrEqual(key_positions, query_positions)
+
+
+class _Window(pattern.PatternBase):
+    """query - key < W, in one of four spellings."""
+
+    def __init__(self, spelling: int) -> None:
+        super().__init__(name=f"Window{spelling}")
+        self.spelling = spelling
+
+    def pattern(self, op, key_positions, query_positions, window):
+        if self.spelling == 0:
+            return op.Greater(key_positions, op.Sub(query_positions, window))
+        if self.spelling == 1:
+            return op.Less(op.Sub(query_positions, window), key_positions)
+        if self.spelling == 2:
+            return op.Less(op.Sub(query_positions, key_positions), window)
+        return op.Greater(window, op.Sub(query_positions, key_positions))
+
+
+class _Padding(pattern.PatternBase):
+    def pattern(self, op, attention_mask, indices):
+        return op.GatherND(op.Cast(attention_mask, to=ir.DataType.BOOL), indices, batch_dims=0)
+
+    def check(self, context, attention_mask: ir.Value, indices: ir.Value, **_):
+        result = pattern.MatchResult()
+        if not _values.is_graph_input(attention_mask):
+            return result.fail("padding is not gathered from a graph input", attention_mask)
+        return result
+
+
+class _PaddingIndices(pattern.PatternBase):
+    """[batch_index, key_position] pairs: Concat of the two broadcast coordinates."""
+
+    def pattern(self, op, batch_index, key_positions, shape_b, shape_k):
+        return op.Concat(
+            op.Unsqueeze(op.Expand(batch_index, shape_b), [-1]),
+            op.Unsqueeze(op.Expand(key_positions, shape_k), [-1]),
+            axis=-1,
+        )
+
+
+_CAUSAL = tuple(SubPattern(_Causal(spelling)) for spelling in range(2))
+_WINDOW = tuple(SubPattern(_Window(spelling)) for spelling in range(4))
+_PADDING = (SubPattern(_Padding()),)
+_PADDING_INDICES = SubPattern(_PaddingIndices())
+
+
+def _and_terms(value: ir.Value, terms: list[ir.Value]) -> None:
+    producer = value.producer()
+    if producer is not None and producer.op_type == "And" and producer.domain in ("", "ai.onnx"):
+        for operand in producer.inputs:
+            assert operand is not None
+            _and_terms(operand, terms)
+        return
+    array = _values.constant_array(value)
+    if array is not None and array.dtype == bool and bool(array.all()):
+        return  # And(True, x) is x
+    terms.append(value)
+
+
+def allowed_keys(value: ir.Value) -> ir.Value:
+    """The boolean mask below any broadcasting Expand (which only replicates it)."""
+    producer = value.producer()
+    while producer is not None and producer.op_type == "Expand":
+        assert producer.inputs[0] is not None
+        value = producer.inputs[0]
+        producer = value.producer()
+    return value
+
+
+def match_position_mask(context, mask: ir.Value) -> PositionMask | str:
+    """Classify an Attention mask built from positions; a string is why it is not one."""
+    if mask.producer() is None:
+        return "mask is not built in the graph (graph input or initializer)"
+    if mask.dtype == ir.DataType.BOOL:
+        style, boolean = "hf-bool", mask
+    else:
+        style, boolean = "hf-bias", None
+        for bias in _BIASES:
+            found = bias.match(context, mask)
+            if found.bindings is not None:
+                boolean = found.bindings["allowed"]
+                break
+        if boolean is None:
+            return "float mask is not Mul(Cast(Not(allowed)), large negative) or a Where bias"
+    allowed = allowed_keys(boolean)
+    terms: list[ir.Value] = []
+    _and_terms(allowed, terms)
+    causal, windows, paddings = [], [], []
+    for term in terms:
+        bindings = _first_match(
+            context, term, (_CAUSAL, causal), (_WINDOW, windows), (_PADDING, paddings)
+        )
+        if bindings is None:
+            producer = term.producer()
+            op_type = producer.op_type if producer is not None else "a graph value"
+            return f"mask term {term.name} ({op_type}) is not a causal, window or padding term"
+    if len(causal) != 1:
+        return f"mask has {len(causal)} causal terms (LessOrEqual(keys, queries)); needs one"
+    if len(windows) > 1 or len(paddings) > 1:
+        return "mask has more than one window or padding term"
+    key_positions = causal[0]["key_positions"]
+    query_positions = causal[0]["query_positions"]
+    if any(
+        w["key_positions"] is not key_positions or w["query_positions"] is not query_positions
+        for w in windows
+    ):
+        return "window and causal terms compare different positions"
+    problem = _check_positions(key_positions, query_positions)
+    if problem:
+        return problem
+    window = None
+    if windows:
+        window = _values.scalar_int(windows[0]["window"])
+        if window is None:
+            return "window is not a constant"
+        if window < 1:
+            return f"window {window} is not positive"
+    attention_mask = None
+    if paddings:
+        problem = _check_padding_indices(context, paddings[0]["indices"], key_positions)
+        if problem:
+            return problem
+        attention_mask = paddings[0]["attention_mask"]
+    return PositionMask(style, window, allowed, attention_mask)
+
+
+def _first_match(context, term: ir.Value, *kinds) -> dict | None:
+    """Bindings of the first sub-pattern matching `term`, appended to its kind's list."""
+    for subpatterns, found in kinds:
+        for subpattern in subpatterns:
+            match = subpattern.match(context, term)
+            if match.bindings is not None:
+                found.append(match.bindings)
+                return match.bindings
+    return None
+
+
+# --- positions ---------------------------------------------------------------------------
+
+
+def _unsqueezed(value: ir.Value) -> tuple[ir.Value, int, int]:
+    """(1-D base, rank, the axis the base's data ends on) through a chain of Unsqueezes."""
+    chain: list[list[int]] = []
+    producer = value.producer()
+    while producer is not None and producer.op_type == "Unsqueeze":
+        axes = _values.constant_array(producer.inputs[1])
+        if axes is None:
+            break
+        chain.append([int(a) for a in axes.reshape(-1)])
+        assert producer.inputs[0] is not None
+        value = producer.inputs[0]
+        producer = value.producer()
+    rank, axis = 1, 0
+    for axes in reversed(chain):
+        rank += len(axes)
+        inserted = {a % rank for a in axes}
+        axis = [i for i in range(rank) if i not in inserted][axis]
+    return value, rank, axis
+
+
+def _arange_length(value: ir.Value) -> ir.Value | None:
+    """T for Range(0, T, 1)."""
+    producer = value.producer()
+    if producer is None or producer.op_type != "Range":
+        return None
+    start, limit, delta = producer.inputs
+    if _values.scalar_int(start) != 0 or _values.scalar_int(delta) != 1:
+        return None
+    return limit
+
+
+def _add_operands(value: ir.Value | None) -> tuple[ir.Value, ir.Value] | None:
+    producer = value.producer() if value is not None else None
+    if producer is None or producer.op_type != "Add":
+        return None
+    a, b = producer.inputs
+    assert a is not None and b is not None
+    return a, b
+
+
+def _check_positions(key_positions: ir.Value, query_positions: ir.Value) -> str | None:
+    keys, key_rank, key_axis = _unsqueezed(key_positions)
+    queries, query_rank, query_axis = _unsqueezed(query_positions)
+    if (key_rank, key_axis) != (4, 3) or (query_rank, query_axis) != (4, 2):
+        return "positions are not broadcast as keys [1,1,1,T] against queries [1,1,S,1]"
+    total = _arange_length(keys)
+    if total is None:
+        return "key positions are not Range(0, T, 1)"
+    if queries is keys:
+        return None  # prefill: the queries are all the keys
+    offset = _add_operands(queries)
+    if offset is None:
+        return "query positions are neither the key Range nor Add(Range(0, S, 1), P)"
+    total_terms = _add_operands(total)
+    for query_range, past in (offset, offset[::-1]):
+        if total_terms is None:
+            continue
+        length = _arange_length(query_range)
+        if length is not None and {id(length), id(past)} == {id(t) for t in total_terms}:
+            return None  # queries P + [0, S) are the last S of the keys [0, P + S)
+        if _is_single_position(query_range) and _is_one_past(total_terms, past):
+            return None  # single-token decode: Range(0, 1) folded to [0], T = P + 1
+    return "query positions are not the last S key positions (T = P + S)"
+
+
+def _is_single_position(value: ir.Value) -> bool:
+    array = _values.constant_array(value)
+    return array is not None and array.reshape(-1).tolist() == [0]
+
+
+def _is_one_past(total_terms: tuple[ir.Value, ir.Value], past: ir.Value) -> bool:
+    a, b = total_terms
+    return (a is past and _values.scalar_int(b) == 1) or (b is past and _values.scalar_int(a) == 1)
+
+
+def _check_padding_indices(context, indices: ir.Value, key_positions: ir.Value) -> str | None:
+    found = _PADDING_INDICES.match(context, indices)
+    if found.bindings is None:
+        return f"padding term is not gathered at [batch, key position]: {found.reason}"
+    if found.bindings["key_positions"] is not key_positions:
+        return "padding term is gathered at other positions than the causal term's keys"
+    batch, rank, axis = _unsqueezed(found.bindings["batch_index"])
+    if (rank, axis) != (4, 0) or _arange_length(batch) is None:
+        return "padding term's batch index is not Range(0, B, 1) on axis 0"
+    return None

@@ -1,0 +1,605 @@
+"""Hugging Face exports' ``Attention`` layers (4-D, repeated cache) -> ``GroupQueryAttention``.
+
+Dimension letters: B batch, S query length, P past length, T = P + S, N query heads, Nkv KV
+heads, g = N / Nkv, D head size, W sliding window.
+
+What the exports contain (read with onnx-ir from ``../shared/corpus/hf-exporter-opset23/``,
+transformers 5.24 ``export_for_generation``, torch 2.13, opset 23, 8 layers, N=4, Nkv=1,
+D=32 sliding / 64 full, W=8; and from torch.onnx dynamo opset 24 exports of the same config,
+``fixtures/hf_export.py``)::
+
+    query_BNSD = Transpose(rotated_BSND, perm=[0, 2, 1, 3])
+    key_BNTD   = Reshape(Expand(Unsqueeze(cache_BNTD, [2]), Concat(B, Nkv, g, T, D)),
+                         [B, N, -1, D])                       # repeat_kv (_repeated_cache)
+    attention  = Attention(query_BNSD, key_BNTD, value_BNTD, mask)   # is_causal=0, scale=1.0,
+                                                # softcap=0, no q_num_heads/kv_num_heads
+    [zeroed    = Where(Less(ReduceSum(Cast(allowed), [-1]), 1), 0.0, attention)]
+    output_BSH = Reshape(Transpose(zeroed | attention, perm=[0, 2, 1, 3]), [B, -1, N*D])
+
+- The cache is the layer's present: ``Concat(input.cache.layers.i.keys, new_BNSD, axis=-2)``
+  in the decode graph (a graph output ``output.cache.layers.i.keys``), the Transpose of the
+  new keys itself in the prefill graph (graph output ``cache.layers.i.keys``).
+- KV-shared layers (4-7) read the *same* repeated value as their source layer (the
+  exporters de-duplicate ``repeat_kv``): layers 4 and 6 read layer 3's ``view_26/view_27``,
+  layers 5 and 7 read layer 2's ``view_19/view_20``. The first reader of a cache in graph
+  order is its source (its own K projection feeds the cache); every later reader is shared.
+- Masks (``_position_masks``): sliding ``Mul(Cast(Not(And(And(True, Greater(k_pos,
+  Sub(q_pos, 8))), LessOrEqual(k_pos, q_pos)))), -3.4028235e38)``, full the same with
+  ``LessOrEqual`` alone; one mask value per layer type, shared by 6 resp. 2 layers; decode
+  wraps the boolean in ``Expand(.., Concat([1], [1], S, T))``. No attention_mask input in
+  the transformers export (batch fixed at 1); torch.onnx adds a padding term gathered from
+  attention_mask and passes the boolean mask directly.
+- The transformers export zeroes fully masked query rows after the Attention (the ``Where``
+  above, from SDPA's math fallback). With a causal term and queries that are the last S key
+  positions, every row sees its own key, so the row sum is >= 1 and the Where is the
+  identity; it is fused away only then (no padding term).
+- ``input.cache.layers.{0,1,3}._sliding_window_tensor`` (int64 scalars) only pass through
+  ``Identity`` to ``output.cache.layers.*._sliding_window_tensor``; the rule leaves them.
+
+The replacement is the ``past`` form (SPEC.md section 3): ``GroupQueryAttention(query_BSH,
+empty, empty, cache_BNTD (key), cache_BNTD (value), seqlens_k, total_sequence_length)`` with
+an in-graph empty [B, 0, Nkv*D] key/value, ``num_heads = N`` and ``kv_num_heads = Nkv`` from
+the repeat, ``scale`` copied, ``local_window_size = W``, no presents. Its [B, S, N*D] output
+replaces ``output_BSH``; the query is merged to [B, S, N*D] from its BSND input. Lengths come
+from attention_mask when the mask reads it (``GQAInputs``), else from the cache: every row
+then has T valid keys, ``total_sequence_length = T = Shape(cache)[2]``, ``seqlens_k = T - 1``
+(no padding exists without attention_mask; the exports fix batch at 1: "batch-1-only").
+
+Source layers (``--layers all``) whose cache is ``Concat(past, Transpose(new_BSND), axis=2)``
+(prefill: ``Transpose(new_BSND)``) become GQA's native form instead: this call's K/V merged to
+[B, S, Nkv*D], the graph's past input, ``T = P + S``; after the rule set ran,
+``redirect_caches()`` makes every reader of the export's cache (graph outputs, the shared
+layers' past) read GQA's present under the same name, and the Concat dies. A cache built
+otherwise is read as a past (``past`` form); a Concat on another axis is refused.
+
+Not matched, with the reason "key positions are not Range(0, T, 1)": torch.onnx decode
+graphs of transformers' DynamicSlidingWindowLayer (``fixtures/hf_torch_decode_opset24.onnx``),
+which keep only the last W - 1 entries of a sliding cache and offset the sliding masks' key
+positions by what was dropped; proving that alignment is not implemented, so their sliding
+layers stay Attention (the full layers are rewritten).
+
+Single-token decode graphs (transformers' default decode component, S fixed at 1) fold the
+query Range to ``[0]`` (T = P + 1) and write ``Reshape(x, [1, -1, 1, D])`` before the output
+Transpose: a rule variant accepts that Reshape when it provably keeps [1, N, 1, D].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript.rewriter import pattern
+
+from rewriter.rules import _values
+from rewriter.rules._attention_rule import (
+    GQA_DTYPES,
+    AttentionHeads,
+    AttentionToGQARule,
+    FormChooser,
+    LayerRewrite,
+    LayerSkip,
+    always_past,
+    dtype_name,
+    gqa_attributes,
+    node_label,
+)
+from rewriter.rules._gqa_inputs import GQAInputs
+from rewriter.rules._position_masks import PositionMask, allowed_keys, match_position_mask
+from rewriter.rules._repeated_cache import (
+    AppendedCache,
+    RepeatedCache,
+    match_appended_cache,
+    match_repeated_cache,
+    shape_elements,
+)
+from rewriter.rules.nonshared_attention import NATIVE_FORM
+
+__all__ = [
+    "NO_ATTENTION_MASK_STYLE_SUFFIX",
+    "HFAttentionToGQA",
+    "hf_padding_contract",
+    "hf_rules",
+    "refine_skips",
+]
+
+# mask_style suffix of layers whose graph has no attention_mask: lengths from the cache.
+NO_ATTENTION_MASK_STYLE_SUFFIX = "-no-attention-mask"
+
+_FORMS = ("past", "past-present")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    attention: ir.Node
+    key: RepeatedCache
+    value: RepeatedCache
+    mask: PositionMask
+    heads: AttentionHeads
+    head_size: int
+    dtype: ir.DataType
+    form: str
+    shared: bool
+    graph: ir.Graph | ir.Function
+    # Own-cache layers whose cache is Concat(past, new): GQA's native form appends instead.
+    appended: tuple[AppendedCache, AppendedCache] | None = None
+
+
+class HFAttentionToGQA(AttentionToGQARule):
+    """One HF Attention layer (with or without the row-zeroing Where) -> one GQA node.
+
+    ``layers="shared"`` rewrites only layers that read another layer's cache.
+    """
+
+    def __init__(
+        self,
+        choose_form: FormChooser = always_past,
+        *,
+        zeroes_masked_rows: bool,
+        single_query_reshape: bool = False,
+        layers: str = "all",
+        exact_padding: bool = False,
+        inputs: GQAInputs | None = None,
+    ) -> None:
+        super().__init__(
+            "HFAttentionToGQA"
+            + ("/where" if zeroes_masked_rows else "")
+            + ("/s1" if single_query_reshape else ""),
+            choose_form,
+            exact_padding=exact_padding,
+            inputs=inputs,
+        )
+        self.zeroes_masked_rows = zeroes_masked_rows
+        # Single-token decode graphs (S fixed at 1): the exporter writes a Reshape to the
+        # same [B, N, 1, D] between the Attention and its output Transpose.
+        self.single_query_reshape = single_query_reshape
+        self._steps = ("Where",) * zeroes_masked_rows + ("Reshape",) * single_query_reshape
+        self.layers = layers
+        # (export's cache, GQA present replacing it, the node that built the cache)
+        self.cache_redirects: list[tuple[ir.Value, ir.Value, ir.Node]] = []
+
+    def pattern(
+        self, op, query_BNSD, key_BNTD, value_BNTD, mask, row_has_keys, zero, same_shape, shape
+    ):
+        attention = op.Attention(
+            query_BNSD, key_BNTD, value_BNTD, mask, _allow_other_inputs=True, _outputs=["output"]
+        )
+        if self.zeroes_masked_rows:
+            attention = op.Where(row_has_keys, zero, attention)
+        if self.single_query_reshape:
+            attention = op.Reshape(attention, same_shape)
+        return op.Reshape(op.Transpose(attention, perm=[0, 2, 1, 3]), shape)
+
+    def check(self, context, **bindings):
+        # Skips are keyed by the Attention node (the pattern's root is the output Reshape).
+        attention = bindings["output"].producer()
+        inputs = (bindings["query_BNSD"], bindings["key_BNTD"], bindings["value_BNTD"])
+        if any(v.shape is not None and v.shape.rank() != 4 for v in inputs):
+            # Not this export style: the 3-D rules own the skip reason.
+            return pattern.MatchResult().fail("query/key/value are not 4-D", attention)
+        verdict = self._plan_for(context, attention, **bindings)
+        label = node_label(attention)
+        if isinstance(verdict, str):
+            self.skips[label] = LayerSkip(label, verdict)
+            return pattern.MatchResult().fail(verdict, attention)
+        self.skips.pop(label, None)
+        self._plan = verdict
+        return True
+
+    def _plan_for(
+        self,
+        context,
+        attention: ir.Node,
+        *,
+        query_BNSD,
+        key_BNTD,
+        value_BNTD,
+        mask,
+        shape,
+        row_has_keys=None,
+        zero=None,
+        same_shape=None,
+        **_,
+    ) -> _Plan | str:
+        opset = context.model.opset_imports.get("", 0)
+        if opset not in (23, 24):
+            return f"ai.onnx opset {opset}: the rules know Attention of opsets 23 and 24"
+        if any(v is not None for v in attention.inputs[4:]):
+            return "has past_key/past_value/nonpad_kv_seqlen inputs: not an HF repeat_kv layer"
+        if any(out.uses() or out.is_graph_output() for out in attention.outputs[1:]):
+            return "present or qk_matmul outputs are used"
+        if mask is None:
+            return "has no mask input"
+        attrs = attention.attributes
+        if attrs.get_int("is_causal", 0):
+            return "is_causal=1 with 4-D HF inputs: not the exported pattern (mask carries it)"
+        problem = _single_reader_chain(attention, self._steps)
+        if problem:
+            return problem
+        if self.single_query_reshape and not _is_identity_reshape(attention.outputs[0], same_shape):
+            return "Reshape after the Attention changes its [B, N, S, D] shape"
+        key = match_repeated_cache(context, key_BNTD)
+        if isinstance(key, str):
+            return key
+        value = match_repeated_cache(context, value_BNTD)
+        if isinstance(value, str):
+            return value
+        if (key.kv_num_heads, key.num_heads) != (value.kv_num_heads, value.num_heads):
+            return "K and V are repeated differently"
+        num_heads = _static_dim(query_BNSD, 1)
+        if num_heads is not None and num_heads != key.num_heads:
+            return f"query has {num_heads} heads, the repeated K has {key.num_heads}"
+        head_size = _head_size(query_BNSD, key, value)
+        if isinstance(head_size, str):
+            return head_size
+        mask_form = match_position_mask(context, mask)
+        if isinstance(mask_form, str):
+            return mask_form
+        if self.zeroes_masked_rows:
+            problem = _check_row_zeroing(row_has_keys, zero, mask_form)
+            if problem:
+                return problem
+        problem = _check_output_shape(shape, key.num_heads * head_size, query_BNSD)
+        if problem:
+            return problem
+        if self.inputs.exact_padding and mask_form.attention_mask is not None:
+            return "--exact-padding is not implemented for HF position masks"
+        dtype = query_BNSD.dtype or key.cache_BNSH.dtype
+        problem = _check_dtype(dtype, key.cache_BNSH, value.cache_BNSH)
+        if problem:
+            return problem
+        shared = not _is_first_reader(attention, key.cache_BNSH)
+        if not shared and self.layers != "all":
+            return "a layer with its own cache (source of its repeat_kv); --layers shared leaves it"
+        appended = None
+        if not shared:
+            found = [match_appended_cache(c.cache_BNSH) for c in (key, value)]
+            reasons = [f for f in found if isinstance(f, str)]
+            if reasons:
+                return reasons[0]
+            if all(isinstance(f, AppendedCache) for f in found):
+                appended = (found[0], found[1])
+                if (appended[0].past_BNPD is None) != (appended[1].past_BNPD is None):
+                    return "one of K/V appends to a past, the other does not"
+        windowed = mask_form.local_window_size is not None
+        decision = self.choose_form(dtype_name(dtype), head_size, windowed)
+        if decision.form is None:
+            return f"no GroupQueryAttention form qualifies: {decision.reason}"
+        if decision.form not in _FORMS:
+            return f"form {decision.form} is not built for HF exports (only {', '.join(_FORMS)})"
+        heads = AttentionHeads(
+            key.num_heads,
+            key.kv_num_heads,
+            attrs["scale"].as_float() if "scale" in attrs else None,
+            attrs.get_float("softcap", 0.0),
+        )
+        return _Plan(
+            attention,
+            key,
+            value,
+            mask_form,
+            heads,
+            head_size,
+            dtype,
+            decision.form,
+            shared,
+            context.graph_or_function,
+            appended,
+        )
+
+    def rewrite(self, op, query_BNSD, output, **bindings):
+        plan: _Plan = self._take_plan()
+        reshape_output = _root_output(output, self._steps)
+        query_BSH = _merged_query(
+            op, query_BNSD, self._merged_shape(op, plan.heads.num_heads, plan)
+        )
+        if plan.appended is not None:
+            inputs = self._native_inputs(op, plan)
+            form, num_outputs = NATIVE_FORM, 3
+        else:
+            inputs = self._past_inputs(op, plan)
+            form = plan.form
+            num_outputs = 1 if plan.form == "past" else 3
+        style = plan.mask.style
+        if plan.mask.attention_mask is None:
+            style += NO_ATTENTION_MASK_STYLE_SUFFIX
+        record = LayerRewrite(
+            node=node_label(plan.attention),
+            rule=f"{self.name}/{'shared' if plan.shared else 'own-cache'}-"
+            f"{'sliding' if plan.mask.local_window_size else 'full'}",
+            form=form,
+            local_window_size=plan.mask.local_window_size,
+            mask_style=style,
+            source=(plan.key.cache_BNSH.name or ""),
+            dtype=dtype_name(plan.dtype),
+            head_size=plan.head_size,
+        )
+        attributes = gqa_attributes(plan.heads, plan.head_size, plan.mask, exact_padding=False)
+        results = (
+            self._emit(
+                op, plan.attention, [query_BSH, *inputs], attributes, [reshape_output], record, 1
+            )
+            if num_outputs == 1
+            else self._emit_with_presents(
+                op, plan, [query_BSH, *inputs], attributes, reshape_output, record
+            )
+        )
+        # The dead-code sweep starts from the output Reshape: it walks up through the
+        # Transpose (and Where) to the Attention and its mask and repeat chains.
+        reshape = reshape_output.producer()
+        assert reshape is not None
+        self.replaced_nodes.append(reshape)
+        return results[0]
+
+    def _merged_shape(self, op, heads: int, plan: _Plan) -> ir.Value:
+        hidden = heads * plan.head_size
+        return self.inputs.cached(
+            ("merged_heads", hidden),
+            lambda: op.Constant(value=ir.tensor(np.array([0, 0, hidden], dtype=np.int64))),
+        )
+
+    def _lengths(self, op, plan: _Plan, cache: ir.Value) -> tuple[ir.Value, ir.Value]:
+        if plan.mask.attention_mask is not None:
+            return self.inputs.sequence_lengths(op, plan.mask.attention_mask)
+        return self.inputs.lengths_from_cache(op, cache)
+
+    def _past_inputs(self, op, plan: _Plan) -> list[ir.Value | None]:
+        """`past` form: empty new K/V, the cache as past_key/past_value."""
+        key_BNTD, value_BNTD = plan.key.cache_BNSH, plan.value.cache_BNSH
+        hidden = plan.heads.kv_num_heads * plan.head_size
+        batch_source = plan.mask.attention_mask or key_BNTD
+        empty = self.inputs.empty_kv(op, batch_source, hidden, plan.dtype)
+        return [empty, empty, key_BNTD, value_BNTD, *self._lengths(op, plan, key_BNTD)]
+
+    def _native_inputs(self, op, plan: _Plan) -> list[ir.Value | None]:
+        """Native form: this call's K/V as [B, S, Nkv*D], the graph's past (if any); GQA
+        appends and its presents replace the export's Concat (redirect_caches())."""
+        assert plan.appended is not None
+        key, value = plan.appended
+        merged = self._merged_shape(op, plan.heads.kv_num_heads, plan)
+        new_key = op.Reshape(key.new_BSND, merged)
+        new_value = op.Reshape(value.new_BSND, merged)
+        if plan.mask.attention_mask is not None:
+            lengths = self.inputs.sequence_lengths(op, plan.mask.attention_mask)
+        else:
+            lengths = self.inputs.appended_lengths(op, key.past_BNPD, key.new_BSND)
+        return [new_key, new_value, key.past_BNPD, value.past_BNPD, *lengths]
+
+    def _emit_with_presents(self, op, plan, inputs, attributes, reshape_output, record):
+        results = self._emit(op, plan.attention, inputs, attributes, [reshape_output], record, 3)
+        # _emit returns only the replaced outputs; the presents are the GQA node's others.
+        gqa = results[0].producer()
+        assert gqa is not None
+        if plan.appended is not None:
+            for appended, present in zip(plan.appended, gqa.outputs[1:3], strict=True):
+                self.cache_redirects.append((appended.cache_BNTD, present, appended.node))
+        return results
+
+    def redirect_caches(self) -> None:
+        """After the rule set ran: readers of each replaced cache (graph outputs, shared
+        layers) read the GQA present instead, under the cache's name."""
+        for cache, present, node in self.cache_redirects:
+            cache.replace_all_uses_with(present, replace_graph_outputs=True)
+            if cache.name:
+                self.renames.append((present, cache.name))
+            self.replaced_nodes.append(node)
+        self.cache_redirects.clear()
+
+
+def _check_dtype(dtype: ir.DataType | None, *caches: ir.Value) -> str | None:
+    if dtype is None:
+        return "dtype unknown: the query and the cache carry no type information"
+    if dtype not in GQA_DTYPES:
+        return f"dtype {dtype} has no GroupQueryAttention kernel"
+    if any(cache.dtype not in (None, dtype) for cache in caches):
+        return "query and key/value dtypes differ"
+    return None
+
+
+def _static_dim(value: ir.Value, axis: int) -> int | None:
+    shape = value.shape
+    if shape is None or shape.rank() <= axis or not isinstance(shape[axis], int):
+        return None
+    return shape[axis]
+
+
+def _head_size(query: ir.Value, key: RepeatedCache, value: RepeatedCache) -> int | str:
+    sizes = {s for s in (key.head_size, value.head_size, _static_dim(query, 3)) if s is not None}
+    if not sizes:
+        return "head size unknown (no static D on the query, the cache or the repeat shapes)"
+    if len(sizes) > 1:
+        return f"inconsistent head sizes {sorted(sizes)} between query, K and V"
+    return sizes.pop()
+
+
+def _single_reader_chain(attention: ir.Node, steps: tuple[str, ...]) -> str | None:
+    """The values between the Attention and the output Reshape must have no other reader."""
+    value = attention.outputs[0]
+    for step in (*steps, "Transpose"):
+        if len(value.uses()) != 1 or value.is_graph_output():
+            return f"Attention output is read by more than the {step} it flows into"
+        (use,) = value.uses()
+        value = use.node.outputs[0]
+    if len(value.uses()) != 1 or value.is_graph_output():
+        return "the transposed Attention output is read by more than the output Reshape"
+    return None
+
+
+def _is_identity_reshape(attention_BNSD: ir.Value, same_shape: ir.Value) -> bool:
+    """Reshape(x, [1, -1, 1, D]) of a static [1, N, 1, D] x gives x's own shape."""
+    shape = attention_BNSD.shape
+    target = shape_elements(same_shape)
+    if shape is None or target is None or not all(isinstance(d, int) for d in shape):
+        return False
+    dims = list(shape)
+    if len(target) != len(dims) or target.count(-1) > 1 or None in target:
+        return False
+    known = int(np.prod([d for d in target if d != -1]))
+    resolved = [d if d != -1 else int(np.prod(dims)) // max(known, 1) for d in target]
+    return resolved == dims
+
+
+def _root_output(output: ir.Value, steps: tuple[str, ...]) -> ir.Value:
+    value = output
+    for _ in range(len(steps) + 2):
+        (use,) = value.uses()
+        value = use.node.outputs[0]
+    return value
+
+
+def _check_row_zeroing(row_has_keys: ir.Value, zero: ir.Value, mask: PositionMask) -> str | None:
+    """Where(Less(ReduceSum(Cast(allowed), [-1]), 1), 0, attention) is the identity when no
+    row is fully masked: true for a causal mask whose queries are the last S keys, without
+    padding (check_positions established the alignment)."""
+    if _values.scalar_float(zero) != 0.0:
+        return "output Where does not write 0 for masked rows"
+    less = row_has_keys.producer()
+    if less is None or less.op_type != "Less" or _values.scalar_float(less.inputs[1]) != 1.0:
+        return "output Where's condition is not Less(row sum, 1)"
+    reduce = less.inputs[0].producer() if less.inputs[0] is not None else None
+    if reduce is None or reduce.op_type != "ReduceSum":
+        return "output Where's condition is not a row sum of the mask"
+    axes = _values.constant_array(reduce.inputs[1]) if len(reduce.inputs) > 1 else None
+    if axes is None or axes.reshape(-1).tolist() not in ([-1], [3]):
+        return "output Where's row sum is not over the key axis"
+    cast = reduce.inputs[0].producer() if reduce.inputs[0] is not None else None
+    if cast is None or cast.op_type != "Cast" or cast.inputs[0] is None:
+        return "output Where's row sum does not count the mask"
+    if allowed_keys(cast.inputs[0]) is not mask.allowed:
+        return "output Where's row sum counts another mask than the Attention's"
+    if mask.attention_mask is not None:
+        return "output Where zeroes fully masked rows and the mask has padding (rows can be empty)"
+    return None
+
+
+def _check_output_shape(shape: ir.Value, hidden: int, query_BNSD: ir.Value) -> str | None:
+    """Reshape(Transpose(attention_BNSD)) must be the [B, S, N*D] GQA writes: N*D spelled
+    out (or -1 once B and S are), B and S as 0 (copy), their static size, -1, or read off
+    dims 0 and 1 of a [B, S] graph input (input_ids, attention_mask)."""
+    dims = shape_elements(shape)
+    if dims is None or len(dims) != 3:
+        return f"output Reshape is not to a 3-D [B, S, {hidden}]"
+    reshape = shape.uses()[0].node if shape.uses() else None
+    copies = reshape is not None and not reshape.attributes.get_int("allowzero", 0)
+    producer = shape.producer()
+    parts = list(producer.inputs) if producer is not None else [None, None, None]
+    static = (_static_dim(query_BNSD, 0), _static_dim(query_BNSD, 2))  # B, S
+    proven = [
+        (copies and dims[i] == 0)
+        or _is_graph_input_dim(parts[i], i, query_BNSD)
+        or (static[i] is not None and dims[i] == static[i])
+        for i in (0, 1)
+    ]
+    if dims[2] == hidden:
+        if (proven[0] and (proven[1] or dims[1] == -1)) or (proven[1] and dims[0] == -1):
+            return None
+    elif dims[2] == -1 and all(proven):
+        return None
+    return f"output Reshape {dims} is not provably [B, S, {hidden}]"
+
+
+def _is_graph_input_dim(part: ir.Value | None, axis: int, query_BNSD: ir.Value) -> bool:
+    """Dim `axis` (0: B, 1: S) read off a [B, S] graph input (input_ids, attention_mask), or
+    B read off a 4-D graph input (a past cache) whose declared batch dim is the query's."""
+    producer = part.producer() if part is not None else None
+    if producer is None or producer.op_type != "Shape":
+        return False
+    source = producer.inputs[0]
+    attrs = producer.attributes
+    if (
+        source is None
+        or not _values.is_graph_input(source)
+        or source.shape is None
+        or attrs.get_int("start", 0) != axis
+        or attrs.get_int("end", -100) != axis + 1
+    ):
+        return False
+    if source.shape.rank() == 2:
+        return True
+    query = query_BNSD.shape
+    return (
+        axis == 0
+        and source.shape.rank() == 4
+        and query is not None
+        and isinstance(source.shape[0], ir.SymbolicDim)
+        and source.shape[0] == query[0]
+    )
+
+
+def _is_first_reader(attention: ir.Node, cache: ir.Value) -> bool:
+    """Whether `attention` is the first Attention, in graph order, reading `cache` through a
+    repeat: the source layer, whose K projection produced it."""
+    graph = attention.graph
+    if graph is None:
+        return True
+    readers = set()
+    frontier = [cache]
+    for _ in range(3):  # Unsqueeze -> Expand -> Reshape
+        frontier = [u.node.outputs[0] for v in frontier for u in v.uses()]
+    for value in frontier:
+        readers.update(u.node for u in value.uses() if u.node.op_type == "Attention")
+    for node in graph:
+        if node in readers:
+            return node is attention
+    return True
+
+
+def _merged_query(op, query_BNSD: ir.Value, merged: ir.Value) -> ir.Value:
+    """[B, N, S, D] -> [B, S, N*D]; from the BSND value when the query is its Transpose."""
+    producer = query_BNSD.producer()
+    if (
+        producer is not None
+        and producer.op_type == "Transpose"
+        and list(producer.attributes.get_ints("perm", [])) == [0, 2, 1, 3]
+    ):
+        assert producer.inputs[0] is not None
+        return op.Reshape(producer.inputs[0], merged)
+    return op.Reshape(op.Transpose(query_BNSD, perm=[0, 2, 1, 3]), merged)
+
+
+def hf_rules(
+    choose_form: FormChooser,
+    *,
+    layers: str,
+    exact_padding: bool = False,
+    inputs: GQAInputs | None = None,
+) -> list[HFAttentionToGQA]:
+    """Every variant (with or without the row-zeroing Where, the single-token Reshape),
+    sharing one GQAInputs."""
+    inputs = inputs or GQAInputs(exact_padding=exact_padding)
+    return [
+        HFAttentionToGQA(
+            choose_form,
+            zeroes_masked_rows=where,
+            single_query_reshape=single,
+            layers=layers,
+            inputs=inputs,
+        )
+        for where in (True, False)
+        for single in (False, True)
+    ]
+
+
+BATCH_1_ONLY = "batch-1-only"  # rewriter.report.PaddingContract.BATCH_1_ONLY
+
+_BATCH_1_WARNING = (
+    "the graph has no attention_mask input (Hugging Face exporter): the rewritten layers "
+    "take seqlens_k/total_sequence_length from the cache length, which is exact for "
+    "unpadded batch-1 calls, the only ones this export accepts (padding contract "
+    "batch-1-only); GroupQueryAttention would also refuse a batched call of several tokens "
+    "after a past"
+)
+
+
+def hf_padding_contract(rewrites: list[LayerRewrite]) -> tuple[str, str] | None:
+    """("batch-1-only", warning) when a rewritten layer had no attention_mask to read."""
+    if any(r.mask_style.endswith(NO_ATTENTION_MASK_STYLE_SUFFIX) for r in rewrites):
+        return BATCH_1_ONLY, _BATCH_1_WARNING
+    return None
+
+
+def refine_skips(skipped: list[LayerSkip], rules: list[HFAttentionToGQA]) -> list[LayerSkip]:
+    """The HF rules' reason for a skipped Attention they examined: their pattern (4-D
+    inputs, output Reshape) matched, so their reason says more than the 3-D rules'."""
+    reasons = {label: skip.reason for rule in rules for label, skip in rule.skips.items()}
+    return [LayerSkip(s.node, reasons.get(s.node, s.reason)) for s in skipped]

@@ -1,0 +1,300 @@
+"""Hugging Face exports (transformers exporter, torch.onnx dynamo): every layer becomes GQA,
+and ONNX Runtime computes the same thing before and after.
+
+The corpus export is read from ``../shared/corpus/`` (never copied into the repository); the
+torch.onnx fixture is committed, made by ``fixtures/hf_export.py``.
+"""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+import rewriter
+from rewriter.fixtures.hf_export import TORCH_DECODE, TORCH_PREFILL, TRANSFORMERS_PAIR
+from rewriter.report import PaddingContract, RewriteReport
+from rewriter.rules import always_past
+from rewriter.verification._pair import verify_pair
+from rewriter.verification._tolerance import compare
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT.parent / "shared" / "corpus" / "hf-exporter-opset23"
+FIXTURES = ROOT / "fixtures"
+
+# What the rewrite must leave no trace of: the repeat, the position mask, the row zeroing.
+GONE = ("Attention", "Range", "LessOrEqual", "Greater", "Not", "Where", "Expand", "GatherND")
+
+
+def _rewrite(path: Path, layers: str = "all") -> tuple[ir.Model, RewriteReport]:
+    return rewriter.rewrite(ir.load(path), layers=layers, choose_form=always_past)
+
+
+def _save(model: ir.Model, path: Path) -> str:
+    ir.save(model, path, external_data=path.name + ".data")
+    return str(path)
+
+
+def _ops(model: ir.Model) -> collections.Counter:
+    return collections.Counter(node.op_type for node in model.graph)
+
+
+@pytest.mark.corpus
+@pytest.mark.parametrize("graph", ["prefill", "decode"])
+def test_corpus_every_layer_becomes_gqa(graph):
+    model, report = _rewrite(CORPUS / f"{graph}.onnx")
+    assert report.rewritten == 8, report.summary()
+    assert not report.skipped
+    rules = sorted(r.rule.split("/")[-1] for r in report.rewrites)
+    assert rules.count("shared-sliding") == 2 and rules.count("shared-full") == 2, rules
+    assert {r.local_window_size for r in report.rewrites} == {8, None}
+    # Source layers use GQA's native append (their presents replace the export's Concat),
+    # shared layers the copy-free past form over those presents.
+    forms = {r.rule.split("/")[-1].split("-")[0]: r.form for r in report.rewrites}
+    assert forms == {"own": "native", "shared": "past"}
+    assert report.padding_contract == PaddingContract.BATCH_1_ONLY
+    assert any("batch-1-only" in w for w in report.warnings)
+    ops = _ops(model)
+    assert ops["GroupQueryAttention"] == 8
+    assert not [op for op in GONE if ops[op]], ops
+
+
+@pytest.mark.corpus
+def test_corpus_layers_shared_leaves_the_source_layers():
+    _, report = _rewrite(CORPUS / "decode.onnx", layers="shared")
+    assert sorted(r.node[-1] for r in report.rewrites) == ["4", "5", "6", "7"]
+    assert len(report.skipped) == 4
+    assert all("--layers shared leaves it" in s.reason for s in report.skipped)
+
+
+@pytest.mark.corpus
+def test_corpus_pair_equals_the_original(tmp_path):
+    """Prefill at S = 1, 3, 11, 18 (window 8), then decode fed the prefill's presents."""
+    prefill, _ = _rewrite(CORPUS / "prefill.onnx")
+    decode, _ = _rewrite(CORPUS / "decode.onnx")
+    candidate = (_save(prefill, tmp_path / "p.onnx"), _save(decode, tmp_path / "d.onnx"))
+    original = (str(CORPUS / "prefill.onnx"), str(CORPUS / "decode.onnx"))
+    result = verify_pair(original, candidate)
+    assert result.passed, result.summary()
+    by_name = {(c.name, c.model): c for c in result.checks}
+    assert by_name[("cache_consistency", "original")].passed  # so decode equivalence ran
+    assert by_name[("decode_equivalence", "both")].passed is True
+    assert by_name[("prefill_equivalence", "both")].cases
+
+
+@pytest.mark.corpus
+def test_corpus_pair_verifier_catches_a_wrong_window(tmp_path):
+    """The check can fail: GQA's window one short of the export's differs beyond S = 8."""
+    prefill, _ = _rewrite(CORPUS / "prefill.onnx")
+    decode, _ = _rewrite(CORPUS / "decode.onnx")
+    for model in (prefill, decode):
+        for node in model.graph:
+            if node.op_type == "GroupQueryAttention" and "local_window_size" in node.attributes:
+                node.attributes["local_window_size"] = ir.AttrInt64("local_window_size", 7)
+    candidate = (_save(prefill, tmp_path / "p.onnx"), _save(decode, tmp_path / "d.onnx"))
+    result = verify_pair((str(CORPUS / "prefill.onnx"), str(CORPUS / "decode.onnx")), candidate)
+    assert not result.passed
+    prefill_check = next(c for c in result.checks if c.name == "prefill_equivalence")
+    failed = {c.label.split()[0] for c in prefill_check.cases if not c.passed}
+    assert "S=11" in failed and "S=1" not in failed
+
+
+# --- near misses: refused, with the reason ------------------------------------------------
+
+
+def _corpus_prefill() -> ir.Model:
+    return ir.load(CORPUS / "prefill.onnx")
+
+
+def _constant_input(model: ir.Model, op_type: str, index: int, value: int) -> ir.Value:
+    """The constant input `index` of the first `op_type` node whose constant equals value."""
+    for node in model.graph:
+        candidate = node.inputs[index] if len(node.inputs) > index else None
+        if (
+            node.op_type == op_type
+            and candidate is not None
+            and candidate.const_value is not None
+            and candidate.const_value.numpy().reshape(-1).tolist() == [value]
+        ):
+            return candidate
+    raise AssertionError(f"no {op_type} with constant {value}")
+
+
+def _skip_reasons(model: ir.Model) -> dict[str, str]:
+    _, report = rewriter.rewrite(model, choose_form=always_past)
+    return {s.node: s.reason for s in report.skipped}
+
+
+@pytest.mark.corpus
+def test_near_miss_changed_repeat_factor():
+    model = _corpus_prefill()
+    factor = _constant_input(model, "Concat", 2, 4)  # Expand shape [1, 1, g=4, T, 32]
+    factor.const_value = ir.tensor(np.array([2], dtype=np.int64))
+    reasons = _skip_reasons(model)
+    assert reasons, "a repeat that does not give one K head per query head was rewritten"
+    assert all("repeat factor 2 x 1 KV heads != 4 heads" in r for r in reasons.values()), reasons
+
+
+@pytest.mark.corpus
+def test_near_miss_window_not_a_constant():
+    model = _corpus_prefill()
+    window = _constant_input(model, "Sub", 1, 8)
+    runtime_window = ir.Value(
+        name="window", shape=ir.Shape([]), type=ir.TensorType(ir.DataType.INT64)
+    )
+    model.graph.inputs.append(runtime_window)
+    window.replace_all_uses_with(runtime_window)
+    reasons = _skip_reasons(model)
+    assert len(reasons) == 5, reasons  # the 5 sliding layers; the 3 full ones are rewritten
+    assert set(reasons.values()) == {"window is not a constant"}
+
+
+@pytest.mark.corpus
+def test_near_miss_row_zeroing_with_another_threshold():
+    """Where(Less(row sum, 2), 0, attention) zeroes rows that do see a key: not fusable."""
+    model = _corpus_prefill()
+    less = next(
+        n for n in model.graph if n.op_type == "Less" and n.inputs[1].const_value is not None
+    )
+    less.replace_input_with(
+        1, ir.Value(name="two", const_value=ir.tensor(np.array(2.0, np.float32)))
+    )
+    model.graph.initializers["two"] = less.inputs[1]
+    reasons = _skip_reasons(model)
+    assert reasons and set(reasons.values()) == {"output Where's condition is not Less(row sum, 1)"}
+
+
+@pytest.mark.corpus
+def test_near_miss_cache_concat_on_the_wrong_axis():
+    model = ir.load(CORPUS / "decode.onnx")
+    (concat,) = [n for n in model.graph if n.outputs[0].name == "output.cache.layers.0.keys"]
+    concat.attributes["axis"] = ir.AttrInt64("axis", 1)
+    reasons = _skip_reasons(model)
+    assert reasons == {
+        "node_scaled_dot_product_attention": "cache output.cache.layers.0.keys is "
+        "Concat(past, new) on axis 1, not the sequence axis 2 of BNSH: not a KV-cache append"
+    }
+
+
+# --- torch.onnx dynamo, opset 24, attention_mask, dynamic batch -------------------------
+
+
+@pytest.fixture(scope="module")
+def torch_export(tmp_path_factory):
+    model, report = _rewrite(FIXTURES / TORCH_PREFILL)
+    path = tmp_path_factory.mktemp("hf") / "rewritten.onnx"
+    ir.save(model, path)
+    return model, report, str(path)
+
+
+def _session(path) -> ort.InferenceSession:
+    return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+
+
+def test_torch_export_every_layer_becomes_gqa(torch_export):
+    model, report, _ = torch_export
+    assert report.rewritten == 8, report.summary()
+    assert not report.skipped
+    assert sum(r.rule.endswith(("shared-sliding", "shared-full")) for r in report.rewrites) == 4
+    assert report.padding_contract == PaddingContract.RIGHT_PADDING_ONLY
+    ops = _ops(model)
+    # This graph has no position_ids input: one Range stays, the rotary positions.
+    assert ops["Range"] == 1
+    assert not [op for op in GONE if ops[op] and op != "Range"], ops
+
+
+@pytest.mark.parametrize("length", [1, 3, 11, 18])
+def test_torch_export_prefill_equals_the_original(torch_export, length):
+    _, _, rewritten = torch_export
+    rng = np.random.default_rng(length)
+    feeds = {
+        "input_ids": rng.integers(0, 128, (1, length), dtype=np.int64),
+        "attention_mask": np.ones((1, length), dtype=np.int64),
+    }
+    original = _session(str(FIXTURES / TORCH_PREFILL)).run(None, feeds)
+    candidate = _session(rewritten).run(None, feeds)
+    for reference, actual in zip(original, candidate, strict=True):
+        case = compare(f"S={length}", reference, actual)
+        assert case.passed, case
+
+
+def test_torch_export_right_padded_batch_2(torch_export):
+    """Row 1 is 7 tokens right-padded to 12 (past the window 8): at the valid positions both
+    models match each row run alone, and each other."""
+    _, _, rewritten = torch_export
+    rng = np.random.default_rng(7)
+    ids = rng.integers(0, 128, (2, 12), dtype=np.int64)
+    mask = np.ones((2, 12), dtype=np.int64)
+    mask[1, 7:] = 0
+    for path in (str(FIXTURES / TORCH_PREFILL), rewritten):
+        session = _session(path)
+        batch = session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
+        for row, valid in ((0, 12), (1, 7)):
+            alone = session.run(
+                ["logits"],
+                {
+                    "input_ids": ids[row : row + 1, :valid],
+                    "attention_mask": mask[row : row + 1, :valid],
+                },
+            )[0]
+            case = compare(f"{path} row {row}", alone[0], batch[row, :valid])
+            assert case.passed, case
+    original = _session(str(FIXTURES / TORCH_PREFILL)).run(
+        ["logits"], {"input_ids": ids, "attention_mask": mask}
+    )[0]
+    candidate = _session(rewritten).run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
+    for row, valid in ((0, 12), (1, 7)):
+        case = compare(f"row {row}", original[row, :valid], candidate[row, :valid])
+        assert case.passed, case
+
+
+def test_torch_decode_rewrites_the_full_layers_and_says_why_not_the_sliding_ones(tmp_path):
+    """DynamicSlidingWindowLayer trims sliding caches to W - 1 entries and offsets the key
+    positions: not the Range(0, T) the rule proves alignment with, so those layers stay."""
+    model, report = _rewrite(FIXTURES / TORCH_DECODE)
+    rewritten = {r.node[-1]: r.rule.split("/")[-1] for r in report.rewrites}
+    assert rewritten == {"2": "own-cache-full", "6": "shared-full", "7": "shared-full"}
+    assert len(report.skipped) == 5
+    assert {s.reason for s in report.skipped} == {"key positions are not Range(0, T, 1)"}
+    path = _save(model, tmp_path / "decode.onnx")
+    original, candidate = _session(str(FIXTURES / TORCH_DECODE)), _session(path)
+    rng = np.random.default_rng(0)
+    for batch, past, length in ((2, 6, 1), (1, 5, 3), (2, 7, 1)):
+        feeds = {
+            "input_ids": rng.integers(0, 128, (batch, length), dtype=np.int64),
+            "attention_mask": np.ones((batch, past + length), dtype=np.int64),
+            "position_ids": np.broadcast_to(np.arange(past, past + length), (batch, length)).copy(),
+        }
+        for graph_input in original.get_inputs()[3:]:
+            shape = (batch, 1, past, graph_input.shape[3])
+            feeds[graph_input.name] = rng.standard_normal(shape).astype(np.float32)
+        for output, reference, actual in zip(
+            original.get_outputs(),
+            original.run(None, feeds),
+            candidate.run(None, feeds),
+            strict=True,
+        ):
+            case = compare(f"B={batch} P={past} S={length} {output.name}", reference, actual)
+            assert case.passed, case
+
+
+# --- transformers exporter, single-token decode graph (S fixed at 1) ----------------------
+
+
+def test_transformers_single_token_pair_equals_the_original(tmp_path):
+    pair = FIXTURES / TRANSFORMERS_PAIR
+    rewritten = []
+    for graph in ("prefill", "decode"):
+        model, report = _rewrite(pair / f"{graph}.onnx")
+        assert report.rewritten == 8 and not report.skipped, report.summary()
+        ops = _ops(model)
+        assert not [op for op in GONE if ops[op]], ops
+        rewritten.append(_save(model, tmp_path / f"{graph}.onnx"))
+    result = verify_pair((str(pair / "prefill.onnx"), str(pair / "decode.onnx")), tuple(rewritten))
+    assert result.passed, result.summary()
+    decode = next(c for c in result.checks if c.name == "decode_equivalence")
+    assert decode.passed is True and len(decode.cases) > 0
