@@ -168,11 +168,12 @@ def test_p1_original_defects_are_reported_per_layer() -> None:
 
 
 def test_identical_layers_share_one_run_and_agree_with_separate_runs() -> None:
-    path = FIXTURES / "p2_tiny.onnx"
+    path = FIXTURES / "p2_all_attention_tiny.onnx"
     candidate, _ = _rewritten(path)
     shared = prove_layers(ir.load(path), candidate)
     separate = prove_layers(ir.load(path), candidate, dedupe=False)
-    assert [layer.proof_shared_with for layer in shared.layers].count(None) == 2
+    # Layers 2 and 3 (own cache) compute as layers 0 and 1 do.
+    assert [layer.proof_shared_with is not None for layer in shared.layers].count(True) == 2
     assert all(layer.proof_shared_with is None for layer in separate.layers)
     for a, b in zip(shared.layers, separate.layers, strict=True):
         assert [c.to_dict() for c in a.checks] == [c.to_dict() for c in b.checks]
@@ -370,3 +371,17 @@ def test_softcap_is_proven_and_a_missing_softcap_is_caught() -> None:
     prefill = next(c for c in broken[0].checks if c.name == "prefill" and c.model == "candidate")
     assert prefill.max_abs_diff is not None and prefill.tolerance is not None
     assert prefill.max_abs_diff > 10 * prefill.tolerance
+
+
+def test_layers_cut_after_the_attention_are_listed_and_left_to_the_model_check() -> None:
+    # torch.onnx's 4-D layout: the GQA takes over the Reshape after the Attention.
+    path = FIXTURES / "hf_torch_prefill_opset24.onnx"
+    candidate, rewritten = _rewritten(path)
+    layers_only = verify(path, candidate, mode="layers")
+    assert not layers_only.passed
+    assert len(layers_only.layers) == rewritten > 0
+    assert all("after the Attention" in layer.reason for layer in layers_only.layers)
+    assert layers_only.graph_diff is not None and layers_only.graph_diff.passed is None
+    auto = verify(path, candidate)
+    assert auto.passed, auto.summary()
+    assert auto.model is not None and auto.model["ran"] and auto.model["passed"]

@@ -48,6 +48,7 @@ _MS = "com.microsoft"
 
 # Roles of boundary inputs; the feeds of a scenario are built per role.
 QUERY = "query"  # [B, S, N*D]
+QUERY_SHAPE = "query_shape_source"  # another layer's query, read only for its shape [B, S, .]
 KEY_CACHE, VALUE_CACHE = "key_cache", "value_cache"  # borrowed [B, Nkv, T, D]
 KEY_TOTAL, VALUE_TOTAL = "key_total", "value_total"  # borrowed as 3-D [B, T, Nkv*D]
 KEY_NEW, VALUE_NEW = "key", "value"  # own layer's new [B, S, Nkv*D]
@@ -57,6 +58,7 @@ OUTPUT, PRESENT_KEY, PRESENT_VALUE = "output", "present_key", "present_value"
 
 _RANKS = {
     QUERY: 3,
+    QUERY_SHAPE: 3,
     KEY_CACHE: 4,
     VALUE_CACHE: 4,
     KEY_TOTAL: 3,
@@ -155,16 +157,40 @@ def pair_layers(
     produced_by = {
         value.name: node for node in original.graph for value in node.outputs if value.name
     }
-    original_names = set(produced_by) | {v.name for v in original.graph.inputs if v.name}
+    # Float tensors the original computes or takes: where the replacement's walk stops.
+    # Integer values (lengths, shapes) are walked through to the graph inputs instead: the
+    # replacement's seqlens_k / window slice are part of the layer, even when it reuses the
+    # model's own length values.
+    original_names = {
+        value.name
+        for value in (*original.graph.inputs, *(v for n in original.graph for v in n.outputs))
+        if value.name and value.dtype in _FLOAT_TYPES
+    }
     pairs: list[LayerPair | tuple[str, str, str]] = []
     original_nodes: set[ir.Node] = set()
     candidate_nodes: set[ir.Node] = set()
     for gqa in candidate.graph:
         if not (gqa.op_type == "GroupQueryAttention" and gqa.domain == _MS):
             continue
-        attention = produced_by.get(gqa.outputs[0].name or "")
-        if attention is None or attention.op_type != "Attention" or attention.domain != "":
-            continue  # a GQA layer of the original itself, or not ours
+        replaced = produced_by.get(gqa.outputs[0].name or "")
+        if replaced is not None and replaced.op_type == gqa.op_type:
+            continue  # a GQA layer of the original itself
+        attention = _attention_behind(replaced)
+        if attention is not replaced or attention is None:
+            # E.g. the transformers exporter's 4-D layout: the replacement takes over the
+            # output of a Transpose/Reshape after the Attention.
+            label = node_label(attention) if attention is not None else node_label(gqa)
+            where = (
+                f"a {replaced.op_type} after the Attention"
+                if attention is not None and replaced is not None
+                else "no Attention of the original"
+            )
+            reason = (
+                f"the replacement takes over {gqa.outputs[0].name}, the output of {where}: "
+                "layer proofs cut at an Attention's own output only"
+            )
+            pairs.append((label, node_label(gqa), reason))
+            continue
         original_nodes.add(attention)
         candidate_nodes.add(gqa)
         try:
@@ -176,6 +202,19 @@ def pair_layers(
         candidate_nodes |= pair.candidate_nodes
         pairs.append(pair)
     return pairs, frozenset(original_nodes), frozenset(candidate_nodes)
+
+
+def _attention_behind(node: ir.Node | None) -> ir.Node | None:
+    """The ai.onnx Attention whose output reaches ``node`` through layout ops only."""
+    for _ in range(8):
+        if node is None:
+            return None
+        if node.op_type == "Attention" and node.domain == "":
+            return node
+        if node.op_type not in _LAYOUT_OPS or not node.inputs or node.inputs[0] is None:
+            return None
+        node = node.inputs[0].producer()
+    return None
 
 
 def _cut_layer(
@@ -192,10 +231,9 @@ def _cut_layer(
     for index, value in enumerate(gqa.inputs):
         if value is None:
             continue
-        if index <= 4:
-            candidate_walk.visit(value, lambda v: v.name in original_names, data_index=index)
-        else:
-            candidate_walk.visit(value, lambda v: False)
+        candidate_walk.visit(
+            value, lambda v: v.name in original_names, data_index=index if index <= 4 else None
+        )
     data_names = {v.name for v in candidate_walk.data_boundary}
 
     original_walk = _Walk("the original layer")
@@ -211,18 +249,24 @@ def _cut_layer(
                 expected=sorted(n or "" for n in data_names),
             )
         else:
-            original_walk.visit(value, lambda v: False)
+            # The mask chain may read a data value's shape (Shape(query)): stop there too.
+            original_walk.visit(value, lambda v: v.name in data_names)
     candidate_index = {
         value.name: min(candidate_walk.reached_from[value.name or ""])
         for value in candidate_walk.data_boundary
     }
     roles = _roles(original_walk, kind, candidate_index)
     for value in candidate_walk.boundary:
-        if value.name not in roles and value.name not in _GRAPH_INPUT_ROLES:
+        if value.name in roles or value.name in _GRAPH_INPUT_ROLES:
+            roles.setdefault(value.name or "", _GRAPH_INPUT_ROLES.get(value.name or "", ""))
+        elif _only_shape_read(value, candidate_walk.nodes):
+            # Lengths computed once per graph from the first rewritten layer's query (the
+            # window slice): only its shape [B, S, .] is read, the same for every layer.
+            roles[value.name or ""] = QUERY_SHAPE
+        else:
             raise UnprovableLayer(
                 f"the replacement reads {value.name}, which the original layer does not read"
             )
-        roles.setdefault(value.name or "", _GRAPH_INPUT_ROLES.get(value.name or "", ""))
 
     boundary = {v.name: v for v in (*original_walk.boundary, *candidate_walk.boundary)}
     config = _config(attention, gqa, original_walk.nodes, kind, roles, boundary)
@@ -338,6 +382,11 @@ class _Walk:
             )
 
 
+def _only_shape_read(value: ir.Value, nodes: set[ir.Node]) -> bool:
+    uses = [node for node, _ in value.uses() if node in nodes]
+    return bool(uses) and all(node.op_type == "Shape" for node in uses)
+
+
 def _has_subgraph(node: ir.Node) -> bool:
     return any(
         attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
@@ -437,7 +486,9 @@ def _head_size(
     with_heads = [(attention.inputs[0], num_heads)]
     with_heads += [(value, kv_num_heads) for value in attention.inputs[1:3]]
     with_heads += [
-        (boundary.get(name), heads_of.get(role, kv_num_heads)) for name, role in roles.items()
+        (boundary.get(name), heads_of.get(role, kv_num_heads))
+        for name, role in roles.items()
+        if role != QUERY_SHAPE  # another layer's query: its D may differ
     ]
     for value, heads in [*with_heads, *((v, kv_num_heads) for v in attention.inputs[4:6])]:
         shape = value.shape if value is not None else None

@@ -36,6 +36,7 @@ from rewriter.verification._layer_extract import (
     PRESENT_KEY,
     PRESENT_VALUE,
     QUERY,
+    QUERY_SHAPE,
     VALUE_CACHE,
     VALUE_NEW,
     VALUE_TOTAL,
@@ -140,8 +141,10 @@ def make_data(
     mask_dtype = input_dtypes.get(ATTENTION_MASK, np.dtype(np.int64))
     p = scenario.past_length
     merged = (b, -1, nkv * d)
+    query_BSD = query.transpose(0, 2, 1, 3).reshape(b, s, n * d).astype(dtype)
     feeds = {
-        QUERY: query.transpose(0, 2, 1, 3).reshape(b, s, n * d).astype(dtype),
+        QUERY: query_BSD,
+        QUERY_SHAPE: query_BSD,
         KEY_CACHE: key.astype(dtype),
         VALUE_CACHE: value.astype(dtype),
         KEY_TOTAL: key.transpose(0, 2, 1, 3).reshape(merged).astype(dtype),
