@@ -168,14 +168,28 @@ def _verify(args: argparse.Namespace) -> dict:
 
     baseline = _rss_mb()
     start = time.perf_counter()
-    result = verify(args.original, args.candidate, provider=args.provider)
+    result = verify(args.original, args.candidate, provider=args.provider, mode=args.mode)
+    layers = [layer.to_dict() for layer in result.layers]
     return {
         "seconds": time.perf_counter() - start,
         "peak_rss_mb": _process_peak_mb(),
         "baseline_mb": baseline,
+        "mode": args.mode,
         "passed": result.passed,
         "checks": [check.to_dict() for check in result.checks],
         "original_defects": [str(defect) for defect in result.original_defects],
+        "layers": len(layers),
+        "layer_seconds": sum(layer["seconds"] for layer in layers),
+        "layer_max_abs_diff": max(
+            (
+                check["max_abs_diff"]
+                for layer in layers
+                for check in layer["checks"]
+                if check["model"] == "candidate" and isinstance(check["max_abs_diff"], float)
+            ),
+            default=None,
+        ),
+        "model": result.model,
         "summary": result.summary(),
     }
 
@@ -198,6 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check.add_argument("original", type=Path)
     check.add_argument("candidate", type=Path)
     check.add_argument("--provider", default="cpu")
+    check.add_argument("--mode", default="auto", choices=("auto", "layers", "model", "all"))
     args = parser.parse_args(argv)
     handler = {
         "decode-rss": _decode_rss,

@@ -41,6 +41,7 @@ __all__ = [
     "ensure_models",
     "keep_full_attention",
     "save_external",
+    "tame_initialisation",
 ]
 
 CACHE_DIR = Path(__file__).resolve().parent / "cache"
@@ -222,6 +223,32 @@ def _key(config: DecoderConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+# Bumped whenever tame_initialisation changes what it writes (part of the cache key).
+_INIT_VERSION = "tamed-qk-1"
+
+
+def tame_initialisation(model: ir.Model) -> ir.Model:
+    """Bench only: scale every q/k RMSNorm weight (near 1 as generated) by D^-1/4.
+
+    Why: at attention scale 1.0 (Gemma 4) a generated layer's scores q.k have a standard
+    deviation of sqrt(D) = 16..22, so softmax is close to one-hot and every layer multiplies
+    a rounding difference by up to |k| ~ sqrt(D); over 35 layers the random original was not
+    self-consistent at the fixed fp32 tolerance (decode vs prefill 0.0165 against 0.0004,
+    bench/results.json). Trained q/k norms keep scores in a few units; D^-1/4 on both gives
+    scores of standard deviation ~1. Only the bench's models are changed, never the
+    fixtures or a tolerance.
+    """
+    for name, value in model.graph.initializers.items():
+        if not name.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")):
+            continue
+        tensor = value.const_value
+        assert tensor is not None
+        array = tensor.numpy()
+        scaled = (array.astype(np.float64) * array.size**-0.25).astype(array.dtype)
+        value.const_value = ir.tensor(scaled, name=name)
+    return model
+
+
 def save_external(model: ir.Model, path: Path) -> None:
     """Write `model` with every weight in ``<path>.data`` (atomic: the .onnx file goes last)."""
     temporary = path.with_name(f".{path.name}.tmp")
@@ -239,7 +266,7 @@ def ensure_models(
     """The original and its variants for `workload` (rewritten for `provider`), generated
     if not cached."""
     config = WORKLOADS[workload](**overrides)
-    directory = cache_dir / f"{workload}-{config.dtype}-{_key(config)}"
+    directory = cache_dir / f"{workload}-{config.dtype}-{_key(config)}-{_INIT_VERSION}"
     directory.mkdir(parents=True, exist_ok=True)
     original = directory / "original.onnx"
     generate_seconds = None
@@ -248,7 +275,7 @@ def ensure_models(
         # build_decoder returns one ModelProto; at E2B size it holds ~2 GB of weights inline,
         # which protobuf can hold in memory but never serialize: hand it to onnx-ir, which
         # writes the weights as external data.
-        save_external(ir.from_proto(build_decoder(config)), original)
+        save_external(tame_initialisation(ir.from_proto(build_decoder(config))), original)
         generate_seconds = time.perf_counter() - start
     rewritten = {}
     for variant in variants:

@@ -144,6 +144,17 @@ def _pass_lines(result: Mapping) -> list[str]:
         )
     else:
         lines.append(f"| verifier | {verify.get('skipped', '-')} | | | | |")
+    for mode, run in result.get("verify_modes", {}).items():
+        verdict = "passed" if run["passed"] else "FAILED"
+        what = (
+            f"{run['layers']} layers, worst max_abs_diff {run['layer_max_abs_diff']:.3g}"
+            if mode == "layers" and run.get("layer_max_abs_diff") is not None
+            else f"{len(run['checks'])} checks"
+        )
+        lines.append(
+            f"| verifier `--verify {mode}` ({verdict}, {what}) | | | | "
+            f"{_seconds(run['seconds'])} | {run['peak_rss_mb']:.0f} |"
+        )
     for name, other in result.get("verify_variants", {}).items():
         verdict = "passed" if other["passed"] else "FAILED"
         lines.append(

@@ -237,9 +237,23 @@ def run(args: argparse.Namespace) -> dict:
     )
     result["optimizer_yardstick"] = _worker("optimize", paths.original, scratch / "optimized.onnx")
     if args.verify:
+        # The default (auto: layer proofs, and the whole model where it fits), then each
+        # mode alone, so the report shows what each costs.
         result["verify"] = _worker(
             "verify", paths.original, paths.rewritten["rewritten"], "--provider", args.provider
         )
+        result["verify_modes"] = {
+            mode: _worker(
+                "verify",
+                paths.original,
+                paths.rewritten["rewritten"],
+                "--provider",
+                args.provider,
+                "--mode",
+                mode,
+            )
+            for mode in ("layers", "model")
+        }
         # The other variants are measured too, so they must compute the same thing; at full
         # size only on request (each verification opens two more sessions of the model).
         if args.quick or args.verify_variants:

@@ -59,6 +59,18 @@ def _add_provider(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_verify_mode(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--verify",
+        choices=("auto", "layers", "model", "all"),
+        default="auto",
+        dest="verify_mode",
+        help="layers: prove each rewritten layer on its own (small, any model size) and "
+        "diff the graph outside them; model: the whole-model checks (two full sessions); "
+        "all: both; auto (default): layers, plus model where its estimated memory fits",
+    )
+
+
 def _rewrite_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="python -m rewriter",
@@ -69,6 +81,7 @@ def _rewrite_parser() -> argparse.ArgumentParser:
     parser.add_argument("output", type=Path, help="where to write the rewritten model")
     parser.add_argument("--report", type=Path, help="write the JSON report here")
     parser.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime proof")
+    _add_verify_mode(parser)
     parser.add_argument(
         "--form",
         choices=("auto", *FORMS),
@@ -132,6 +145,7 @@ def _verify_parser() -> argparse.ArgumentParser:
         "(the decode graph fed the prefill graph's cache)",
     )
     parser.add_argument("--report", type=Path, help="write the JSON report here")
+    _add_verify_mode(parser)
     _add_provider(parser)
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--debug", action="store_true")
@@ -222,7 +236,13 @@ def _rewrite_command(args: argparse.Namespace) -> int:
         else:
             progress = None if args.quiet else _progress
             try:
-                result = verify(args.input, staged, provider=args.provider, progress=progress)
+                result = verify(
+                    args.input,
+                    staged,
+                    provider=args.provider,
+                    progress=progress,
+                    mode=args.verify_mode,
+                )
             except VerificationError as error:
                 raise InputError(f"verification could not run: {error}") from None
             report.verification = result.to_dict()
@@ -262,6 +282,7 @@ def _verify_command(args: argparse.Namespace) -> int:
             args.candidate,
             provider=args.provider,
             progress=None if args.quiet else _progress,
+            mode=args.verify_mode,
         )
     except VerificationError as error:
         raise InputError(str(error)) from None

@@ -2,30 +2,39 @@
 
 Public API::
 
-    result = verify(original, candidate, provider="cpu", seed=0, progress=print)
-    result.passed, result.checks, result.defects, result.gates, result.summary()
+    result = verify(original, candidate, provider="cpu", seed=0, progress=print, mode="auto")
+    result.passed, result.layers, result.graph_diff, result.model, result.checks,
+    result.defects, result.layer_defects, result.gates, result.summary(), result.to_dict()
 
 The verdict judges the rewrite: a check the original fails is the original's defect (with
 whether the rewrite fixed it), not a failure of the candidate.
 
-The oracles are described in ``_checks``; feeds come from each model's own signature
-(``_feeds``); tolerances are fixed per dtype in ``_tolerance``.
+``mode`` (``_modes``): ``layers`` proves each rewritten layer on its own against a float64
+reference (``_layer_proofs``) and diffs the graph outside the layers (``_graph_diff``);
+``model`` runs the whole-model oracles (``_checks``; feeds from each model's own signature,
+``_feeds``); ``all`` both; ``auto`` layers, and the whole model where its estimated memory
+fits. Tolerances are fixed per dtype in ``_tolerance``.
 """
 
 from __future__ import annotations
 
+from rewriter.verification._layer_proofs import LayerProof
+from rewriter.verification._modes import MODES, MemoryEstimate, estimate_model_memory, verify
 from rewriter.verification._result import (
     CheckResult,
     OriginalDefect,
     VerificationError,
     VerificationResult,
 )
-from rewriter.verification._verify import verify
 
 __all__ = [
+    "MODES",
     "CheckResult",
+    "LayerProof",
+    "MemoryEstimate",
     "OriginalDefect",
     "VerificationError",
     "VerificationResult",
+    "estimate_model_memory",
     "verify",
 ]

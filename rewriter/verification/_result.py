@@ -163,6 +163,14 @@ class VerificationResult:
     checks: list[CheckResult]
     defects: list[OriginalDefect]
     gates: list[str] = dataclasses.field(default_factory=list)
+    # Set by verify(mode=...): which proofs ran. `checks` are the whole-model checks.
+    mode: str | None = None
+    layers: list[Any] = dataclasses.field(default_factory=list)  # LayerProof per layer
+    graph_diff: CheckResult | None = None  # nothing changed outside the rewritten layers
+    model: dict[str, Any] | None = None  # whole-model check: ran/passed or why it did not
+    # Defects of the original found by the layer proofs, one line each naming its layers
+    # (`defects` are those of the whole-model check).
+    layer_defects: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def original_defects(self) -> list[str]:
@@ -179,14 +187,31 @@ class VerificationResult:
             "original_defects": self.original_defects,
             "defects": [defect.to_dict() for defect in self.defects],
             "failed_because": list(self.gates),
-        }
+        } | self._proofs_dict()
 
     def summary(self) -> str:
-        lines = [check.summary() for check in self.checks]
+        lines = [layer.summary() for layer in self.layers]
+        if self.graph_diff is not None:
+            lines.append(self.graph_diff.summary())
+        if self.model is not None and not self.model.get("ran"):
+            lines.append(f"SKIP whole-model check: {self.model.get('reason', '')}")
+        lines += [check.summary() for check in self.checks]
         lines += [f"DEFECT original: {defect}" for defect in self.original_defects]
+        lines += [f"DEFECT original: {defect}" for defect in self.layer_defects]
         lines += [f"failed because: {gate}" for gate in self.gates]
         lines.append(f"verdict: {'PASSED' if self.passed else 'FAILED'}")
         return "\n".join(lines)
+
+    def _proofs_dict(self) -> dict[str, Any]:
+        if self.mode is None:
+            return {}
+        return {
+            "mode": self.mode,
+            "layers": [layer.to_dict() for layer in self.layers],
+            "graph_diff": self.graph_diff.to_dict() if self.graph_diff is not None else None,
+            "model": self.model,
+            "layer_defects": list(self.layer_defects),
+        }
 
 
 def _json_float(value: float | None) -> float | str | None:

@@ -14,12 +14,16 @@ import dataclasses
 import os
 import re
 import tempfile
+from typing import TYPE_CHECKING
 
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
 from rewriter.verification._result import VerificationError
+
+if TYPE_CHECKING:
+    from rewriter.verification._shared_weights import SharedWeights
 
 __all__ = ["LoadedModel", "ModelSource", "execution_providers", "load_model", "short_error"]
 
@@ -62,7 +66,9 @@ def execution_providers(provider: str) -> list[str]:
     return list(_PROVIDERS[provider])
 
 
-def load_model(source: ModelSource, role: str, provider: str) -> LoadedModel:
+def load_model(
+    source: ModelSource, role: str, provider: str, shared_weights: SharedWeights | None = None
+) -> LoadedModel:
     providers = execution_providers(provider)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -93,6 +99,8 @@ def load_model(source: ModelSource, role: str, provider: str) -> LoadedModel:
                 f"{role}: expected onnx_ir.Model, onnx.ModelProto or a path, "
                 f"got {type(source).__name__}"
             )
+        if shared_weights is not None:
+            shared_weights.apply(options, model, role)
         session = _create_session(session_input, options, providers, role)
         if provider == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
             raise VerificationError(

@@ -18,6 +18,7 @@ from rewriter.verification._feeds import DecoderSignature, FeedSynthesizer
 from rewriter.verification._graph_facts import read_graph_facts
 from rewriter.verification._result import CheckResult, VerificationError, VerificationResult
 from rewriter.verification._session import ModelSource, execution_providers, load_model
+from rewriter.verification._shared_weights import SharedWeights
 
 __all__ = ["verdict_gates", "verify"]
 
@@ -32,10 +33,11 @@ def verify(
     provider: str = "cpu",
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
+    shared_weights: SharedWeights | None = None,
 ) -> VerificationResult:
     """Run ``original`` and ``candidate`` on ONNX Runtime and decide whether they compute the
     same thing (SPEC section 6). Defects of the original are reported, not held against the
-    candidate.
+    candidate. ``shared_weights``: one copy of the weights for both sessions.
 
     Raises:
         VerificationError: an input cannot be fed, a model does not load on ONNX Runtime, or
@@ -45,10 +47,10 @@ def verify(
     execution_providers(provider)  # fail before the expensive part
     with contextlib.ExitStack() as stack:
         report("loading the original model")
-        original_model = load_model(original, "original", provider)
+        original_model = load_model(original, "original", provider, shared_weights)
         stack.callback(original_model.close)
         report("loading the candidate model")
-        candidate_model = load_model(candidate, "candidate", provider)
+        candidate_model = load_model(candidate, "candidate", provider, shared_weights)
         stack.callback(candidate_model.close)
 
         original_signature = DecoderSignature.from_session(original_model.session, "original")

@@ -1,0 +1,199 @@
+"""Scenarios of a layer proof and the float64 NumPy reference of what a layer means.
+
+Dimension letters: B batch, S query length, T total length, P = T - S past length, N query
+heads, Nkv KV heads, D head size, W sliding window.
+
+What an attention layer of these decoders means (SPEC.md section 4), for query i of row b at
+position ``q[b, i]`` and key j at position j (caches are right-padded, so a key's position is
+its index): key j is visible iff ``attention_mask[b, j] != 0`` and ``0 <= q[b, i] - j`` and,
+with a window, ``q[b, i] - j < W``. Scores are ``scale * q.k``, soft-capped as
+``c * tanh(s / c)`` before masking, softmax over the visible keys, query head h reads KV head
+``h // (N / Nkv)``. Query rows at padding positions (``q = -1``) are not compared.
+
+Inputs are drawn so that the scores have a standard deviation of about 3 whatever D and
+the scale (as RMS-normed q/k give a trained model), values are standard normal; the
+reference is computed from the values as fed, after rounding to the model's dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from rewriter.verification._layer_extract import (
+    ATTENTION_MASK,
+    INPUT_IDS,
+    KEY_CACHE,
+    KEY_NEW,
+    KEY_TOTAL,
+    OUTPUT,
+    OWN_CACHE,
+    PAST_KEY,
+    PAST_VALUE,
+    POSITION_IDS,
+    PRESENT_KEY,
+    PRESENT_VALUE,
+    QUERY,
+    QUERY_SHAPE,
+    VALUE_CACHE,
+    VALUE_NEW,
+    VALUE_TOTAL,
+    LayerConfig,
+)
+
+__all__ = ["Scenario", "ScenarioData", "make_data", "reference", "scenarios"]
+
+_SCORE_STD = 3.0
+_CHUNK = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    """One call of the layer: ``check`` groups scenarios into one reported check."""
+
+    check: str  # prefill | decode | chunk | batch_prefill | batch_decode
+    label: str
+    batch: int
+    query_length: int  # S
+    total_length: int  # T
+    valid_lengths: tuple[int, ...]  # keys per row that attention_mask marks valid
+    # Position of each query row (B x S); -1 for a query at a padding position.
+    query_positions: tuple[tuple[int, ...], ...]
+
+    @property
+    def past_length(self) -> int:
+        return self.total_length - self.query_length
+
+
+def scenarios(config: LayerConfig, window: int) -> list[Scenario]:
+    """Prefill S = T, decode S = 1, a chunk after a past, right-padded batch 2, at lengths
+    around ``window`` (the layer's W, or the model's largest W for full layers)."""
+    w = max(window, 2)
+    around = sorted({w - 1, w, w + 1, 2 * w + 1})
+    out: list[Scenario] = []
+    for t in sorted({1, w + 1, 2 * w + 1}):
+        out.append(_single("prefill", f"prefill S=T={t}", t, t))
+    for t in around:
+        out.append(_single("decode", f"decode T={t}", 1, t))
+    for t in sorted({w + 1, 2 * w + 1}):
+        out.append(_single("chunk", f"chunk of {_CHUNK} at T={t}", _CHUNK, t))
+    padded = w + 1
+    rows = (padded, max(1, padded // 2))
+    out.append(
+        Scenario(
+            "batch_prefill",
+            f"right-padded batch 2 prefill T={padded}, rows of {rows[0]} and {rows[1]}",
+            2,
+            padded,
+            padded,
+            rows,
+            tuple(tuple(i if i < n else -1 for i in range(padded)) for n in rows),
+        )
+    )
+    if config.kind != OWN_CACHE:
+        # A layer that writes its cache appends after the padding (Attention) or at
+        # seqlens_k (GQA): the two conventions differ by design, so padded decode of a layer
+        # with its own cache is left to the whole-model check.
+        total = 2 * w + 1
+        rows = (total, max(1, w))
+        out.append(
+            Scenario(
+                "batch_decode",
+                f"right-padded batch 2 decode T={total}, rows of {rows[0]} and {rows[1]} keys",
+                2,
+                1,
+                total,
+                rows,
+                tuple((n - 1,) for n in rows),
+            )
+        )
+    return out
+
+
+def _single(check: str, label: str, s: int, t: int) -> Scenario:
+    return Scenario(check, label, 1, s, t, (t,), (tuple(range(t - s, t)),))
+
+
+@dataclasses.dataclass
+class ScenarioData:
+    feeds: dict[str, np.ndarray]  # by role
+    expected: dict[str, np.ndarray]  # float64 reference by output role
+    valid_queries: np.ndarray  # bool [B, S]
+    valid_keys: np.ndarray  # bool [B, T]
+
+
+def make_data(
+    config: LayerConfig, scenario: Scenario, seed: int, input_dtypes: dict[str, np.dtype]
+) -> ScenarioData:
+    rng = np.random.default_rng(seed)
+    b, s, t = scenario.batch, scenario.query_length, scenario.total_length
+    n, nkv, d = config.num_heads, config.kv_num_heads, config.head_size
+    sigma = math.sqrt(_SCORE_STD / (abs(config.scale) * math.sqrt(d)))
+    dtype = config.dtype
+    # Round to the model's dtype first: the reference sees exactly what the layers see.
+    query = (rng.standard_normal((b, n, s, d)) * sigma).astype(dtype).astype(np.float64)
+    key = (rng.standard_normal((b, nkv, t, d)) * sigma).astype(dtype).astype(np.float64)
+    value = rng.standard_normal((b, nkv, t, d)).astype(dtype).astype(np.float64)
+    valid_keys = np.arange(t)[None, :] < np.array(scenario.valid_lengths)[:, None]
+    positions = np.array(scenario.query_positions, dtype=np.int64)
+    mask_dtype = input_dtypes.get(ATTENTION_MASK, np.dtype(np.int64))
+    p = scenario.past_length
+    merged = (b, -1, nkv * d)
+    query_BSD = query.transpose(0, 2, 1, 3).reshape(b, s, n * d).astype(dtype)
+    feeds = {
+        QUERY: query_BSD,
+        QUERY_SHAPE: query_BSD,
+        KEY_CACHE: key.astype(dtype),
+        VALUE_CACHE: value.astype(dtype),
+        KEY_TOTAL: key.transpose(0, 2, 1, 3).reshape(merged).astype(dtype),
+        VALUE_TOTAL: value.transpose(0, 2, 1, 3).reshape(merged).astype(dtype),
+        KEY_NEW: key[:, :, p:].transpose(0, 2, 1, 3).reshape(merged).astype(dtype),
+        VALUE_NEW: value[:, :, p:].transpose(0, 2, 1, 3).reshape(merged).astype(dtype),
+        PAST_KEY: key[:, :, :p].astype(dtype),
+        PAST_VALUE: value[:, :, :p].astype(dtype),
+        ATTENTION_MASK: valid_keys.astype(mask_dtype),
+        INPUT_IDS: np.zeros((b, s), dtype=input_dtypes.get(INPUT_IDS, np.dtype(np.int64))),
+        POSITION_IDS: np.maximum(positions, 0).astype(
+            input_dtypes.get(POSITION_IDS, np.dtype(np.int64))
+        ),
+    }
+    expected = {
+        OUTPUT: reference(query, key, value, valid_keys, positions, config),
+        PRESENT_KEY: key,
+        PRESENT_VALUE: value,
+    }
+    return ScenarioData(feeds, expected, positions >= 0, valid_keys)
+
+
+def reference(
+    query_BNSD: np.ndarray,
+    key_BNTD: np.ndarray,
+    value_BNTD: np.ndarray,
+    valid_keys: np.ndarray,
+    query_positions: np.ndarray,
+    config: LayerConfig,
+) -> np.ndarray:
+    """Attention output [B, S, N*D] in float64 (rows at padded queries are zero)."""
+    b, n, s, d = query_BNSD.shape
+    t = key_BNTD.shape[2]
+    group = n // key_BNTD.shape[1]
+    key = np.repeat(key_BNTD, group, axis=1)
+    value = np.repeat(value_BNTD, group, axis=1)
+    scores = config.scale * np.matmul(query_BNSD, key.transpose(0, 1, 3, 2))
+    if config.softcap:
+        scores = config.softcap * np.tanh(scores / config.softcap)
+    distance = query_positions[:, None, :, None] - np.arange(t)[None, None, None, :]
+    visible = valid_keys[:, None, None, :] & (distance >= 0)
+    if config.window is not None:
+        visible &= distance < config.window
+    visible &= query_positions[:, None, :, None] >= 0
+    scores = np.where(visible, scores, -np.inf)
+    top = np.max(scores, axis=-1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    weights = np.where(visible, np.exp(scores - top), 0.0)
+    total = weights.sum(axis=-1, keepdims=True)
+    weights = weights / np.where(total > 0, total, 1.0)
+    out = np.matmul(weights, value)  # [B, N, S, D]
+    return out.transpose(0, 2, 1, 3).reshape(b, s, n * d)
