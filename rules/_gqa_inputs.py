@@ -78,26 +78,26 @@ class GQAInputs:
         return self._cached(("seqlens_k", attention_mask, self.exact_padding), seqlens_k), total()
 
     def trimmed_lengths(
-        self, op, attention_mask: ir.Value, cache_BNSH: ir.Value
+        self, op, attention_mask: ir.Value, kept_BNKD: ir.Value, new_BSND: ir.Value
     ) -> tuple[ir.Value, ir.Value]:
         """(seqlens_k, total_sequence_length) over a cache that holds only the last T_c of
-        the attention_mask's T positions (a sliding cache trimmed by the export): slot j is
-        position T - T_c + j, so total = T_c = Shape(cache)[2] and each row's valid count
-        drops by the T - T_c positions the cache no longer holds."""
+        the attention_mask's T positions (a sliding cache trimmed by the export to the kept
+        past entries plus S new ones): slot j is position T - T_c + j, so total = T_c =
+        Shape(kept)[2] + S and each row's valid count drops by the T - T_c positions the
+        cache no longer holds. Read before the append (GQA's native form may do it)."""
         seqlens_k, total = self.sequence_lengths(op, attention_mask)
 
         def cache_total() -> ir.Value:
-            return op.Cast(op.Shape(cache_BNSH, start=2, end=3), to=ir.DataType.INT32)
+            length = op.Add(op.Shape(kept_BNKD, start=2, end=3), op.Shape(new_BSND, start=1, end=2))
+            return op.Cast(length, to=ir.DataType.INT32)
 
-        trimmed_total = self._cached(("trimmed_total", cache_BNSH), cache_total)
+        key = ("trimmed", attention_mask, kept_BNKD, new_BSND)
+        trimmed_total = self._cached((*key, "total"), cache_total)
 
         def trimmed_seqlens() -> ir.Value:
             return op.Sub(seqlens_k, op.Sub(total, trimmed_total))
 
-        return (
-            self._cached(("trimmed_seqlens_k", attention_mask, cache_BNSH), trimmed_seqlens),
-            trimmed_total,
-        )
+        return self._cached((*key, "seqlens_k"), trimmed_seqlens), trimmed_total
 
     def lengths_from_cache(self, op, cache_BNSH: ir.Value) -> tuple[ir.Value, ir.Value]:
         """(seqlens_k, total_sequence_length) for a graph without attention_mask: no row

@@ -141,7 +141,8 @@ class AppendedCache:
     """A layer's own cache as the export appends to it: what GQA's native form replaces."""
 
     cache_BNTD: ir.Value  # the present (Concat output, or the new keys' Transpose in prefill)
-    past_BNPD: ir.Value | None  # the graph's past input; None in a prefill graph
+    # the graph's past input (or the entries a trimmed cache keeps of it); None in prefill
+    past_BNPD: ir.Value | None
     new_BSND: ir.Value  # this call's keys/values before their Transpose to BNSD
     node: ir.Node  # the Concat (or Transpose) that GQA's present output replaces
 
@@ -191,6 +192,13 @@ class TrimmedCache:
     cache_BNTD: ir.Value
     past_BNPD: ir.Value  # the graph's past input, before the Slice
     new_BSND: ir.Value
+    kept_BNKD: ir.Value  # the Slice: the past entries the cache keeps
+    node: ir.Node  # the Concat
+
+    def appended(self) -> AppendedCache:
+        """As GQA's native form appends: to the kept past entries, whose present then
+        replaces the Concat (the export's trimming Slice of the present stays)."""
+        return AppendedCache(self.cache_BNTD, self.kept_BNKD, self.new_BSND, self.node)
 
 
 # Slice ends at least this large run to the end of any axis.
@@ -238,4 +246,4 @@ def match_trimmed_cache(cache_BNTD: ir.Value, keep: int) -> TrimmedCache | str:
     ):
         return f"cache {name} appends something other than Transpose(new, [0, 2, 1, 3])"
     assert transpose.inputs[0] is not None
-    return TrimmedCache(cache_BNTD, past, transpose.inputs[0])
+    return TrimmedCache(cache_BNTD, past, transpose.inputs[0], sliced, producer)

@@ -85,8 +85,18 @@ are refused with their reason. Lengths (``GQAInputs.trimmed_lengths``): the cach
 last T_c of the attention_mask's T positions, so ``total_sequence_length = T_c =
 Shape(cache)[2]`` and ``seqlens_k = ReduceSum(attention_mask) - 1 - (T - T_c)``; below W this
 is the untrimmed T, and fed its own trimmed presents back the rewritten pair stays
-cache-consistent beyond W, where the original fails. Own-cache sliding layers read the
-export's Concat as a past (the ``past`` form): its trimmed presents stay the export's Slice.
+cache-consistent beyond W, where the original fails.
+
+Own-cache sliding layers (``--layers all``) use GQA's native form too: this call's K/V, the
+kept entries ``Slice(past, -keep)`` as past_key/past_value, T_c = Shape(kept)[2] + S read
+before the append. GQA's present then has exactly the T_c slots of the export's Concat
+(*measured*: equal presents), so ``redirect_caches()`` puts it in the Concat's place and the
+export's own trimming ``Slice(.., -keep)`` still writes ``present.i.key``: the trimmed
+present is reproduced, not re-derived. GQA writes row b's new entries after its valid ones
+(seqlens_k), so with right padding every layer follows GQA's prefix convention (the full
+layers already did); reading the export's Concat as a past instead would give the shared
+layers padding where the new key is (*measured*: a right-padded decode step of 2 then differs
+by ~0.5 from each row alone).
 
 Single-token decode graphs (transformers' default decode component, S fixed at 1) fold the
 query Range to ``[0]`` (T = P + 1) and write ``Reshape(x, [1, -1, 1, D])`` before the output
@@ -124,6 +134,7 @@ from rewriter.rules._position_masks import (
 from rewriter.rules._repeated_cache import (
     AppendedCache,
     RepeatedCache,
+    TrimmedCache,
     match_appended_cache,
     match_repeated_cache,
     match_trimmed_cache,
@@ -159,6 +170,8 @@ class _Plan:
     graph: ir.Graph | ir.Function
     # Own-cache layers whose cache is Concat(past, new): GQA's native form appends instead.
     appended: tuple[AppendedCache, AppendedCache] | None = None
+    # The key cache when the mask's key positions are shifted (a trimmed sliding cache).
+    trimmed: TrimmedCache | None = None
 
 
 class HFAttentionToGQA(AttentionToGQARule):
@@ -265,10 +278,11 @@ class HFAttentionToGQA(AttentionToGQARule):
         mask_form = match_position_mask(context, mask)
         if isinstance(mask_form, str):
             return mask_form
+        trimmed = None
         if mask_form.key_shift is not None:
-            problem = _check_trimmed_caches(mask_form.key_shift, key, value, query_BNSD)
-            if problem:
-                return problem
+            trimmed = _check_trimmed_caches(mask_form.key_shift, key, value, query_BNSD)
+            if isinstance(trimmed, str):
+                return trimmed
         if self.zeroes_masked_rows:
             problem = _check_row_zeroing(row_has_keys, zero, mask_form)
             if problem:
@@ -286,7 +300,9 @@ class HFAttentionToGQA(AttentionToGQARule):
         if not shared and self.layers != "all":
             return "a layer with its own cache (source of its repeat_kv); --layers shared leaves it"
         appended = None
-        if not shared:
+        if not shared and trimmed is not None:
+            appended = (trimmed[0].appended(), trimmed[1].appended())
+        elif not shared:
             found = [match_appended_cache(c.cache_BNSH) for c in (key, value)]
             reasons = [f for f in found if isinstance(f, str)]
             if reasons:
@@ -319,6 +335,7 @@ class HFAttentionToGQA(AttentionToGQARule):
             shared,
             context.graph_or_function,
             appended,
+            trimmed[0] if trimmed is not None else None,
         )
 
     def rewrite(self, op, query_BNSD, output, **bindings):
@@ -374,8 +391,10 @@ class HFAttentionToGQA(AttentionToGQARule):
 
     def _lengths(self, op, plan: _Plan, cache: ir.Value) -> tuple[ir.Value, ir.Value]:
         if plan.mask.attention_mask is not None:
-            if plan.mask.key_shift is not None:
-                return self.inputs.trimmed_lengths(op, plan.mask.attention_mask, cache)
+            if plan.trimmed is not None:
+                return self.inputs.trimmed_lengths(
+                    op, plan.mask.attention_mask, plan.trimmed.kept_BNKD, plan.trimmed.new_BSND
+                )
             return self.inputs.sequence_lengths(op, plan.mask.attention_mask)
         # Without padding every one of the cache's T_c entries is valid, trimmed or not.
         return self.inputs.lengths_from_cache(op, cache)
@@ -397,7 +416,7 @@ class HFAttentionToGQA(AttentionToGQARule):
         new_key = op.Reshape(key.new_BSND, merged)
         new_value = op.Reshape(value.new_BSND, merged)
         if plan.mask.attention_mask is not None:
-            lengths = self.inputs.sequence_lengths(op, plan.mask.attention_mask)
+            lengths = self._lengths(op, plan, key.cache_BNTD)
         else:
             lengths = self.inputs.appended_lengths(op, key.past_BNPD, key.new_BSND)
         return [new_key, new_value, key.past_BNPD, value.past_BNPD, *lengths]
@@ -425,7 +444,7 @@ class HFAttentionToGQA(AttentionToGQARule):
 
 def _check_trimmed_caches(
     shift: KeyShift, key: RepeatedCache, value: RepeatedCache, query_BNSD: ir.Value
-) -> str | None:
+) -> tuple[TrimmedCache, TrimmedCache] | str:
     """The mask numbers its key columns from Max(0, P - keep); GQA numbers the cache's
     slots from 0 and puts the S queries on its last S slots. Both agree when the cache is
     Concat(Slice(past, -keep), new) with len(past) = P and S new entries: slot j then
@@ -435,6 +454,7 @@ def _check_trimmed_caches(
     past_source = _past_length_source(shift.past_length)
     if past_source is None:
         return "key shift's P is not Squeeze(Shape(past, start=2, end=3)) of a graph input"
+    found = []
     for cache in (key, value):
         trimmed = match_trimmed_cache(cache.cache_BNSH, shift.keep)
         if isinstance(trimmed, str):
@@ -456,7 +476,8 @@ def _check_trimmed_caches(
                 f"cache {cache.cache_BNSH.name} appends entries not declared as many as "
                 "the queries (S)"
             )
-    return None
+        found.append(trimmed)
+    return found[0], found[1]
 
 
 def _static_or_symbolic(value: ir.Value, axis: int) -> int | ir.SymbolicDim | None:

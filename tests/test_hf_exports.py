@@ -277,6 +277,10 @@ def test_torch_decode_every_layer_becomes_gqa(torch_decode):
     }, report.summary()
     assert not report.skipped
     assert {r.local_window_size for r in report.rewrites if "sliding" in r.rule} == {8}
+    # Own caches, trimmed or not, are appended by GQA (the export's trimming Slice of the
+    # present stays); shared layers read those presents as their past.
+    forms = {r.rule.split("/")[-1].split("-")[0]: r.form for r in report.rewrites}
+    assert forms == {"own": "native", "shared": "past"}
     ops = _ops(ir.load(path))
     assert ops["GroupQueryAttention"] == 8
     assert not [op for op in GONE if ops[op]], ops
@@ -310,6 +314,29 @@ def test_torch_decode_equals_the_original(torch_decode, batch, past, length):
         assert case.passed, case
 
 
+def test_torch_decode_layers_shared_equals_the_original(tmp_path):
+    """--layers shared: the 4 KV-shared layers read the export's own trimmed Concat."""
+    model, report = _rewrite(FIXTURES / TORCH_DECODE, layers="shared")
+    assert sorted(r.node[-1] for r in report.rewrites) == ["4", "5", "6", "7"]
+    assert {s.reason for s in report.skipped} == {
+        "a layer with its own cache (source of its repeat_kv); --layers shared leaves it"
+    }
+    original, candidate = (
+        _session(str(FIXTURES / TORCH_DECODE)),
+        _session(_save(model, tmp_path / "shared.onnx")),
+    )
+    for batch, past, length in ((2, 6, 1), (1, 5, 3), (1, 7, 1)):
+        feeds = _decode_feeds(original, np.random.default_rng(past), batch, past, length)
+        for output, reference, actual in zip(
+            original.get_outputs(),
+            original.run(None, feeds),
+            candidate.run(None, feeds),
+            strict=True,
+        ):
+            case = compare(f"B={batch} P={past} S={length} {output.name}", reference, actual)
+            assert case.passed, case
+
+
 @pytest.mark.parametrize("past", [8, 12])
 def test_torch_decode_original_fails_from_a_past_of_w(torch_decode, past):
     """A defect of the export, not hidden: traced at P = 6 < W, its sliding masks have
@@ -324,23 +351,17 @@ def test_torch_decode_original_fails_from_a_past_of_w(torch_decode, past):
     assert np.all(np.isfinite(logits))
 
 
+def _run_prefill(prefill, ids: np.ndarray) -> dict[str, np.ndarray]:
+    names = [o.name for o in prefill.get_outputs()]
+    outputs = prefill.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    return dict(zip(names, outputs, strict=True))
+
+
 def _cache_consistency(prefill, decode, ids, length, chunks) -> list:
     """Prefill `length` tokens, feed its (trimmed) presents to decode calls of `chunks`
     tokens, against one prefill of the whole sequence."""
-    total = length + sum(chunks)
-    full = prefill.run(
-        ["logits"], {"input_ids": ids[:, :total], "attention_mask": ids[:, :total] * 0 + 1}
-    )[0]
-    names = [o.name for o in prefill.get_outputs()]
-    past = dict(
-        zip(
-            names,
-            prefill.run(
-                None, {"input_ids": ids[:, :length], "attention_mask": ids[:, :length] * 0 + 1}
-            ),
-            strict=True,
-        )
-    )
+    full = _run_prefill(prefill, ids[:, : length + sum(chunks)])["logits"]
+    past = _run_prefill(prefill, ids[:, :length])
     cases, position = [], length
     for chunk in chunks:
         feeds = {
@@ -381,6 +402,58 @@ def test_torch_decode_original_pair_is_cache_consistent_below_the_window():
         assert case.passed, case
     with pytest.raises(ort.capi.onnxruntime_pybind11_state.InvalidArgument, match="Expand"):
         _cache_consistency(prefill, decode, ids, 6, (1, 1, 1))
+
+
+def _padded_step(prefill, decode, ids, lengths, new_ids, convention: str) -> np.ndarray:
+    """A right-padded prefill of 2 rows, then one decode token per row; `convention` says
+    where the mask puts it: right after the row's tokens ("prefix", GQA's convention) or
+    after the padding ("append", the export's Concat)."""
+    padded = ids.shape[1]
+    mask = np.zeros((len(lengths), padded), dtype=np.int64)
+    step = np.zeros((len(lengths), padded + 1), dtype=np.int64)
+    for row, n in enumerate(lengths):
+        mask[row, :n] = 1
+        step[row, :n] = 1
+        step[row, n if convention == "prefix" else padded] = 1
+    names = [o.name for o in prefill.get_outputs()]
+    presents = dict(
+        zip(names, prefill.run(None, {"input_ids": ids, "attention_mask": mask}), strict=True)
+    )
+    feeds = {
+        "input_ids": new_ids,
+        "attention_mask": step,
+        "position_ids": np.array([[n] for n in lengths], dtype=np.int64),
+    }
+    for graph_input in decode.get_inputs()[3:]:
+        feeds[graph_input.name] = presents[graph_input.name.replace("past_key_values", "present")]
+    return decode.run(["logits"], feeds)[0]
+
+
+@pytest.mark.parametrize("lengths", [(6, 3), (5, 2), (7, 4)])
+def test_torch_decode_right_padded_batch_2(torch_decode, lengths):
+    """One decode step after a right-padded prefill of 2 equals each row run alone: for the
+    rewritten pair with GQA's prefix mask, for the original with its append mask; and the
+    two agree row by row."""
+    _, decode, prefill = torch_decode
+    rng = np.random.default_rng(sum(lengths))
+    ids = rng.integers(0, 128, (2, lengths[0]), dtype=np.int64)
+    new_ids = rng.integers(0, 128, (2, 1), dtype=np.int64)
+    steps = {}
+    for name, pair, convention in (
+        ("original", (str(FIXTURES / TORCH_PREFILL), str(FIXTURES / TORCH_DECODE)), "append"),
+        ("rewritten", (prefill, decode), "prefix"),
+    ):
+        sessions = [_session(path) for path in pair]
+        batch = _padded_step(*sessions, ids, lengths, new_ids, convention)
+        for row, n in enumerate(lengths):
+            alone = _padded_step(
+                *sessions, ids[row : row + 1, :n], (n,), new_ids[row : row + 1], convention
+            )
+            case = compare(f"{name} row {row} ({convention} mask)", alone, batch[row : row + 1])
+            assert case.passed, case
+        steps[name] = batch
+    case = compare("original vs rewritten", steps["original"], steps["rewritten"])
+    assert case.passed, case
 
 
 # --- near misses of the trimmed sliding cache ---------------------------------------------
