@@ -19,6 +19,13 @@ keys are an ``And`` of terms (torch writes ``And(True, ...)`` around some of the
 - padding (torch.onnx with attention_mask): ``GatherND(Cast(attention_mask, bool),
   [batch_index, key_positions])`` = ``attention_mask[b, j]``, [B, 1, 1, T].
 
+Over a cache trimmed to its last ``keep`` past entries (transformers'
+DynamicSlidingWindowLayer in torch.onnx decode graphs) the keys are numbered from the first
+position the cache still holds: ``Add(Range(0, P + S, 1), Max(0, P - keep))`` (``KeyShift``;
+the Max spelled ``Max(0, Add(P, -keep))``, ``Add(-keep, P)`` or ``Sub(P, keep)``, either
+operand order), with the queries' P. The mask alone does not prove the alignment; the rule
+checks that the cache is ``Concat(Slice(past, -keep), new)`` (``match_trimmed_cache``).
+
 The boolean mask is optionally ``Expand``-ed to [B, 1, S, T] and then either passed as is
 (torch.onnx) or turned into a float bias ``Mul(Cast(Not(allowed)), -3.4e38)`` (transformers
 exporter). Terms, operand orders and nesting of the And are read in any order.
