@@ -83,20 +83,22 @@ as the shift's P source, the new entries as many as the queries. A wrong shift c
 Slice keeping another count, a shift without the Max or a past declared with another length
 are refused with their reason. Lengths (``GQAInputs.trimmed_lengths``): the cache holds the
 last T_c of the attention_mask's T positions, so ``total_sequence_length = T_c =
-Shape(cache)[2]`` and ``seqlens_k = ReduceSum(attention_mask) - 1 - (T - T_c)``; below W this
+Shape(kept)[2] + S`` (kept = the Slice; read off the Concat's inputs, so the native form
+below can replace the Concat) and ``seqlens_k = ReduceSum(attention_mask) - 1 - (T - T_c)``,
+T = Shape(attention_mask)[1]; below W this
 is the untrimmed T, and fed its own trimmed presents back the rewritten pair stays
 cache-consistent beyond W, where the original fails.
 
 Own-cache sliding layers (``--layers all``) use GQA's native form too: this call's K/V, the
-kept entries ``Slice(past, -keep)`` as past_key/past_value, T_c = Shape(kept)[2] + S read
-before the append. GQA's present then has exactly the T_c slots of the export's Concat
-(*measured*: equal presents), so ``redirect_caches()`` puts it in the Concat's place and the
-export's own trimming ``Slice(.., -keep)`` still writes ``present.i.key``: the trimmed
-present is reproduced, not re-derived. GQA writes row b's new entries after its valid ones
-(seqlens_k), so with right padding every layer follows GQA's prefix convention (the full
-layers already did); reading the export's Concat as a past instead would give the shared
-layers padding where the new key is (*measured*: a right-padded decode step of 2 then differs
-by 0.43-0.68 from each row alone).
+kept entries ``Slice(past, -keep)`` as past_key/past_value, the same lengths. GQA's present
+then has exactly the T_c slots of the export's Concat (*measured*: equal presents), so
+``redirect_caches()`` puts it in the Concat's place and the export's own trimming
+``Slice(.., -keep)`` still writes ``present.i.key``: the trimmed present is reproduced, not
+re-derived. GQA writes row b's new entries after its valid ones (seqlens_k), so with right
+padding every layer follows GQA's prefix convention (the full layers already did); reading
+the export's Concat as a past instead would give the shared layers padding where the new key
+is (*measured*: a right-padded decode step of 2 then differs by 0.43-0.68 from each row
+alone).
 
 Single-token decode graphs (transformers' default decode component, S fixed at 1) fold the
 query Range to ``[0]`` (T = P + 1) and write ``Reshape(x, [1, -1, 1, D])`` before the output
@@ -461,11 +463,10 @@ def _check_trimmed_caches(
             return f"key positions are shifted by Max(0, P - {shift.keep}): {trimmed}"
         past_dim = trimmed.past_BNPD.shape[2] if trimmed.past_BNPD.shape is not None else None
         source_dim = past_source.shape[2] if past_source.shape is not None else None
-        if past_source is not trimmed.past_BNPD and (
-            not isinstance(past_dim, ir.SymbolicDim)
-            or past_dim.value is None
-            or past_dim != source_dim
-        ):
+        declared = isinstance(past_dim, int) or (
+            isinstance(past_dim, ir.SymbolicDim) and past_dim.value is not None
+        )
+        if past_source is not trimmed.past_BNPD and (not declared or past_dim != source_dim):
             return (
                 f"key shift's P is the length of {past_source.name}, not declared equal to "
                 f"that of {trimmed.past_BNPD.name} (the past the cache trims)"
