@@ -546,3 +546,16 @@ def test_transformers_single_token_pair_equals_the_original(tmp_path):
     assert result.passed, result.summary()
     decode = next(c for c in result.checks if c.name == "decode_equivalence")
     assert decode.passed is True and len(decode.cases) > 0
+
+
+def test_near_miss_new_entries_not_declared_as_many_as_the_queries():
+    """The queries sit on the cache's last S slots only if the cache appends S entries."""
+    model = ir.load(FIXTURES / TORCH_DECODE)
+    new_keys = _node_of(model, "transpose_1").inputs[0]  # [B, S, 1, 16] before the Transpose
+    assert new_keys is not None
+    new_keys.shape = ir.Shape(["batch", "other", 1, 16])
+    reasons = _skip_reasons(model)
+    assert reasons == {
+        "node_scaled_dot_product_attention": "cache cat_12 appends entries not declared as "
+        "many as the queries (S)"
+    }
