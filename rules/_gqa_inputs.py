@@ -77,6 +77,28 @@ class GQAInputs:
                 return existing
         return self._cached(("seqlens_k", attention_mask, self.exact_padding), seqlens_k), total()
 
+    def trimmed_lengths(
+        self, op, attention_mask: ir.Value, kept_BNKD: ir.Value, new_BSND: ir.Value
+    ) -> tuple[ir.Value, ir.Value]:
+        """(seqlens_k, total_sequence_length) over a cache that holds only the last T_c of
+        the attention_mask's T positions (a sliding cache trimmed by the export to the kept
+        past entries plus S new ones): slot j is position T - T_c + j, so total = T_c =
+        Shape(kept)[2] + S and each row's valid count drops by the T - T_c positions the
+        cache no longer holds. Read before the append (GQA's native form may do it)."""
+        seqlens_k, total = self.sequence_lengths(op, attention_mask)
+
+        def cache_total() -> ir.Value:
+            length = op.Add(op.Shape(kept_BNKD, start=2, end=3), op.Shape(new_BSND, start=1, end=2))
+            return op.Cast(length, to=ir.DataType.INT32)
+
+        key = ("trimmed", attention_mask, kept_BNKD, new_BSND)
+        trimmed_total = self._cached((*key, "total"), cache_total)
+
+        def trimmed_seqlens() -> ir.Value:
+            return op.Sub(seqlens_k, op.Sub(total, trimmed_total))
+
+        return self._cached((*key, "seqlens_k"), trimmed_seqlens), trimmed_total
+
     def lengths_from_cache(self, op, cache_BNSH: ir.Value) -> tuple[ir.Value, ir.Value]:
         """(seqlens_k, total_sequence_length) for a graph without attention_mask: no row
         is padded, so every row has T = Shape(cache)[2] valid keys."""

@@ -19,6 +19,13 @@ keys are an ``And`` of terms (torch writes ``And(True, ...)`` around some of the
 - padding (torch.onnx with attention_mask): ``GatherND(Cast(attention_mask, bool),
   [batch_index, key_positions])`` = ``attention_mask[b, j]``, [B, 1, 1, T].
 
+Over a cache trimmed to its last ``keep`` past entries (transformers'
+DynamicSlidingWindowLayer in torch.onnx decode graphs) the keys are numbered from the first
+position the cache still holds: ``Add(Range(0, P + S, 1), Max(0, P - keep))`` (``KeyShift``;
+the Max spelled ``Max(0, Add(P, -keep))``, ``Add(-keep, P)`` or ``Sub(P, keep)``, either
+operand order), with the queries' P. The mask alone does not prove the alignment; the rule
+checks that the cache is ``Concat(Slice(past, -keep), new)`` (``match_trimmed_cache``).
+
 The boolean mask is optionally ``Expand``-ed to [B, 1, S, T] and then either passed as is
 (torch.onnx) or turned into a float bias ``Mul(Cast(Not(allowed)), -3.4e38)`` (transformers
 exporter). Terms, operand orders and nesting of the And are read in any order.
@@ -34,9 +41,19 @@ from onnxscript.rewriter import pattern
 from rewriter.rules import _values
 from rewriter.rules._submatch import SubPattern
 
-__all__ = ["PositionMask", "allowed_keys", "match_position_mask"]
+__all__ = ["KeyShift", "PositionMask", "allowed_keys", "match_position_mask"]
 
 _LARGE_NEGATIVE = -1.0e4
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyShift:
+    """Key positions ``Add(Range(0, P + S, 1), Max(0, P - keep))``: the mask numbers its key
+    columns from the first position a cache trimmed to its last ``keep`` past entries still
+    holds. Only half a proof: the rule must find that cache (``match_trimmed_cache``)."""
+
+    keep: int
+    past_length: ir.Value  # the scalar P of the shift (and of the query positions)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +63,7 @@ class PositionMask:
     allowed: ir.Value  # the boolean And of the terms, before any Expand
     attention_mask: ir.Value | None  # the graph's [B, T] padding mask, when a term reads it
     causal_in_mask: bool = True  # always: the causal term is required
+    key_shift: KeyShift | None = None  # keys numbered from a trimmed cache's first entry
 
 
 # --- the float bias around the boolean mask ------------------------------------------------
@@ -202,9 +220,9 @@ def match_position_mask(context, mask: ir.Value) -> PositionMask | str:
         for w in windows
     ):
         return "window and causal terms compare different positions"
-    problem = _check_positions(key_positions, query_positions)
-    if problem:
-        return problem
+    shift = _check_positions(context, key_positions, query_positions)
+    if isinstance(shift, str):
+        return shift
     window = None
     if windows:
         window = _values.scalar_int(windows[0]["window"])
@@ -218,7 +236,7 @@ def match_position_mask(context, mask: ir.Value) -> PositionMask | str:
         if problem:
             return problem
         attention_mask = paddings[0]["attention_mask"]
-    return PositionMask(style, window, allowed, attention_mask)
+    return PositionMask(style, window, allowed, attention_mask, key_shift=shift)
 
 
 def _first_match(context, term: ir.Value, *kinds) -> dict | None:
@@ -275,15 +293,109 @@ def _add_operands(value: ir.Value | None) -> tuple[ir.Value, ir.Value] | None:
     return a, b
 
 
-def _check_positions(key_positions: ir.Value, query_positions: ir.Value) -> str | None:
+class _ShiftedRange(pattern.PatternBase):
+    """Range(0, T, 1) + shift: key positions numbered from `shift` on."""
+
+    def pattern(self, op, start, total, delta, shift):
+        return op.Add(op.Range(start, total, delta), shift)
+
+    def check(self, context, start: ir.Value, delta: ir.Value, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        if _values.scalar_int(start) != 0 or _values.scalar_int(delta) != 1:
+            return result.fail("shifted key positions are not Range(0, T, 1) + shift", None)
+        return result
+
+
+class _DroppedEntries(pattern.PatternBase):
+    """Max(0, P - keep): how many past entries a cache keeping the last `keep` dropped.
+
+    Spelled Max(0, Add(P, -keep)) (torch.onnx), Add(-keep, P) or Sub(P, keep), the Max's
+    operands in either order: six explicit spellings rather than commuted ones, so that a
+    binding with the operands swapped fails its own check without hiding the others."""
+
+    def __init__(self, spelling: int, zero_first: bool) -> None:
+        super().__init__(name=f"DroppedEntries{spelling}{'z' if zero_first else ''}")
+        self.spelling = spelling
+        self.zero_first = zero_first
+
+    def pattern(self, op, zero, past, keep):
+        if self.spelling == 0:
+            dropped = op.Add(past, keep)  # keep is the constant -keep
+        elif self.spelling == 1:
+            dropped = op.Add(keep, past)
+        else:
+            dropped = op.Sub(past, keep)
+        return op.Max(zero, dropped) if self.zero_first else op.Max(dropped, zero)
+
+    def kept(self, keep: ir.Value) -> int | None:
+        constant = _values.scalar_int(keep)
+        if constant is None:
+            return None
+        return constant if self.spelling == 2 else -constant
+
+    def check(self, context, zero: ir.Value, past: ir.Value, keep: ir.Value, **_):
+        result = pattern.MatchResult()
+        if _values.scalar_int(zero) != 0:
+            return result.fail("key shift is not Max(0, P - keep)", zero)
+        kept = self.kept(keep)
+        if kept is None or _values.constant_array(past) is not None:
+            return result.fail("key shift Max(0, P - keep) has no constant keep", keep)
+        if kept < 1:
+            return result.fail(f"key shift Max(0, P - {kept}) keeps no past entry", keep)
+        return result
+
+
+_SHIFTED_RANGE = SubPattern(_ShiftedRange(), commute=True)
+_DROPPED = tuple(
+    SubPattern(_DroppedEntries(spelling, zero_first))
+    for spelling in range(3)
+    for zero_first in (True, False)
+)
+
+
+def _key_shift(context, keys: ir.Value) -> tuple[ir.Value, ir.Value, int] | str:
+    """(T, P, keep) for key positions Add(Range(0, T, 1), Max(0, P - keep))."""
+    found = _SHIFTED_RANGE.match(context, keys)
+    if found.bindings is None:
+        return "key positions are not Range(0, T, 1)"
+    shift = found.bindings["shift"]
+    closest = (-1, "")
+    for dropped in _DROPPED:
+        match = dropped.match(context, shift)
+        if match.bindings is not None:
+            definition = dropped.definition
+            assert isinstance(definition, _DroppedEntries)
+            keep = definition.kept(match.bindings["keep"])
+            assert keep is not None  # check() established it
+            return found.bindings["total"], match.bindings["past"], keep
+        closest = max(closest, (match.depth, match.reason))
+    return (
+        "key positions are Range(0, T, 1) shifted by something other than Max(0, P - keep) "
+        f"(a trimmed cache's dropped entries): {closest[1]}"
+    )
+
+
+def _check_positions(
+    context, key_positions: ir.Value, query_positions: ir.Value
+) -> KeyShift | str | None:
+    """None: keys Range(0, T, 1), queries the last S of them. A KeyShift: keys numbered
+    from Max(0, P - keep), queries P + [0, S), T = P + S (the caller proves the cache).
+    A string: why the positions are neither."""
     keys, key_rank, key_axis = _unsqueezed(key_positions)
     queries, query_rank, query_axis = _unsqueezed(query_positions)
     if (key_rank, key_axis) != (4, 3) or (query_rank, query_axis) != (4, 2):
         return "positions are not broadcast as keys [1,1,1,T] against queries [1,1,S,1]"
     total = _arange_length(keys)
+    shift = None
     if total is None:
-        return "key positions are not Range(0, T, 1)"
+        found = _key_shift(context, keys)
+        if isinstance(found, str):
+            return found
+        total, shift_past, keep = found
+        shift = KeyShift(keep, shift_past)
     if queries is keys:
+        if shift is not None:
+            return "shifted key positions without query positions P + [0, S): not a decode step"
         return None  # prefill: the queries are all the keys
     offset = _add_operands(queries)
     if offset is None:
@@ -292,11 +404,18 @@ def _check_positions(key_positions: ir.Value, query_positions: ir.Value) -> str 
     for query_range, past in (offset, offset[::-1]):
         if total_terms is None:
             continue
+        if shift is not None and past is not shift.past_length:
+            continue
         length = _arange_length(query_range)
         if length is not None and {id(length), id(past)} == {id(t) for t in total_terms}:
-            return None  # queries P + [0, S) are the last S of the keys [0, P + S)
+            return shift  # queries P + [0, S) are the last S of the keys [0, P + S)
         if _is_single_position(query_range) and _is_one_past(total_terms, past):
-            return None  # single-token decode: Range(0, 1) folded to [0], T = P + 1
+            return shift  # single-token decode: Range(0, 1) folded to [0], T = P + 1
+    if shift is not None:
+        return (
+            "shifted key positions: the shift's P is not the query positions' P, or the "
+            "keys are not Range(0, P + S, 1)"
+        )
     return "query positions are not the last S key positions (T = P + S)"
 
 

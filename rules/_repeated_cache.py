@@ -26,8 +26,10 @@ from rewriter.rules._submatch import SubPattern
 __all__ = [
     "AppendedCache",
     "RepeatedCache",
+    "TrimmedCache",
     "match_appended_cache",
     "match_repeated_cache",
+    "match_trimmed_cache",
     "shape_elements",
 ]
 
@@ -139,7 +141,8 @@ class AppendedCache:
     """A layer's own cache as the export appends to it: what GQA's native form replaces."""
 
     cache_BNTD: ir.Value  # the present (Concat output, or the new keys' Transpose in prefill)
-    past_BNPD: ir.Value | None  # the graph's past input; None in a prefill graph
+    # the graph's past input (or the entries a trimmed cache keeps of it); None in prefill
+    past_BNPD: ir.Value | None
     new_BSND: ir.Value  # this call's keys/values before their Transpose to BNSD
     node: ir.Node  # the Concat (or Transpose) that GQA's present output replaces
 
@@ -178,3 +181,69 @@ def _new_entries(new_BNSD: ir.Value, past: ir.Value | None, node: ir.Node) -> Ap
         return None
     assert transpose.inputs[0] is not None
     return AppendedCache(node.outputs[0], past, transpose.inputs[0], node)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrimmedCache:
+    """``Concat(Slice(past_BNPD, [-keep], [end], [2], [1]), Transpose(new_BSND), axis=2)``:
+    transformers' DynamicSlidingWindowLayer appending S new entries to the last ``keep``
+    entries of its past (torch.onnx decode graphs)."""
+
+    cache_BNTD: ir.Value
+    past_BNPD: ir.Value  # the graph's past input, before the Slice
+    new_BSND: ir.Value
+    kept_BNKD: ir.Value  # the Slice: the past entries the cache keeps
+    node: ir.Node  # the Concat
+
+    def appended(self) -> AppendedCache:
+        """As GQA's native form appends: to the kept past entries, whose present then
+        replaces the Concat (the export's trimming Slice of the present stays)."""
+        return AppendedCache(self.cache_BNTD, self.kept_BNKD, self.new_BSND, self.node)
+
+
+# Slice ends at least this large run to the end of any axis.
+_TO_THE_END = 2**62
+
+
+def match_trimmed_cache(cache_BNTD: ir.Value, keep: int) -> TrimmedCache | str:
+    """The trimmed cache behind a layer's repeat; a string is why it is not one that keeps
+    the last ``keep`` past entries."""
+    name = cache_BNTD.name
+    producer = cache_BNTD.producer()
+    if producer is None or producer.op_type != "Concat" or len(producer.inputs) != 2:
+        return f"cache {name} is not a Concat(trimmed past, new entries)"
+    if producer.attributes.get_int("axis", 0) % 4 != 2:
+        return f"cache {name} is not concatenated on the sequence axis 2 of BNSH"
+    sliced, new = producer.inputs
+    assert sliced is not None and new is not None
+    trim = sliced.producer()
+    if trim is None or trim.op_type != "Slice" or trim.domain not in ("", "ai.onnx"):
+        return f"cache {name} does not start with a Slice of the past"
+    past = trim.inputs[0]
+    if past is None or not _values.is_graph_input(past) or past.shape is None:
+        return f"cache {name} slices something other than a graph input past"
+    if past.shape.rank() != 4:
+        return f"past {past.name} of cache {name} is not 4-D BNSH"
+    starts, ends, axes = (_values.constant_array(v) for v in trim.inputs[1:4])
+    steps = _values.constant_array(trim.inputs[4]) if len(trim.inputs) > 4 else None
+    if axes is None or [int(a) % 4 for a in axes.reshape(-1)] != [2]:
+        return f"cache {name} slices its past on another axis than 2"
+    if len(trim.inputs) > 4 and (steps is None or steps.reshape(-1).tolist() != [1]):
+        return f"cache {name} slices its past with a step other than 1"
+    if ends is None or ends.reshape(-1).tolist()[0] < _TO_THE_END:
+        return f"cache {name} slices its past short of its end"
+    if starts is None or starts.reshape(-1).tolist() != [-keep]:
+        kept = "a computed start" if starts is None else f"start {starts.reshape(-1).tolist()}"
+        return (
+            f"cache {name} keeps its past from {kept}, the mask's key shift Max(0, P - {keep}) "
+            f"assumes the last {keep} entries"
+        )
+    transpose = new.producer()
+    if (
+        transpose is None
+        or transpose.op_type != "Transpose"
+        or list(transpose.attributes.get_ints("perm", [])) != [0, 2, 1, 3]
+    ):
+        return f"cache {name} appends something other than Transpose(new, [0, 2, 1, 3])"
+    assert transpose.inputs[0] is not None
+    return TrimmedCache(cache_BNTD, past, transpose.inputs[0], sliced, producer)

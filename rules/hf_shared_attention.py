@@ -52,11 +52,53 @@ Source layers (``--layers all``) whose cache is ``Concat(past, Transpose(new_BSN
 layers' past) read GQA's present under the same name, and the Concat dies. A cache built
 otherwise is read as a past (``past`` form); a Concat on another axis is refused.
 
-Not matched, with the reason "key positions are not Range(0, T, 1)": torch.onnx decode
-graphs of transformers' DynamicSlidingWindowLayer (``fixtures/hf_torch_decode_opset24.onnx``),
-which keep only the last W - 1 entries of a sliding cache and offset the sliding masks' key
-positions by what was dropped; proving that alignment is not implemented, so their sliding
-layers stay Attention (the full layers are rewritten).
+torch.onnx decode graphs of transformers' DynamicSlidingWindowLayer
+(``fixtures/hf_torch_decode_opset24.onnx``, traced at B=2, P=6, S=3; read with onnx-ir).
+P is ``Squeeze(Shape(past_key_values.1.key, start=2, end=3))`` (one past stands for all:
+they are declared with the same symbolic dim ``past``), S ``Squeeze(Shape(input_ids)[1])``.
+A sliding layer's cache and mask are (W = 8, keep = W - 1 = 7)::
+
+    cache_BNTD = Concat(Slice(past_key_values.i.key, [-7], [INT64_MAX], [2], [1]),
+                        Transpose(new_BSND, [0, 2, 1, 3]), axis=-2)     # T_c = min(P, 7) + S
+    present.i.key = Slice(cache_BNTD, [-7], [INT64_MAX], [2], [1])        # graph output
+    dropped    = Max(0, Add(-7, P))                             # entries the Slice dropped
+    key_pos    = Add(Range(0, Add(P, S), 1), dropped)                      # [P + S]
+    query_pos  = Add(Range(0, S, 1), P)
+    allowed    = And(And(True, And(And(True, Greater(key_pos, Sub(query_pos, 8))),
+                     LessOrEqual(key_pos, query_pos))),
+                     GatherND(Cast(attention_mask, bool), [b, key_pos]))
+    mask       = Expand(allowed, Concat(B, [1], S, Add(P, S)))
+
+The repeat (``Expand`` to ``[B, 1, 4, Add(P + S, -Max(0, P - 7)), 16]``) and the shared
+layers 4 and 5 read ``cache_BNTD`` of layer 3. Cache slot j holds position
+``P - min(P, 7) + j = dropped + j``, so mask column j is slot j and the queries P + [0, S) are
+the cache's last S slots: GQA over ``cache_BNTD`` with ``local_window_size = W`` sees what
+the mask allows. The mask is traced at P < W, though: it keeps P + S columns where the cache
+has min(P, 7) + S, and from P = W on the GatherND reads attention_mask out of bounds
+(*measured*: ``invalid index found``) -- the original runs only for P <= W - 1, where nothing
+is dropped. ``_position_masks`` reads the shift (``KeyShift``: keep and the P value, which must
+be the query positions' P); ``_check_trimmed_caches`` then proves that K and V are
+``Concat(Slice(past, -keep), Transpose(new))`` with the same keep, the past declared as long
+as the shift's P source, the new entries as many as the queries. A wrong shift constant, a
+Slice keeping another count, a shift without the Max or a past declared with another length
+are refused with their reason. Lengths (``GQAInputs.trimmed_lengths``): the cache holds the
+last T_c of the attention_mask's T positions, so ``total_sequence_length = T_c =
+Shape(kept)[2] + S`` (kept = the Slice; read off the Concat's inputs, so the native form
+below can replace the Concat) and ``seqlens_k = ReduceSum(attention_mask) - 1 - (T - T_c)``,
+T = Shape(attention_mask)[1]; below W this
+is the untrimmed T, and fed its own trimmed presents back the rewritten pair stays
+cache-consistent beyond W, where the original fails.
+
+Own-cache sliding layers (``--layers all``) use GQA's native form too: this call's K/V, the
+kept entries ``Slice(past, -keep)`` as past_key/past_value, the same lengths. GQA's present
+then has exactly the T_c slots of the export's Concat (*measured*: equal presents), so
+``redirect_caches()`` puts it in the Concat's place and the export's own trimming
+``Slice(.., -keep)`` still writes ``present.i.key``: the trimmed present is reproduced, not
+re-derived. GQA writes row b's new entries after its valid ones (seqlens_k), so with right
+padding every layer follows GQA's prefix convention (the full layers already did); reading
+the export's Concat as a past instead would give the shared layers padding where the new key
+is (*measured*: a right-padded decode step of 2 then differs by 0.43-0.68 from each row
+alone).
 
 Single-token decode graphs (transformers' default decode component, S fixed at 1) fold the
 query Range to ``[0]`` (T = P + 1) and write ``Reshape(x, [1, -1, 1, D])`` before the output
@@ -85,12 +127,19 @@ from rewriter.rules._attention_rule import (
     node_label,
 )
 from rewriter.rules._gqa_inputs import GQAInputs
-from rewriter.rules._position_masks import PositionMask, allowed_keys, match_position_mask
+from rewriter.rules._position_masks import (
+    KeyShift,
+    PositionMask,
+    allowed_keys,
+    match_position_mask,
+)
 from rewriter.rules._repeated_cache import (
     AppendedCache,
     RepeatedCache,
+    TrimmedCache,
     match_appended_cache,
     match_repeated_cache,
+    match_trimmed_cache,
     shape_elements,
 )
 from rewriter.rules.nonshared_attention import NATIVE_FORM
@@ -123,6 +172,8 @@ class _Plan:
     graph: ir.Graph | ir.Function
     # Own-cache layers whose cache is Concat(past, new): GQA's native form appends instead.
     appended: tuple[AppendedCache, AppendedCache] | None = None
+    # The key cache when the mask's key positions are shifted (a trimmed sliding cache).
+    trimmed: TrimmedCache | None = None
 
 
 class HFAttentionToGQA(AttentionToGQARule):
@@ -229,6 +280,11 @@ class HFAttentionToGQA(AttentionToGQARule):
         mask_form = match_position_mask(context, mask)
         if isinstance(mask_form, str):
             return mask_form
+        trimmed = None
+        if mask_form.key_shift is not None:
+            trimmed = _check_trimmed_caches(mask_form.key_shift, key, value, query_BNSD)
+            if isinstance(trimmed, str):
+                return trimmed
         if self.zeroes_masked_rows:
             problem = _check_row_zeroing(row_has_keys, zero, mask_form)
             if problem:
@@ -246,7 +302,9 @@ class HFAttentionToGQA(AttentionToGQARule):
         if not shared and self.layers != "all":
             return "a layer with its own cache (source of its repeat_kv); --layers shared leaves it"
         appended = None
-        if not shared:
+        if not shared and trimmed is not None:
+            appended = (trimmed[0].appended(), trimmed[1].appended())
+        elif not shared:
             found = [match_appended_cache(c.cache_BNSH) for c in (key, value)]
             reasons = [f for f in found if isinstance(f, str)]
             if reasons:
@@ -279,6 +337,7 @@ class HFAttentionToGQA(AttentionToGQARule):
             shared,
             context.graph_or_function,
             appended,
+            trimmed[0] if trimmed is not None else None,
         )
 
     def rewrite(self, op, query_BNSD, output, **bindings):
@@ -334,7 +393,12 @@ class HFAttentionToGQA(AttentionToGQARule):
 
     def _lengths(self, op, plan: _Plan, cache: ir.Value) -> tuple[ir.Value, ir.Value]:
         if plan.mask.attention_mask is not None:
+            if plan.trimmed is not None:
+                return self.inputs.trimmed_lengths(
+                    op, plan.mask.attention_mask, plan.trimmed.kept_BNKD, plan.trimmed.new_BSND
+                )
             return self.inputs.sequence_lengths(op, plan.mask.attention_mask)
+        # Without padding every one of the cache's T_c entries is valid, trimmed or not.
         return self.inputs.lengths_from_cache(op, cache)
 
     def _past_inputs(self, op, plan: _Plan) -> list[ir.Value | None]:
@@ -354,7 +418,7 @@ class HFAttentionToGQA(AttentionToGQARule):
         new_key = op.Reshape(key.new_BSND, merged)
         new_value = op.Reshape(value.new_BSND, merged)
         if plan.mask.attention_mask is not None:
-            lengths = self.inputs.sequence_lengths(op, plan.mask.attention_mask)
+            lengths = self._lengths(op, plan, key.cache_BNTD)
         else:
             lengths = self.inputs.appended_lengths(op, key.past_BNPD, key.new_BSND)
         return [new_key, new_value, key.past_BNPD, value.past_BNPD, *lengths]
@@ -378,6 +442,70 @@ class HFAttentionToGQA(AttentionToGQARule):
                 self.renames.append((present, cache.name))
             self.replaced_nodes.append(node)
         self.cache_redirects.clear()
+
+
+def _check_trimmed_caches(
+    shift: KeyShift, key: RepeatedCache, value: RepeatedCache, query_BNSD: ir.Value
+) -> tuple[TrimmedCache, TrimmedCache] | str:
+    """The mask numbers its key columns from Max(0, P - keep); GQA numbers the cache's
+    slots from 0 and puts the S queries on its last S slots. Both agree when the cache is
+    Concat(Slice(past, -keep), new) with len(past) = P and S new entries: slot j then
+    holds position P - min(P, keep) + j = Max(0, P - keep) + j, and the queries P + [0, S)
+    are its last S slots. P and S are proven as the graph declares them (the same
+    symbolic dims on the past, the shift's Shape source, the new entries and the query)."""
+    past_source = _past_length_source(shift.past_length)
+    if past_source is None:
+        return "key shift's P is not Squeeze(Shape(past, start=2, end=3)) of a graph input"
+    found = []
+    for cache in (key, value):
+        trimmed = match_trimmed_cache(cache.cache_BNSH, shift.keep)
+        if isinstance(trimmed, str):
+            return f"key positions are shifted by Max(0, P - {shift.keep}): {trimmed}"
+        past_dim = trimmed.past_BNPD.shape[2] if trimmed.past_BNPD.shape is not None else None
+        source_dim = past_source.shape[2] if past_source.shape is not None else None
+        declared = isinstance(past_dim, int) or (
+            isinstance(past_dim, ir.SymbolicDim) and past_dim.value is not None
+        )
+        if past_source is not trimmed.past_BNPD and (not declared or past_dim != source_dim):
+            return (
+                f"key shift's P is the length of {past_source.name}, not declared equal to "
+                f"that of {trimmed.past_BNPD.name} (the past the cache trims)"
+            )
+        new_dim = _static_or_symbolic(trimmed.new_BSND, 1)
+        if new_dim is None or new_dim != _static_or_symbolic(query_BNSD, 2):
+            return (
+                f"cache {cache.cache_BNSH.name} appends entries not declared as many as "
+                "the queries (S)"
+            )
+        found.append(trimmed)
+    return found[0], found[1]
+
+
+def _static_or_symbolic(value: ir.Value, axis: int) -> int | ir.SymbolicDim | None:
+    shape = value.shape
+    if shape is None or shape.rank() <= axis:
+        return None
+    dim = shape[axis]
+    if isinstance(dim, ir.SymbolicDim) and dim.value is None:
+        return None
+    return dim
+
+
+def _past_length_source(length: ir.Value) -> ir.Value | None:
+    """X for Squeeze(Shape(X, start=2, end=3)), X a 4-D graph input."""
+    squeeze = length.producer()
+    if squeeze is None or squeeze.op_type != "Squeeze" or squeeze.inputs[0] is None:
+        return None
+    shape = squeeze.inputs[0].producer()
+    if shape is None or shape.op_type != "Shape" or shape.inputs[0] is None:
+        return None
+    attrs = shape.attributes
+    if attrs.get_int("start", 0) != 2 or attrs.get_int("end", -100) != 3:
+        return None
+    source = shape.inputs[0]
+    if not _values.is_graph_input(source) or source.shape is None or source.shape.rank() != 4:
+        return None
+    return source
 
 
 def _check_dtype(dtype: ir.DataType | None, *caches: ir.Value) -> str | None:

@@ -252,26 +252,81 @@ def test_torch_export_right_padded_batch_2(torch_export):
         assert case.passed, case
 
 
-def test_torch_decode_rewrites_the_full_layers_and_says_why_not_the_sliding_ones(tmp_path):
-    """DynamicSlidingWindowLayer trims sliding caches to W - 1 entries and offsets the key
-    positions: not the Range(0, T) the rule proves alignment with, so those layers stay."""
-    model, report = _rewrite(FIXTURES / TORCH_DECODE)
+@pytest.fixture(scope="module")
+def torch_decode(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("hf_decode")
+    decode, report = _rewrite(FIXTURES / TORCH_DECODE)
+    prefill, _ = _rewrite(FIXTURES / TORCH_PREFILL)
+    return report, _save(decode, directory / "decode.onnx"), _save(prefill, directory / "p.onnx")
+
+
+def test_torch_decode_every_layer_becomes_gqa(torch_decode):
+    """DynamicSlidingWindowLayer's trimmed sliding caches (Concat(Slice(past, -7), new),
+    key positions Range(0, P + S) + Max(0, P - 7)) are proven and read as GQA pasts."""
+    report, path, _ = torch_decode
     rewritten = {r.node[-1]: r.rule.split("/")[-1] for r in report.rewrites}
-    assert rewritten == {"2": "own-cache-full", "6": "shared-full", "7": "shared-full"}
-    assert len(report.skipped) == 5
-    assert {s.reason for s in report.skipped} == {"key positions are not Range(0, T, 1)"}
-    path = _save(model, tmp_path / "decode.onnx")
+    assert rewritten == {
+        "n": "own-cache-sliding",  # node_scaled_dot_product_attention
+        "1": "own-cache-sliding",
+        "2": "own-cache-full",
+        "3": "own-cache-sliding",
+        "4": "shared-sliding",
+        "5": "shared-sliding",
+        "6": "shared-full",
+        "7": "shared-full",
+    }, report.summary()
+    assert not report.skipped
+    assert {r.local_window_size for r in report.rewrites if "sliding" in r.rule} == {8}
+    # Own caches, trimmed or not, are appended by GQA (the export's trimming Slice of the
+    # present stays); shared layers read those presents as their past.
+    forms = {r.rule.split("/")[-1].split("-")[0]: r.form for r in report.rewrites}
+    assert forms == {"own": "native", "shared": "past"}
+    ops = _ops(ir.load(path))
+    assert ops["GroupQueryAttention"] == 8
+    assert not [op for op in GONE if ops[op]], ops
+
+
+def _decode_feeds(session, rng, batch: int, past: int, length: int) -> dict[str, np.ndarray]:
+    feeds = {
+        "input_ids": rng.integers(0, 128, (batch, length), dtype=np.int64),
+        "attention_mask": np.ones((batch, past + length), dtype=np.int64),
+        "position_ids": np.broadcast_to(np.arange(past, past + length), (batch, length)).copy(),
+    }
+    for graph_input in session.get_inputs()[3:]:
+        shape = (batch, 1, past, graph_input.shape[3])
+        feeds[graph_input.name] = rng.standard_normal(shape).astype(np.float32)
+    return feeds
+
+
+@pytest.mark.parametrize(
+    ("batch", "past", "length"), [(1, 0, 1), (1, 1, 1), (2, 6, 1), (1, 5, 3), (2, 7, 1), (1, 7, 3)]
+)
+def test_torch_decode_equals_the_original(torch_decode, batch, past, length):
+    """Every past of the same length P <= W - 1 = 7: the export's trimmed caches keep all
+    of it, and every output (logits and the trimmed presents) equals the original's."""
+    _, path, _ = torch_decode
     original, candidate = _session(str(FIXTURES / TORCH_DECODE)), _session(path)
-    rng = np.random.default_rng(0)
-    for batch, past, length in ((2, 6, 1), (1, 5, 3), (2, 7, 1)):
-        feeds = {
-            "input_ids": rng.integers(0, 128, (batch, length), dtype=np.int64),
-            "attention_mask": np.ones((batch, past + length), dtype=np.int64),
-            "position_ids": np.broadcast_to(np.arange(past, past + length), (batch, length)).copy(),
-        }
-        for graph_input in original.get_inputs()[3:]:
-            shape = (batch, 1, past, graph_input.shape[3])
-            feeds[graph_input.name] = rng.standard_normal(shape).astype(np.float32)
+    feeds = _decode_feeds(original, np.random.default_rng(past), batch, past, length)
+    for output, reference, actual in zip(
+        original.get_outputs(), original.run(None, feeds), candidate.run(None, feeds), strict=True
+    ):
+        case = compare(f"B={batch} P={past} S={length} {output.name}", reference, actual)
+        assert case.passed, case
+
+
+def test_torch_decode_layers_shared_equals_the_original(tmp_path):
+    """--layers shared: the 4 KV-shared layers read the export's own trimmed Concat."""
+    model, report = _rewrite(FIXTURES / TORCH_DECODE, layers="shared")
+    assert sorted(r.node[-1] for r in report.rewrites) == ["4", "5", "6", "7"]
+    assert {s.reason for s in report.skipped} == {
+        "a layer with its own cache (source of its repeat_kv); --layers shared leaves it"
+    }
+    original, candidate = (
+        _session(str(FIXTURES / TORCH_DECODE)),
+        _session(_save(model, tmp_path / "shared.onnx")),
+    )
+    for batch, past, length in ((2, 6, 1), (1, 5, 3), (1, 7, 1)):
+        feeds = _decode_feeds(original, np.random.default_rng(past), batch, past, length)
         for output, reference, actual in zip(
             original.get_outputs(),
             original.run(None, feeds),
@@ -280,6 +335,199 @@ def test_torch_decode_rewrites_the_full_layers_and_says_why_not_the_sliding_ones
         ):
             case = compare(f"B={batch} P={past} S={length} {output.name}", reference, actual)
             assert case.passed, case
+
+
+@pytest.mark.parametrize("past", [8, 12])
+def test_torch_decode_original_fails_from_a_past_of_w(torch_decode, past):
+    """A defect of the export, not hidden: traced at P = 6 < W, its sliding masks have
+    P + S key columns and gather attention_mask at Max(0, P - 7) + j, out of bounds once
+    P >= W = 8; the rewrite reads only the trimmed cache and runs."""
+    _, path, _ = torch_decode
+    original = _session(str(FIXTURES / TORCH_DECODE))
+    feeds = _decode_feeds(original, np.random.default_rng(past), 1, past, 1)
+    with pytest.raises(ort.capi.onnxruntime_pybind11_state.InvalidArgument, match="GatherND"):
+        original.run(None, feeds)
+    (logits,) = _session(path).run(["logits"], feeds)
+    assert np.all(np.isfinite(logits))
+
+
+def _run_prefill(prefill, ids: np.ndarray) -> dict[str, np.ndarray]:
+    names = [o.name for o in prefill.get_outputs()]
+    outputs = prefill.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    return dict(zip(names, outputs, strict=True))
+
+
+def _cache_consistency(prefill, decode, ids, length, chunks) -> list:
+    """Prefill `length` tokens, feed its (trimmed) presents to decode calls of `chunks`
+    tokens, against one prefill of the whole sequence."""
+    full = _run_prefill(prefill, ids[:, : length + sum(chunks)])["logits"]
+    past = _run_prefill(prefill, ids[:, :length])
+    cases, position = [], length
+    for chunk in chunks:
+        feeds = {
+            "input_ids": ids[:, position : position + chunk],
+            "attention_mask": np.ones((1, position + chunk), dtype=np.int64),
+            "position_ids": np.arange(position, position + chunk)[None],
+        }
+        for graph_input in decode.get_inputs()[3:]:
+            feeds[graph_input.name] = past[graph_input.name.replace("past_key_values", "present")]
+        outputs = decode.run(None, feeds)
+        label = f"prompt {length}, tokens {position}..{position + chunk - 1}"
+        cases.append(compare(label, full[:, position : position + chunk], outputs[0]))
+        past = dict(zip([o.name for o in decode.get_outputs()], outputs, strict=True))
+        position += chunk
+    return cases
+
+
+@pytest.mark.parametrize("length", [1, 3, 7, 8, 11, 17])
+@pytest.mark.parametrize("chunks", [(1, 1, 1), (3,)])
+def test_torch_decode_rewritten_pair_is_cache_consistent(torch_decode, length, chunks):
+    """The rewritten prefill and decode graphs, fed each other's trimmed presents, equal one
+    longer prefill, below, at and beyond the window (the original pair stops at a prompt of
+    W - 1: its decode graph fails once the full layer's past outgrows the sliding ones')."""
+    _, decode, prefill = torch_decode
+    ids = np.random.default_rng(length).integers(0, 128, (1, length + 3), dtype=np.int64)
+    for case in _cache_consistency(_session(prefill), _session(decode), ids, length, chunks):
+        assert case.passed, case
+
+
+def test_torch_decode_original_pair_is_cache_consistent_below_the_window():
+    """Below the window the original pair is consistent (so the equivalence above is held
+    against a valid reference); at a prompt of 6 and 3 steps, the third step's past is the
+    full layer's 8 entries against the sliding layers' trimmed 7 and the original fails."""
+    ids = np.random.default_rng(3).integers(0, 128, (1, 10), dtype=np.int64)
+    prefill = _session(str(FIXTURES / TORCH_PREFILL))
+    decode = _session(str(FIXTURES / TORCH_DECODE))
+    for case in _cache_consistency(prefill, decode, ids, 5, (1,)):
+        assert case.passed, case
+    with pytest.raises(ort.capi.onnxruntime_pybind11_state.InvalidArgument, match="Expand"):
+        _cache_consistency(prefill, decode, ids, 6, (1, 1, 1))
+
+
+def _padded_step(prefill, decode, ids, lengths, new_ids, convention: str) -> np.ndarray:
+    """A right-padded prefill of 2 rows, then one decode token per row; `convention` says
+    where the mask puts it: right after the row's tokens ("prefix", GQA's convention) or
+    after the padding ("append", the export's Concat)."""
+    padded = ids.shape[1]
+    mask = np.zeros((len(lengths), padded), dtype=np.int64)
+    step = np.zeros((len(lengths), padded + 1), dtype=np.int64)
+    for row, n in enumerate(lengths):
+        mask[row, :n] = 1
+        step[row, :n] = 1
+        step[row, n if convention == "prefix" else padded] = 1
+    names = [o.name for o in prefill.get_outputs()]
+    presents = dict(
+        zip(names, prefill.run(None, {"input_ids": ids, "attention_mask": mask}), strict=True)
+    )
+    feeds = {
+        "input_ids": new_ids,
+        "attention_mask": step,
+        "position_ids": np.array([[n] for n in lengths], dtype=np.int64),
+    }
+    for graph_input in decode.get_inputs()[3:]:
+        feeds[graph_input.name] = presents[graph_input.name.replace("past_key_values", "present")]
+    return decode.run(["logits"], feeds)[0]
+
+
+@pytest.mark.parametrize("lengths", [(6, 3), (5, 2), (7, 4)])
+def test_torch_decode_right_padded_batch_2(torch_decode, lengths):
+    """One decode step after a right-padded prefill of 2 equals each row run alone: for the
+    rewritten pair with GQA's prefix mask, for the original with its append mask; and the
+    two agree row by row."""
+    _, decode, prefill = torch_decode
+    rng = np.random.default_rng(sum(lengths))
+    ids = rng.integers(0, 128, (2, lengths[0]), dtype=np.int64)
+    new_ids = rng.integers(0, 128, (2, 1), dtype=np.int64)
+    steps = {}
+    for name, pair, convention in (
+        ("original", (str(FIXTURES / TORCH_PREFILL), str(FIXTURES / TORCH_DECODE)), "append"),
+        ("rewritten", (prefill, decode), "prefix"),
+    ):
+        sessions = [_session(path) for path in pair]
+        batch = _padded_step(*sessions, ids, lengths, new_ids, convention)
+        for row, n in enumerate(lengths):
+            alone = _padded_step(
+                *sessions, ids[row : row + 1, :n], (n,), new_ids[row : row + 1], convention
+            )
+            case = compare(f"{name} row {row} ({convention} mask)", alone, batch[row : row + 1])
+            assert case.passed, case
+        steps[name] = batch
+    case = compare("original vs rewritten", steps["original"], steps["rewritten"])
+    assert case.passed, case
+
+
+# --- near misses of the trimmed sliding cache ---------------------------------------------
+
+
+def _decode_value(model: ir.Model, name: str) -> ir.Value:
+    return next(v for n in model.graph for v in n.outputs if v.name == name)
+
+
+def _node_of(model: ir.Model, output: str) -> ir.Node:
+    node = _decode_value(model, output).producer()
+    assert node is not None
+    return node
+
+
+def _constant(model: ir.Model, name: str, value: int) -> ir.Value:
+    constant = ir.Value(name=name, const_value=ir.tensor(np.array(value, dtype=np.int64)))
+    model.graph.initializers[name] = constant
+    return constant
+
+
+def test_near_miss_shift_constant_other_than_the_trim():
+    """Key positions shifted by Max(0, P - 6) while the caches keep the last 7 entries:
+    every sliding layer refused, the full ones still rewritten."""
+    model = ir.load(FIXTURES / TORCH_DECODE)
+    add = _node_of(model, "add_4373")  # Add(-7, P) inside the shift Max(0, .)
+    add.replace_input_with(0, _constant(model, "minus_six", -6))
+    reasons = _skip_reasons(model)
+    assert len(reasons) == 5, reasons
+    for reason in reasons.values():
+        assert reason.startswith("key positions are shifted by Max(0, P - 6): cache cat_")
+        assert reason.endswith(
+            "keeps its past from start [-7], the mask's key shift Max(0, P - 6) assumes the "
+            "last 6 entries"
+        ), reason
+
+
+def test_near_miss_cache_trimmed_differently_from_the_shift():
+    """One layer's own cache keeps the last 6 past entries, its mask shifts by P - 7."""
+    model = ir.load(FIXTURES / TORCH_DECODE)
+    _node_of(model, "slice_2").replace_input_with(1, _constant(model, "minus_six", -6))
+    reasons = _skip_reasons(model)
+    assert reasons == {
+        "node_scaled_dot_product_attention": "key positions are shifted by Max(0, P - 7): "
+        "cache cat_12 keeps its past from start [-6], the mask's key shift Max(0, P - 7) "
+        "assumes the last 7 entries"
+    }
+
+
+def test_near_miss_shift_without_the_max():
+    """Range(0, T) + (P - 7) is negative below a past of 7: not a count of dropped entries."""
+    model = ir.load(FIXTURES / TORCH_DECODE)
+    _node_of(model, "add_290").replace_input_with(1, _decode_value(model, "add_4373"))
+    reasons = _skip_reasons(model)
+    assert len(reasons) == 5, reasons
+    assert all(
+        r.startswith("key positions are Range(0, T, 1) shifted by something other than")
+        for r in reasons.values()
+    ), reasons
+
+
+def test_near_miss_past_not_declared_as_long_as_the_shift_s():
+    """The shift reads P off past_key_values.1.key; a past declared with another symbolic
+    length cannot be proven to hold P entries."""
+    model = ir.load(FIXTURES / TORCH_DECODE)
+    for name in ("past_key_values.0.key", "past_key_values.0.value"):
+        graph_input = next(v for v in model.graph.inputs if v.name == name)
+        graph_input.shape = ir.Shape(["batch", 1, "past0", 16])
+    reasons = _skip_reasons(model)
+    assert reasons == {
+        "node_scaled_dot_product_attention": "key shift's P is the length of "
+        "past_key_values.1.key, not declared equal to that of past_key_values.0.key (the "
+        "past the cache trims)"
+    }
 
 
 # --- transformers exporter, single-token decode graph (S fixed at 1) ----------------------
@@ -298,3 +546,16 @@ def test_transformers_single_token_pair_equals_the_original(tmp_path):
     assert result.passed, result.summary()
     decode = next(c for c in result.checks if c.name == "decode_equivalence")
     assert decode.passed is True and len(decode.cases) > 0
+
+
+def test_near_miss_new_entries_not_declared_as_many_as_the_queries():
+    """The queries sit on the cache's last S slots only if the cache appends S entries."""
+    model = ir.load(FIXTURES / TORCH_DECODE)
+    new_keys = _node_of(model, "transpose_1").inputs[0]  # [B, S, 1, 16] before the Transpose
+    assert new_keys is not None
+    new_keys.shape = ir.Shape(["batch", "other", 1, 16])
+    reasons = _skip_reasons(model)
+    assert reasons == {
+        "node_scaled_dot_product_attention": "cache cat_12 appends entries not declared as "
+        "many as the queries (S)"
+    }
