@@ -92,10 +92,10 @@ def rewrite(
     exact_padding: pass the mask as attention_bias so any padding keeps its meaning.
     window_slice: sliding KV-shared layers read only the keys their window reaches (the
         borrowed cache sliced once per source and step; CPU GQA reads every key it gets).
-    speed: "auto" times each KV-shared layer kind on `provider` (rewriter.speed) and keeps
-        the export's layer where it is correct and GroupQueryAttention is slower; "off"
-        (the library default: a pass whose output does not depend on timing) rewrites
-        every layer that qualifies. Only with form="auto" and no `choose_form`.
+    speed: "off" (default) rewrites every layer that qualifies; "auto" (experimental, see
+        rewriter.speed for its known limit) times each KV-shared layer kind on `provider`
+        and keeps the export's layer where it is correct and GroupQueryAttention is slower.
+        Only with form="auto" and no `choose_form`.
     choose_form: replaces the probe (tests, or exporters that know their runtime).
     """
     if isinstance(model, onnx.ModelProto):

@@ -71,7 +71,7 @@ def test_probe_decides_by_the_generation_it_measured() -> None:
 def test_cli_reports_the_timings_its_choices_rest_on(tmp_path: Path) -> None:
     out, report_path = tmp_path / "out.onnx", tmp_path / "r.json"
     argv = [str(FIXTURES / "p2_tiny.onnx"), str(out), "--quiet", "--report", str(report_path)]
-    assert cli.main(argv) == 0  # --speed auto is the CLI default
+    assert cli.main([*argv, "--speed", "auto"]) == 0
     report = json.loads(report_path.read_text())
     verdicts = {
         (entry["layer"]["head_size"], entry["layer"]["local_window_size"]): entry
@@ -85,6 +85,11 @@ def test_cli_reports_the_timings_its_choices_rest_on(tmp_path: Path) -> None:
     assert report["verification"]["passed"] is True
 
 
-def test_library_default_does_not_time() -> None:
+def test_defaults_do_not_time(tmp_path: Path) -> None:
     _, report = rewrite(ir.load(FIXTURES / "p2_tiny.onnx"))
     assert report.speed is None and report.rewritten == 3
+    out, report_path = tmp_path / "out.onnx", tmp_path / "r.json"
+    argv = [str(FIXTURES / "p2_tiny.onnx"), str(out), "--quiet", "--no-verify"]
+    assert cli.main([*argv, "--report", str(report_path)]) == 0
+    report_data = json.loads(report_path.read_text())
+    assert report_data["speed"] is None and report_data["rewritten"] == 3
