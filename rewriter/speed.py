@@ -5,9 +5,9 @@ layer is correct, keep the export's layer.
 Known limit, measured on onnxruntime 1.32.0 CPU, quiet 2-core machine, E2B attention size:
 timed alone, the full D=512 layer decodes at T=4096 in 31 ms as exported vs 58 ms through
 GQA, so it is kept; in the whole model those 4 layers cost 14.2 vs 18.0 ms of kernel time,
-and the model with every layer rewritten decodes faster (wall 0.80 vs 0.85 of the original,
-one-thread CPU time 0.53 vs 0.61). The one-layer timing does not represent the layer in
-context, which is why this is not the default.
+and two whole-model runs ranked "keep them" and "rewrite them" in opposite orders (README,
+"the window slice"). The one-layer timing does not represent the layer in context, which is
+why this is not the default.
 
 Why: on ONNX Runtime's CPU provider GQA is not always faster. Measured on 1.32.0 (E2B
 attention size, one thread): a full-attention KV-shared layer at D=512 decodes at T=4096 in
