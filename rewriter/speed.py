@@ -43,12 +43,11 @@ import onnxruntime as ort
 
 from rewriter.probe._one_layer import CACHE_KEY, CACHE_VALUE, OneLayer, kv_shared_layer
 from rewriter.rules import LayerKind
+from rewriter.verification._session import execution_providers
 
 __all__ = ["SPEED_CHOICES", "SpeedProbe", "SpeedVerdict"]
 
 SPEED_CHOICES = ("auto", "off")
-
-_PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider"]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +151,9 @@ def _session(model: ir.Model, provider: str) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3
     return ort.InferenceSession(
-        ir.to_proto(model).SerializeToString(), options, providers=_PROVIDERS[provider]
+        ir.to_proto(model).SerializeToString(),
+        options,
+        providers=execution_providers(provider),
     )
 
 
