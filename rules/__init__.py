@@ -1,7 +1,9 @@
 """Pattern-rewrite rules (installed as ``rewriter.rules``).
 
 One module per rewrite; each exposes a ``RewriteRuleClassBase`` whose ``check()`` records
-why a candidate was not rewritten, so the pipeline can report every candidate layer.
+in a shared ``RewriteLog`` why a candidate was not rewritten, so the report accounts for
+every candidate layer; ``gqa_rules()`` builds the rule set. Depends on onnxscript and
+onnx-ir only.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from rewriter.rules._attention_rule import (
     node_label,
 )
 from rewriter.rules._gqa_inputs import GQAInputs
+from rewriter.rules._log import RewriteLog, RuleLog
 from rewriter.rules.kv_shared_attention import KVSharedAttentionToGQA
 from rewriter.rules.nonshared_attention import NonSharedAttentionToGQA
+from rewriter.rules.rule_set import GQARules, gqa_rules
 
 __all__ = [
     "GQA_DTYPES",
@@ -27,11 +31,15 @@ __all__ = [
     "FormChooser",
     "FormDecision",
     "GQAInputs",
+    "GQARules",
     "KVSharedAttentionToGQA",
     "LayerKind",
     "LayerRewrite",
     "LayerSkip",
     "NonSharedAttentionToGQA",
+    "RewriteLog",
+    "RuleLog",
     "always_past",
+    "gqa_rules",
     "node_label",
 ]

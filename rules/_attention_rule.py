@@ -16,7 +16,9 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
+from rewriter.rules._failure import MatchFailureError
 from rewriter.rules._gqa_inputs import GQAInputs
+from rewriter.rules._log import LayerRewrite, LayerSkip, RewriteLog
 from rewriter.rules._mask_patterns import MaskForm
 from rewriter.rules._shape_evidence import HeadSizeEvidence, ShapeFacts
 
@@ -31,6 +33,7 @@ __all__ = [
     "LayerRewrite",
     "LayerSkip",
     "always_past",
+    "check_opset",
     "dtype_name",
     "infer_head_size",
     "layer_kind",
@@ -59,20 +62,6 @@ def always_past(dtype: str, head_size: int, windowed: bool) -> FormDecision:
 
 
 @dataclasses.dataclass(frozen=True)
-class LayerRewrite:
-    node: str
-    rule: str
-    form: str
-    local_window_size: int | None
-    mask_style: str
-    source: str  # the cache the layer reads: a borrowed present, or its own past input
-    dtype: str
-    head_size: int
-    # The borrowed cache is cut to the keys the window reaches (GQAInputs.window_slice).
-    window_slice: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
 class LayerKind:
     """What a KV-shared layer's speed depends on (the layer, not the call)."""
 
@@ -87,12 +76,6 @@ class LayerKind:
 
 # A layer whose export is correct -> the reason to keep it as exported, or None to rewrite.
 ExportKeeper = Callable[[LayerKind], "str | None"]
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerSkip:
-    node: str
-    reason: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,22 +102,32 @@ def layer_kind(mask: MaskForm) -> str:
     return "full" if mask.local_window_size is None else "sliding"
 
 
-def read_heads(context, attention: ir.Node) -> AttentionHeads | str:
-    """Attributes every rewrite needs, or why the node cannot be rewritten."""
+def check_opset(context, attention: ir.Node) -> None:
     opset = context.model.opset_imports.get("", 0)
     if opset not in (23, 24):
-        return f"ai.onnx opset {opset}: the rules know Attention of opsets 23 and 24"
+        raise MatchFailureError(
+            f"ai.onnx opset {opset}: the rules know Attention of opsets 23 and 24", attention
+        )
+
+
+def read_heads(context, attention: ir.Node) -> AttentionHeads:
+    """Attributes every rewrite needs (MatchFailureError: why the node cannot be rewritten)."""
+    check_opset(context, attention)
     attrs = attention.attributes
     num_heads = attrs.get_int("q_num_heads", 0)
     kv_num_heads = attrs.get_int("kv_num_heads", 0)
     if num_heads <= 0 or kv_num_heads <= 0:
-        return "q_num_heads/kv_num_heads missing (needed for 3-D inputs)"
+        raise MatchFailureError(
+            "q_num_heads/kv_num_heads missing (needed for 3-D inputs)", attention
+        )
     if num_heads % kv_num_heads:
-        return f"q_num_heads {num_heads} is not a multiple of kv_num_heads {kv_num_heads}"
+        raise MatchFailureError(
+            f"q_num_heads {num_heads} is not a multiple of kv_num_heads {kv_num_heads}", attention
+        )
     if len(attention.outputs) > 3 and (
         attention.outputs[3].uses() or attention.outputs[3].is_graph_output()
     ):
-        return "qk_matmul_output is used"
+        raise MatchFailureError("qk_matmul_output is used", attention.outputs[3])
     scale = attrs.get("scale")
     return AttentionHeads(
         num_heads,
@@ -154,30 +147,37 @@ def infer_head_size(
     cache_kind: str,
     projection_kind: str,
     more_evidence: tuple[HeadSizeEvidence, ...] = (),
-) -> int | str:
+) -> int:
     """D, agreed on by every static source: the caches' last dim (annotated or inferred), the
     past input and new key/value of the layer that writes them, a 3-D projection's last dim
-    over its head count, and `more_evidence`; or why it cannot be known."""
+    over its head count, and `more_evidence` (MatchFailureError: why it cannot be known)."""
     evidence = list(more_evidence)
     for cache in caches_BNSH:
         rank = facts.rank(cache)
         if rank is not None and rank != 4:
-            return f"{cache_kind} {cache.name} is not 4-D BNSH"
+            raise MatchFailureError(f"{cache_kind} {cache.name} is not 4-D BNSH", cache)
         for cache_heads in facts.static_dims(cache, 1):
             if cache_heads != heads.kv_num_heads:
-                return f"{cache_kind} has {cache_heads} heads, kv_num_heads={heads.kv_num_heads}"
+                raise MatchFailureError(
+                    f"{cache_kind} has {cache_heads} heads, kv_num_heads={heads.kv_num_heads}",
+                    cache,
+                )
         writer_heads = facts.writer_kv_heads(cache)
         if writer_heads is not None and writer_heads != heads.kv_num_heads:
-            return (
+            raise MatchFailureError(
                 f"{cache_kind} {cache.name} is written with kv_num_heads={writer_heads}, "
-                f"read with kv_num_heads={heads.kv_num_heads}"
+                f"read with kv_num_heads={heads.kv_num_heads}",
+                cache,
             )
         evidence += facts.cache_head_sizes(cache, cache_kind)
     for shape in facts.shapes(projection_BSD):
         if shape.rank() != 3 or not isinstance(width := shape[2], int):
             continue
         if width % projection_heads:
-            return f"{projection_kind} width {width} is not a multiple of {projection_heads} heads"
+            raise MatchFailureError(
+                f"{projection_kind} width {width} is not a multiple of {projection_heads} heads",
+                projection_BSD,
+            )
         evidence.append(
             HeadSizeEvidence(
                 width // projection_heads,
@@ -186,53 +186,66 @@ def infer_head_size(
         )
     sizes = {item.head_size for item in evidence}
     if not sizes:
-        return f"head size unknown (no static shape on the {projection_kind} and {cache_kind})"
+        raise MatchFailureError(
+            f"head size unknown (no static shape on the {projection_kind} and {cache_kind})",
+            projection_BSD,
+        )
     if len(sizes) > 1:
         stated = "; ".join(f"{item.head_size} from {item.source}" for item in evidence)
-        return f"inconsistent head sizes {sorted(sizes)}: {stated}"
+        raise MatchFailureError(
+            f"inconsistent head sizes {sorted(sizes)}: {stated}", projection_BSD
+        )
     return sizes.pop()
 
 
-def check_causal(attention: ir.Node, mask: MaskForm) -> str | None:
+def check_causal(attention: ir.Node, mask: MaskForm) -> None:
     if not attention.attributes.get_int("is_causal", 0) and not mask.causal_in_mask:
-        return "neither is_causal nor the mask makes attention causal; GQA is always causal"
-    return None
+        raise MatchFailureError(
+            "neither is_causal nor the mask makes attention causal; GQA is always causal",
+            mask.mask_value,
+        )
 
 
-def check_3d(facts: ShapeFacts, query: ir.Value, key: ir.Value, value: ir.Value) -> str | None:
+def check_3d(facts: ShapeFacts, query: ir.Value, key: ir.Value, value: ir.Value) -> None:
     """The rules read 3-D [B, S, heads*D] query/key/value; 4-D BNSH inputs (the Hugging Face
     exporters' layout) are another pattern."""
     for role, operand in (("query", query), ("key", key), ("value", value)):
         rank = facts.rank(operand)
         if rank == 4:
-            return (
+            raise MatchFailureError(
                 f"{role} {operand.name} is 4-D [B, heads, S, D] (the Hugging Face exporters' "
-                "layout); these rules match 3-D [B, S, heads*D] query/key/value"
+                "layout); these rules match 3-D [B, S, heads*D] query/key/value",
+                operand,
             )
         if rank is not None and rank != 3:
-            return f"{role} {operand.name} is {rank}-D, not 3-D [B, S, heads*D]"
-    return None
+            raise MatchFailureError(
+                f"{role} {operand.name} is {rank}-D, not 3-D [B, S, heads*D]", operand
+            )
 
 
-def check_dtype(facts: ShapeFacts, query: ir.Value, *others: ir.Value) -> str | None:
-    """One GQA-supported dtype, stated by the query or else the caches, and not contradicted."""
+def check_dtype(facts: ShapeFacts, query: ir.Value, *others: ir.Value) -> ir.DataType:
+    """The one GQA-supported dtype stated by the query or else the caches, not contradicted."""
     stated = [dtype for dtype in (facts.dtype(v) for v in (query, *others)) if dtype is not None]
     if not stated:
-        return "dtype unknown: the query and the cache carry no type information"
+        raise MatchFailureError(
+            "dtype unknown: the query and the cache carry no type information", query
+        )
     dtype = stated[0]
     if dtype not in GQA_DTYPES:
-        return f"dtype {dtype} has no GroupQueryAttention kernel"
+        raise MatchFailureError(f"dtype {dtype} has no GroupQueryAttention kernel", query)
     if any(other != dtype for other in stated[1:]):
-        return "query and key/value dtypes differ"
-    return None
+        raise MatchFailureError("query and key/value dtypes differ", query)
+    return dtype
 
 
 class AttentionToGQARule(pattern.RewriteRuleClassBase):
     """Bookkeeping shared by the rules: every Attention reaching check() is either
-    rewritten (``rewrites``) or skipped with a reason (``skips``).
+    rewritten or skipped with a reason, in this rule's part of the ``RewriteLog``.
 
-    Subclasses implement ``pattern``, ``_plan_for`` (a plan, or the reason there is none)
-    and ``rewrite``, which starts with ``_take_plan()``.
+    Subclasses implement ``pattern``, ``_plan_for`` (a plan; ``MatchFailureError`` says why
+    there is none) and ``rewrite``, which starts with ``_take_plan()``. Built with
+    ``.rule(...)`` for a rule set: the log, the shared ``GQAInputs`` and the shape facts are
+    passed in, so nothing is read back from the instance.
     """
 
     def __init__(
@@ -243,6 +256,7 @@ class AttentionToGQARule(pattern.RewriteRuleClassBase):
         exact_padding: bool = False,
         inputs: GQAInputs | None = None,
         facts: ShapeFacts | None = None,
+        log: RewriteLog | None = None,
     ) -> None:
         super().__init__(name, remove_nodes=False)
         self.choose_form = choose_form
@@ -251,26 +265,36 @@ class AttentionToGQARule(pattern.RewriteRuleClassBase):
         # first check() of a model.
         self._facts = facts
         self._facts_model: ir.Model | None = None
-        self.rewrites: list[LayerRewrite] = []
-        self.skips: dict[str, LayerSkip] = {}
-        self.replaced_nodes: list[ir.Node] = []
-        # (GQA output, name it takes over once the replaced Attention is gone)
-        self.renames: list[tuple[ir.Value, str]] = []
+        self.log = log if log is not None else RewriteLog()
+        self.record = self.log.rule(name)
         # check() hands its plan to the rewrite() that onnxscript calls right after it.
         self._plan: Any = None
 
+    def setup(self) -> None:
+        # onnxscript calls this before each graph (subgraphs included) and cleanup() after.
+        self._plan = None
+
+    def cleanup(self) -> None:
+        self._plan = None
+
     def check(self, context, **bindings) -> pattern.MatchResult | bool:
         attention = context.root
-        return self._record(attention, self._plan_for(context, attention, **bindings))
+        return self._record(attention, lambda: self._plan_for(context, attention, **bindings))
 
-    def _record(self, attention: ir.Node, verdict: Any) -> pattern.MatchResult | bool:
-        """A plan for rewrite(), or the reason `attention` is skipped."""
+    def _record(
+        self, attention: ir.Node, plan_for: Callable[[], Any]
+    ) -> pattern.MatchResult | bool:
+        """A plan for rewrite(), or the reason `attention` is skipped (and what is at fault)."""
         label = node_label(attention)
-        if isinstance(verdict, str):
-            self.skips[label] = LayerSkip(label, verdict)
-            return pattern.MatchResult().fail(verdict, attention)
-        self.skips.pop(label, None)
-        self._plan = verdict
+        try:
+            plan = plan_for()
+        except MatchFailureError as failure:
+            self.record.skips[label] = LayerSkip(label, failure.reason)
+            return pattern.MatchResult().fail(
+                failure.reason, list(failure.failure_sources) or attention
+            )
+        self.record.skips.pop(label, None)
+        self._plan = plan
         return True
 
     def _plan_for(self, context, attention: ir.Node, **bindings) -> Any:
@@ -287,7 +311,6 @@ class AttentionToGQARule(pattern.RewriteRuleClassBase):
     def _take_plan(self) -> Any:
         plan, self._plan = self._plan, None
         assert plan is not None, "rewrite() without a successful check()"
-        self.inputs.use_graph(plan.graph)
         return plan
 
     def _emit(
@@ -306,11 +329,11 @@ class AttentionToGQARule(pattern.RewriteRuleClassBase):
         )
         results = list(results) if num_outputs > 1 else [results]
         self.inputs.created.add(results[0].producer())
-        self.replaced_nodes.append(attention)
+        self.record.replaced_nodes.append(attention)
         for new, old in zip(results, replaced_outputs, strict=False):
             if old.name:
-                self.renames.append((new, old.name))
-        self.rewrites.append(record)
+                self.record.renames.append((new, old.name))
+        self.record.rewrites.append(record)
         return results[: len(replaced_outputs)]
 
 

@@ -11,6 +11,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
 from rewriter.rules import _values
+from rewriter.rules._failure import MatchFailureError
 from rewriter.rules._submatch import SubPattern
 
 __all__ = ["BorrowedCache", "match_borrowed_cache"]
@@ -43,11 +44,13 @@ class _BorrowedCachePattern(pattern.PatternBase):
 _PATTERN = SubPattern(_BorrowedCachePattern())
 
 
-def match_borrowed_cache(context, value: ir.Value) -> BorrowedCache | str:
-    """The BNSH cache behind an Attention K/V input; a string is why there is none."""
+def match_borrowed_cache(context, value: ir.Value) -> BorrowedCache:
+    """The BNSH cache behind an Attention K/V input; MatchFailureError says why there is none."""
     found = _PATTERN.match(context, value)
     if found.bindings is None:
-        return f"{value.name} is not Reshape(Transpose(cache, perm=[0,2,1,3])): {found.reason}"
+        raise MatchFailureError(
+            f"{value.name} is not Reshape(Transpose(cache, perm=[0,2,1,3])): {found.reason}", value
+        )
     dims = _values.constant_array(found.bindings["shape"])
     assert dims is not None  # check() established it
     hidden = int(dims[2])

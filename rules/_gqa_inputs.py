@@ -14,7 +14,7 @@ import onnx_ir as ir
 
 from rewriter.rules._mask_patterns import MaskForm
 
-__all__ = ["GQAInputs"]
+__all__ = ["GQAInputs", "GraphInputs"]
 
 # Fully masked rows must stay finite: -inf biases turn into NaN in fp16 GQA (SPEC.md 4).
 _EXACT_PADDING_NEGATIVE = {
@@ -25,25 +25,38 @@ _EXACT_PADDING_NEGATIVE = {
 
 
 class GQAInputs:
+    """The inputs every rewritten layer of one rewrite run shares, per graph."""
+
     def __init__(self, *, exact_padding: bool) -> None:
         self.exact_padding = exact_padding
         # GQA nodes the rewrite created: not "the model's own" when looking for seqlens_k.
         self.created: set[ir.Node] = set()
-        self._graph: ir.Graph | ir.Function | None = None
-        # Keyed by the graph they live in: onnxscript visits subgraphs mid-parent.
-        self._values: dict[tuple[object, ...], ir.Value] = {}
-        self._model_lengths: dict[int, tuple[ir.Value, ir.Value] | None] = {}
+        # onnxscript visits a subgraph in the middle of its parent: one set of values each.
+        self._graphs: dict[ir.Graph | ir.Function, GraphInputs] = {}
 
-    def use_graph(self, graph: ir.Graph | ir.Function) -> None:
-        self._graph = graph
+    def of(self, graph: ir.Graph | ir.Function) -> GraphInputs:
+        """The shared inputs of `graph`, the graph a rewrite is building nodes in."""
+        if graph not in self._graphs:
+            self._graphs[graph] = GraphInputs(graph, self)
+        return self._graphs[graph]
+
+
+class GraphInputs:
+    """seqlens_k, lengths, empty K/V, window slices and biases of one graph, built once."""
+
+    def __init__(self, graph: ir.Graph | ir.Function, run: GQAInputs) -> None:
+        self.graph = graph
+        self.exact_padding = run.exact_padding
+        self._created = run.created
+        self._values: dict[tuple[object, ...], ir.Value] = {}
+        self._model_lengths: tuple[ir.Value, ir.Value] | None = None
+        self._model_lengths_read = False
 
     def cached(self, key: tuple[object, ...], build: Callable[[], ir.Value]) -> ir.Value:
         """A value built once per graph and key, for rules that share more inputs."""
         return self._cached(key, build)
 
     def _cached(self, key: tuple[object, ...], build: Callable[[], ir.Value]) -> ir.Value:
-        assert self._graph is not None, "use_graph() first"
-        key = (id(self._graph), *key)
         if key not in self._values:
             self._values[key] = build()
         return self._values[key]
@@ -150,20 +163,19 @@ class GQAInputs:
         Reused only when every pre-existing GQA node of this graph agrees on one pair, so the
         rewritten layers follow exactly the padding convention the model already has.
         """
-        graph = self._graph
-        assert graph is not None
-        if id(graph) not in self._model_lengths:
+        if not self._model_lengths_read:
+            self._model_lengths_read = True
             pairs = {
                 (node.inputs[5], node.inputs[6])
-                for node in graph
+                for node in self.graph
                 if node.op_type == "GroupQueryAttention"
                 and node.domain == "com.microsoft"
-                and node not in self.created
+                and node not in self._created
                 and len(node.inputs) > 6
             }
             pair = pairs.pop() if len(pairs) == 1 else None
-            self._model_lengths[id(graph)] = pair if pair and None not in pair else None
-        return self._model_lengths[id(graph)]
+            self._model_lengths = pair if pair and None not in pair else None
+        return self._model_lengths
 
     def window_slice(
         self,

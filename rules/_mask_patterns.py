@@ -29,6 +29,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
 from rewriter.rules import _values
+from rewriter.rules._failure import MatchFailureError
 from rewriter.rules._submatch import SubPattern
 
 __all__ = ["MaskForm", "match_mask"]
@@ -366,10 +367,10 @@ _MASK_PATTERNS: tuple[tuple[_MaskPattern, SubPattern], ...] = tuple(
 )
 
 
-def match_mask(context, mask: ir.Value) -> MaskForm | str:
-    """Classify an Attention mask input; a string is the reason it is not recognised."""
+def match_mask(context, mask: ir.Value) -> MaskForm:
+    """Classify an Attention mask input; MatchFailureError says why it is not recognised."""
     if mask.producer() is None:
-        return "mask is not built in the graph (graph input or initializer)"
+        raise MatchFailureError("mask is not built in the graph (graph input or initializer)", mask)
     closest: tuple[int, str] = (-2, "")
     for mask_pattern, subpattern in _MASK_PATTERNS:
         found = subpattern.match(context, mask)
@@ -377,7 +378,7 @@ def match_mask(context, mask: ir.Value) -> MaskForm | str:
             return _mask_form(mask_pattern, found.bindings, mask)
         if found.depth > closest[0]:
             closest = (found.depth, f"closest is {subpattern.name}: {found.reason}")
-    return f"mask is not a recognised P1/P2 mask ({closest[1]})"
+    raise MatchFailureError(f"mask is not a recognised P1/P2 mask ({closest[1]})", mask)
 
 
 def _mask_form(mask_pattern: _MaskPattern, bindings: dict, mask: ir.Value) -> MaskForm:

@@ -39,6 +39,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
 from rewriter.rules import _values
+from rewriter.rules._failure import MatchFailureError
 from rewriter.rules._submatch import SubPattern
 
 __all__ = ["KeyShift", "PositionMask", "allowed_keys", "match_position_mask"]
@@ -182,10 +183,10 @@ def allowed_keys(value: ir.Value) -> ir.Value:
     return value
 
 
-def match_position_mask(context, mask: ir.Value) -> PositionMask | str:
-    """Classify an Attention mask built from positions; a string is why it is not one."""
+def match_position_mask(context, mask: ir.Value) -> PositionMask:
+    """Classify an Attention mask built from positions (MatchFailureError: why it is not one)."""
     if mask.producer() is None:
-        return "mask is not built in the graph (graph input or initializer)"
+        raise MatchFailureError("mask is not built in the graph (graph input or initializer)", mask)
     if mask.dtype == ir.DataType.BOOL:
         style, boolean = "hf-bool", mask
     else:
@@ -196,7 +197,9 @@ def match_position_mask(context, mask: ir.Value) -> PositionMask | str:
                 boolean = found.bindings["allowed"]
                 break
         if boolean is None:
-            return "float mask is not Mul(Cast(Not(allowed)), large negative) or a Where bias"
+            raise MatchFailureError(
+                "float mask is not Mul(Cast(Not(allowed)), large negative) or a Where bias", mask
+            )
     allowed = allowed_keys(boolean)
     terms: list[ir.Value] = []
     _and_terms(allowed, terms)
@@ -208,33 +211,33 @@ def match_position_mask(context, mask: ir.Value) -> PositionMask | str:
         if bindings is None:
             producer = term.producer()
             op_type = producer.op_type if producer is not None else "a graph value"
-            return f"mask term {term.name} ({op_type}) is not a causal, window or padding term"
+            raise MatchFailureError(
+                f"mask term {term.name} ({op_type}) is not a causal, window or padding term", mask
+            )
     if len(causal) != 1:
-        return f"mask has {len(causal)} causal terms (LessOrEqual(keys, queries)); needs one"
+        raise MatchFailureError(
+            f"mask has {len(causal)} causal terms (LessOrEqual(keys, queries)); needs one", mask
+        )
     if len(windows) > 1 or len(paddings) > 1:
-        return "mask has more than one window or padding term"
+        raise MatchFailureError("mask has more than one window or padding term", mask)
     key_positions = causal[0]["key_positions"]
     query_positions = causal[0]["query_positions"]
     if any(
         w["key_positions"] is not key_positions or w["query_positions"] is not query_positions
         for w in windows
     ):
-        return "window and causal terms compare different positions"
+        raise MatchFailureError("window and causal terms compare different positions", mask)
     shift = _check_positions(context, key_positions, query_positions)
-    if isinstance(shift, str):
-        return shift
     window = None
     if windows:
         window = _values.scalar_int(windows[0]["window"])
         if window is None:
-            return "window is not a constant"
+            raise MatchFailureError("window is not a constant", mask)
         if window < 1:
-            return f"window {window} is not positive"
+            raise MatchFailureError(f"window {window} is not positive", mask)
     attention_mask = None
     if paddings:
-        problem = _check_padding_indices(context, paddings[0]["indices"], key_positions)
-        if problem:
-            return problem
+        _check_padding_indices(context, paddings[0]["indices"], key_positions)
         attention_mask = paddings[0]["attention_mask"]
     return PositionMask(style, window, allowed, attention_mask, key_shift=shift)
 
@@ -353,11 +356,11 @@ _DROPPED = tuple(
 )
 
 
-def _key_shift(context, keys: ir.Value) -> tuple[ir.Value, ir.Value, int] | str:
+def _key_shift(context, keys: ir.Value) -> tuple[ir.Value, ir.Value, int]:
     """(T, P, keep) for key positions Add(Range(0, T, 1), Max(0, P - keep))."""
     found = _SHIFTED_RANGE.match(context, keys)
     if found.bindings is None:
-        return "key positions are not Range(0, T, 1)"
+        raise MatchFailureError("key positions are not Range(0, T, 1)", keys)
     shift = found.bindings["shift"]
     closest = (-1, "")
     for dropped in _DROPPED:
@@ -369,37 +372,42 @@ def _key_shift(context, keys: ir.Value) -> tuple[ir.Value, ir.Value, int] | str:
             assert keep is not None  # check() established it
             return found.bindings["total"], match.bindings["past"], keep
         closest = max(closest, (match.depth, match.reason))
-    return (
+    raise MatchFailureError(
         "key positions are Range(0, T, 1) shifted by something other than Max(0, P - keep) "
-        f"(a trimmed cache's dropped entries): {closest[1]}"
+        f"(a trimmed cache's dropped entries): {closest[1]}",
+        keys,
     )
 
 
 def _check_positions(
     context, key_positions: ir.Value, query_positions: ir.Value
-) -> KeyShift | str | None:
+) -> KeyShift | None:
     """None: keys Range(0, T, 1), queries the last S of them. A KeyShift: keys numbered
     from Max(0, P - keep), queries P + [0, S), T = P + S (the caller proves the cache).
-    A string: why the positions are neither."""
+    MatchFailureError: why the positions are neither."""
     keys, key_rank, key_axis = _unsqueezed(key_positions)
     queries, query_rank, query_axis = _unsqueezed(query_positions)
     if (key_rank, key_axis) != (4, 3) or (query_rank, query_axis) != (4, 2):
-        return "positions are not broadcast as keys [1,1,1,T] against queries [1,1,S,1]"
+        raise MatchFailureError(
+            "positions are not broadcast as keys [1,1,1,T] against queries [1,1,S,1]", key_positions
+        )
     total = _arange_length(keys)
     shift = None
     if total is None:
-        found = _key_shift(context, keys)
-        if isinstance(found, str):
-            return found
-        total, shift_past, keep = found
+        total, shift_past, keep = _key_shift(context, keys)
         shift = KeyShift(keep, shift_past)
     if queries is keys:
         if shift is not None:
-            return "shifted key positions without query positions P + [0, S): not a decode step"
+            raise MatchFailureError(
+                "shifted key positions without query positions P + [0, S): not a decode step",
+                key_positions,
+            )
         return None  # prefill: the queries are all the keys
     offset = _add_operands(queries)
     if offset is None:
-        return "query positions are neither the key Range nor Add(Range(0, S, 1), P)"
+        raise MatchFailureError(
+            "query positions are neither the key Range nor Add(Range(0, S, 1), P)", key_positions
+        )
     total_terms = _add_operands(total)
     for query_range, past in (offset, offset[::-1]):
         if total_terms is None:
@@ -412,11 +420,14 @@ def _check_positions(
         if _is_single_position(query_range) and _is_one_past(total_terms, past):
             return shift  # single-token decode: Range(0, 1) folded to [0], T = P + 1
     if shift is not None:
-        return (
+        raise MatchFailureError(
             "shifted key positions: the shift's P is not the query positions' P, or the "
-            "keys are not Range(0, P + S, 1)"
+            "keys are not Range(0, P + S, 1)",
+            key_positions,
         )
-    return "query positions are not the last S key positions (T = P + S)"
+    raise MatchFailureError(
+        "query positions are not the last S key positions (T = P + S)", key_positions
+    )
 
 
 def _is_single_position(value: ir.Value) -> bool:
@@ -429,13 +440,18 @@ def _is_one_past(total_terms: tuple[ir.Value, ir.Value], past: ir.Value) -> bool
     return (a is past and _values.scalar_int(b) == 1) or (b is past and _values.scalar_int(a) == 1)
 
 
-def _check_padding_indices(context, indices: ir.Value, key_positions: ir.Value) -> str | None:
+def _check_padding_indices(context, indices: ir.Value, key_positions: ir.Value) -> None:
     found = _PADDING_INDICES.match(context, indices)
     if found.bindings is None:
-        return f"padding term is not gathered at [batch, key position]: {found.reason}"
+        raise MatchFailureError(
+            f"padding term is not gathered at [batch, key position]: {found.reason}", indices
+        )
     if found.bindings["key_positions"] is not key_positions:
-        return "padding term is gathered at other positions than the causal term's keys"
+        raise MatchFailureError(
+            "padding term is gathered at other positions than the causal term's keys", indices
+        )
     batch, rank, axis = _unsqueezed(found.bindings["batch_index"])
     if (rank, axis) != (4, 0) or _arange_length(batch) is None:
-        return "padding term's batch index is not Range(0, B, 1) on axis 0"
-    return None
+        raise MatchFailureError(
+            "padding term's batch index is not Range(0, B, 1) on axis 0", indices
+        )

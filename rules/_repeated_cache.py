@@ -21,6 +21,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
 from rewriter.rules import _values
+from rewriter.rules._failure import MatchFailureError
 from rewriter.rules._submatch import SubPattern
 
 __all__ = [
@@ -116,17 +117,18 @@ def _kv_heads(cache_BNSH: ir.Value, expand_dim: int | None) -> int | None:
 _PATTERN = SubPattern(_RepeatedCachePattern())
 
 
-def match_repeated_cache(context, value: ir.Value) -> RepeatedCache | str:
-    """The cache behind an Attention's 4-D K/V input; a string is why there is none."""
+def match_repeated_cache(context, value: ir.Value) -> RepeatedCache:
+    """The cache behind an Attention's 4-D K/V input; MatchFailureError says why there is none."""
     found = _PATTERN.match(context, value)
     if found.bindings is None:
-        return (
+        raise MatchFailureError(
             f"{value.name} is not Reshape(Expand(Unsqueeze(cache, [2]))) (repeat_kv): "
-            f"{found.reason}"
+            f"{found.reason}",
+            value,
         )
     cache = found.bindings["cache_BNSH"]
     if cache.shape is not None and cache.shape.rank() != 4:
-        return f"repeated cache {cache.name} is not 4-D BNSH"
+        raise MatchFailureError(f"repeated cache {cache.name} is not 4-D BNSH", value)
     repeated = shape_elements(found.bindings["repeated_shape"])
     merged = shape_elements(found.bindings["heads_shape"])
     assert repeated is not None and merged is not None  # check() established them
@@ -147,10 +149,10 @@ class AppendedCache:
     node: ir.Node  # the Concat (or Transpose) that GQA's present output replaces
 
 
-def match_appended_cache(cache_BNTD: ir.Value) -> AppendedCache | str | None:
+def match_appended_cache(cache_BNTD: ir.Value) -> AppendedCache | None:
     """``Concat(past_BNPD, Transpose(new_BSND, [0,2,1,3]), axis=2)`` or, without a past,
     ``Transpose(new_BSND, [0,2,1,3])``; None when the cache is built some other way (then
-    the layer reads it as a past instead), a string when it is a near-miss."""
+    the layer reads it as a past instead), MatchFailureError for a near-miss."""
     producer = cache_BNTD.producer()
     if producer is None or producer.domain not in ("", "ai.onnx"):
         return None
@@ -165,9 +167,10 @@ def match_appended_cache(cache_BNTD: ir.Value) -> AppendedCache | str | None:
     axis = producer.attributes.get_int("axis", 0)
     rank = past.shape.rank() if past.shape is not None else 4
     if rank != 4 or axis % 4 != 2:
-        return (
+        raise MatchFailureError(
             f"cache {cache_BNTD.name} is Concat(past, new) on axis {axis}, not the sequence "
-            "axis 2 of BNSH: not a KV-cache append"
+            "axis 2 of BNSH: not a KV-cache append",
+            cache_BNTD,
         )
     if new.producer() is None or new.producer().op_type != "Transpose":
         return None
@@ -205,38 +208,47 @@ class TrimmedCache:
 _TO_THE_END = 2**62
 
 
-def match_trimmed_cache(cache_BNTD: ir.Value, keep: int) -> TrimmedCache | str:
-    """The trimmed cache behind a layer's repeat; a string is why it is not one that keeps
-    the last ``keep`` past entries."""
+def match_trimmed_cache(cache_BNTD: ir.Value, keep: int) -> TrimmedCache:
+    """The trimmed cache behind a layer's repeat (MatchFailureError: why it is not one that
+    keeps the last ``keep`` past entries)."""
     name = cache_BNTD.name
     producer = cache_BNTD.producer()
     if producer is None or producer.op_type != "Concat" or len(producer.inputs) != 2:
-        return f"cache {name} is not a Concat(trimmed past, new entries)"
+        raise MatchFailureError(
+            f"cache {name} is not a Concat(trimmed past, new entries)", cache_BNTD
+        )
     if producer.attributes.get_int("axis", 0) % 4 != 2:
-        return f"cache {name} is not concatenated on the sequence axis 2 of BNSH"
+        raise MatchFailureError(
+            f"cache {name} is not concatenated on the sequence axis 2 of BNSH", cache_BNTD
+        )
     sliced, new = producer.inputs
     assert sliced is not None and new is not None
     trim = sliced.producer()
     if trim is None or trim.op_type != "Slice" or trim.domain not in ("", "ai.onnx"):
-        return f"cache {name} does not start with a Slice of the past"
+        raise MatchFailureError(f"cache {name} does not start with a Slice of the past", cache_BNTD)
     past = trim.inputs[0]
     if past is None or not _values.is_graph_input(past) or past.shape is None:
-        return f"cache {name} slices something other than a graph input past"
+        raise MatchFailureError(
+            f"cache {name} slices something other than a graph input past", cache_BNTD
+        )
     if past.shape.rank() != 4:
-        return f"past {past.name} of cache {name} is not 4-D BNSH"
+        raise MatchFailureError(f"past {past.name} of cache {name} is not 4-D BNSH", cache_BNTD)
     starts, ends, axes = (_values.constant_array(v) for v in trim.inputs[1:4])
     steps = _values.constant_array(trim.inputs[4]) if len(trim.inputs) > 4 else None
     if axes is None or [int(a) % 4 for a in axes.reshape(-1)] != [2]:
-        return f"cache {name} slices its past on another axis than 2"
+        raise MatchFailureError(f"cache {name} slices its past on another axis than 2", cache_BNTD)
     if len(trim.inputs) > 4 and (steps is None or steps.reshape(-1).tolist() != [1]):
-        return f"cache {name} slices its past with a step other than 1"
+        raise MatchFailureError(
+            f"cache {name} slices its past with a step other than 1", cache_BNTD
+        )
     if ends is None or ends.reshape(-1).tolist()[0] < _TO_THE_END:
-        return f"cache {name} slices its past short of its end"
+        raise MatchFailureError(f"cache {name} slices its past short of its end", cache_BNTD)
     if starts is None or starts.reshape(-1).tolist() != [-keep]:
         kept = "a computed start" if starts is None else f"start {starts.reshape(-1).tolist()}"
-        return (
+        raise MatchFailureError(
             f"cache {name} keeps its past from {kept}, the mask's key shift Max(0, P - {keep}) "
-            f"assumes the last {keep} entries"
+            f"assumes the last {keep} entries",
+            cache_BNTD,
         )
     transpose = new.producer()
     if (
@@ -244,6 +256,8 @@ def match_trimmed_cache(cache_BNTD: ir.Value, keep: int) -> TrimmedCache | str:
         or transpose.op_type != "Transpose"
         or list(transpose.attributes.get_ints("perm", [])) != [0, 2, 1, 3]
     ):
-        return f"cache {name} appends something other than Transpose(new, [0, 2, 1, 3])"
+        raise MatchFailureError(
+            f"cache {name} appends something other than Transpose(new, [0, 2, 1, 3])", cache_BNTD
+        )
     assert transpose.inputs[0] is not None
     return TrimmedCache(cache_BNTD, past, transpose.inputs[0], sliced, producer)

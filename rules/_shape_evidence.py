@@ -19,6 +19,7 @@ D head size.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Iterator, Mapping
@@ -26,7 +27,7 @@ from collections.abc import Iterator, Mapping
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-__all__ = ["HeadSizeEvidence", "ShapeFacts"]
+__all__ = ["HeadSizeEvidence", "ShapeFacts", "keeping_initializer_order"]
 
 # (domain, op_type) -> {present output index: (past input index, new key/value input index)}.
 # The present cache of a layer that owns one has the head size of its past input, and of its
@@ -70,8 +71,6 @@ class ShapeFacts:
         annotated = {value: (value.shape, value.dtype) for value in values}
         # The pass sets dtypes on the values' existing type objects: keep those to restore.
         types = {value: value.type for value in values}
-        # ... and it re-registers initializers, which would reorder them in the output.
-        initializers = {graph: list(graph.initializers.values()) for graph in model.graphs()}
         # Partial results are the point: one node ONNX cannot infer must not void the rest.
         inference = common_passes.ShapeInferencePass(
             check_type=False, strict_mode=False, data_prop=True
@@ -80,7 +79,9 @@ class ShapeFacts:
         previous_level = logger.level
         logger.setLevel(logging.ERROR)  # "value not found in inferred graph" per unnamed value
         try:
-            inference(model)
+            # The pass re-registers initializers, which would reorder them in the output.
+            with keeping_initializer_order(model):
+                inference(model)
             inferred = {
                 value: (value.shape, value.dtype)
                 for value in values
@@ -92,11 +93,6 @@ class ShapeFacts:
                 value.shape, value.type = shape, types[value]
                 if value.type is not None and value.type.dtype != dtype:
                     value.type.dtype = dtype
-            for graph, order in initializers.items():
-                if list(graph.initializers.values()) != order:
-                    graph.initializers.clear()
-                    for initializer in order:
-                        graph.initializers.add(initializer)
         return cls(inferred)
 
     def shapes(self, value: ir.Value) -> list[ir.Shape]:
@@ -165,3 +161,19 @@ class ShapeFacts:
 
 def _writer_kv_heads(writer: ir.Node) -> int | None:
     return writer.attributes.get_int("kv_num_heads", 0) or None
+
+
+@contextlib.contextmanager
+def keeping_initializer_order(model: ir.Model) -> Iterator[None]:
+    """onnx-ir's passes that call the ONNX C API (shape inference, checker) take large
+    initializers out and re-register them, which moves them to the end of the list: put
+    every graph's initializers back in their order, so the output's bytes do not change."""
+    initializers = {graph: list(graph.initializers.values()) for graph in model.graphs()}
+    try:
+        yield
+    finally:
+        for graph, order in initializers.items():
+            if list(graph.initializers.values()) != order:
+                graph.initializers.clear()
+                for initializer in order:
+                    graph.initializers.add(initializer)

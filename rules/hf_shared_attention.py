@@ -115,18 +115,21 @@ from onnxscript.rewriter import pattern
 
 from rewriter.rules import _values
 from rewriter.rules._attention_rule import (
-    GQA_DTYPES,
     AttentionHeads,
     AttentionToGQARule,
     FormChooser,
     LayerRewrite,
     LayerSkip,
     always_past,
+    check_dtype,
+    check_opset,
     dtype_name,
     gqa_attributes,
     node_label,
 )
+from rewriter.rules._failure import MatchFailureError
 from rewriter.rules._gqa_inputs import GQAInputs
+from rewriter.rules._log import RewriteLog, RuleLog
 from rewriter.rules._position_masks import (
     KeyShift,
     PositionMask,
@@ -142,6 +145,7 @@ from rewriter.rules._repeated_cache import (
     match_trimmed_cache,
     shape_elements,
 )
+from rewriter.rules._shape_evidence import ShapeFacts
 from rewriter.rules.nonshared_attention import NATIVE_FORM
 
 __all__ = [
@@ -191,6 +195,8 @@ class HFAttentionToGQA(AttentionToGQARule):
         layers: str = "all",
         exact_padding: bool = False,
         inputs: GQAInputs | None = None,
+        facts: ShapeFacts | None = None,
+        log: RewriteLog | None = None,
     ) -> None:
         super().__init__(
             "HFAttentionToGQA"
@@ -199,6 +205,8 @@ class HFAttentionToGQA(AttentionToGQARule):
             choose_form,
             exact_padding=exact_padding,
             inputs=inputs,
+            facts=facts,
+            log=log,
         )
         self.zeroes_masked_rows = zeroes_masked_rows
         # Single-token decode graphs (S fixed at 1): the exporter writes a Reshape to the
@@ -206,8 +214,9 @@ class HFAttentionToGQA(AttentionToGQARule):
         self.single_query_reshape = single_query_reshape
         self._steps = ("Where",) * zeroes_masked_rows + ("Reshape",) * single_query_reshape
         self.layers = layers
-        # (export's cache, GQA present replacing it, the node that built the cache)
-        self.cache_redirects: list[tuple[ir.Value, ir.Value, ir.Node]] = []
+        # Per graph being visited (onnxscript visits subgraphs mid-parent): (export's cache,
+        # GQA present replacing it, the node that built the cache).
+        self._cache_redirects: list[list[tuple[ir.Value, ir.Value, ir.Node]]] = []
 
     def pattern(
         self, op, query_BNSD, key_BNTD, value_BNTD, mask, row_has_keys, zero, same_shape, shape
@@ -229,7 +238,7 @@ class HFAttentionToGQA(AttentionToGQARule):
             # Not this export style: the 3-D rules own the skip reason.
             return pattern.MatchResult().fail("query/key/value are not 4-D", attention)
         # The pattern's root is what follows the Attention, not the Attention itself.
-        return self._record(attention, self._plan_for(context, attention, **bindings))
+        return self._record(attention, lambda: self._plan_for(context, attention, **bindings))
 
     def _plan_for(
         self,
@@ -245,80 +254,78 @@ class HFAttentionToGQA(AttentionToGQARule):
         zero=None,
         same_shape=None,
         **_,
-    ) -> _Plan | str:
-        opset = context.model.opset_imports.get("", 0)
-        if opset not in (23, 24):
-            return f"ai.onnx opset {opset}: the rules know Attention of opsets 23 and 24"
+    ) -> _Plan:
+        check_opset(context, attention)
         if any(v is not None for v in attention.inputs[4:]):
-            return "has past_key/past_value/nonpad_kv_seqlen inputs: not an HF repeat_kv layer"
+            raise MatchFailureError(
+                "has past_key/past_value/nonpad_kv_seqlen inputs: not an HF repeat_kv layer",
+                attention,
+            )
         if any(out.uses() or out.is_graph_output() for out in attention.outputs[1:]):
-            return "present or qk_matmul outputs are used"
+            raise MatchFailureError("present or qk_matmul outputs are used", attention)
         if mask is None:
-            return "has no mask input"
+            raise MatchFailureError("has no mask input", attention)
         attrs = attention.attributes
         if attrs.get_int("is_causal", 0):
-            return "is_causal=1 with 4-D HF inputs: not the exported pattern (mask carries it)"
-        problem = _single_reader_chain(attention, self._steps)
-        if problem:
-            return problem
+            raise MatchFailureError(
+                "is_causal=1 with 4-D HF inputs: not the exported pattern (mask carries it)",
+                attention,
+            )
+        _single_reader_chain(attention, self._steps)
         if self.single_query_reshape and not _is_identity_reshape(attention.outputs[0], same_shape):
-            return "Reshape after the Attention changes its [B, N, S, D] shape"
+            raise MatchFailureError(
+                "Reshape after the Attention changes its [B, N, S, D] shape", attention
+            )
         key = match_repeated_cache(context, key_BNTD)
-        if isinstance(key, str):
-            return key
         value = match_repeated_cache(context, value_BNTD)
-        if isinstance(value, str):
-            return value
         if (key.kv_num_heads, key.num_heads) != (value.kv_num_heads, value.num_heads):
-            return "K and V are repeated differently"
+            raise MatchFailureError("K and V are repeated differently", attention)
         num_heads = _static_dim(query_BNSD, 1)
         if num_heads is not None and num_heads != key.num_heads:
-            return f"query has {num_heads} heads, the repeated K has {key.num_heads}"
+            raise MatchFailureError(
+                f"query has {num_heads} heads, the repeated K has {key.num_heads}", attention
+            )
         head_size = _head_size(query_BNSD, key, value)
-        if isinstance(head_size, str):
-            return head_size
         mask_form = match_position_mask(context, mask)
-        if isinstance(mask_form, str):
-            return mask_form
         trimmed = None
         if mask_form.key_shift is not None:
             trimmed = _check_trimmed_caches(mask_form.key_shift, key, value, query_BNSD)
-            if isinstance(trimmed, str):
-                return trimmed
         if self.zeroes_masked_rows:
-            problem = _check_row_zeroing(row_has_keys, zero, mask_form)
-            if problem:
-                return problem
-        problem = _check_output_shape(shape, key.num_heads * head_size, query_BNSD)
-        if problem:
-            return problem
+            _check_row_zeroing(row_has_keys, zero, mask_form)
+        _check_output_shape(shape, key.num_heads * head_size, query_BNSD)
         if self.inputs.exact_padding and mask_form.attention_mask is not None:
-            return "--exact-padding is not implemented for HF position masks"
-        dtype = query_BNSD.dtype or key.cache_BNSH.dtype
-        problem = _check_dtype(dtype, key.cache_BNSH, value.cache_BNSH)
-        if problem:
-            return problem
+            raise MatchFailureError(
+                "--exact-padding is not implemented for HF position masks", attention
+            )
+        dtype = check_dtype(self.facts(context), query_BNSD, key.cache_BNSH, value.cache_BNSH)
         shared = not _is_first_reader(attention, key.cache_BNSH)
         if not shared and self.layers != "all":
-            return "a layer with its own cache (source of its repeat_kv); --layers shared leaves it"
+            raise MatchFailureError(
+                "a layer with its own cache (source of its repeat_kv); --layers shared leaves it",
+                attention,
+            )
         appended = None
         if not shared and trimmed is not None:
             appended = (trimmed[0].appended(), trimmed[1].appended())
         elif not shared:
             found = [match_appended_cache(c.cache_BNSH) for c in (key, value)]
-            reasons = [f for f in found if isinstance(f, str)]
-            if reasons:
-                return reasons[0]
             if all(isinstance(f, AppendedCache) for f in found):
                 appended = (found[0], found[1])
                 if (appended[0].past_BNPD is None) != (appended[1].past_BNPD is None):
-                    return "one of K/V appends to a past, the other does not"
+                    raise MatchFailureError(
+                        "one of K/V appends to a past, the other does not", attention
+                    )
         windowed = mask_form.local_window_size is not None
         decision = self.choose_form(dtype_name(dtype), head_size, windowed)
         if decision.form is None:
-            return f"no GroupQueryAttention form qualifies: {decision.reason}"
+            raise MatchFailureError(
+                f"no GroupQueryAttention form qualifies: {decision.reason}", attention
+            )
         if decision.form not in _FORMS:
-            return f"form {decision.form} is not built for HF exports (only {', '.join(_FORMS)})"
+            raise MatchFailureError(
+                f"form {decision.form} is not built for HF exports (only {', '.join(_FORMS)})",
+                attention,
+            )
         heads = AttentionHeads(
             key.num_heads,
             key.kv_num_heads,
@@ -381,32 +388,33 @@ class HFAttentionToGQA(AttentionToGQARule):
         # Transpose (and Where) to the Attention and its mask and repeat chains.
         reshape = reshape_output.producer()
         assert reshape is not None
-        self.replaced_nodes.append(reshape)
+        self.record.replaced_nodes.append(reshape)
         return results[0]
 
     def _merged_shape(self, op, heads: int, plan: _Plan) -> ir.Value:
         hidden = heads * plan.head_size
-        return self.inputs.cached(
+        return self.inputs.of(plan.graph).cached(
             ("merged_heads", hidden),
             lambda: op.Constant(value=ir.tensor(np.array([0, 0, hidden], dtype=np.int64))),
         )
 
     def _lengths(self, op, plan: _Plan, cache: ir.Value) -> tuple[ir.Value, ir.Value]:
+        inputs = self.inputs.of(plan.graph)
         if plan.mask.attention_mask is not None:
             if plan.trimmed is not None:
-                return self.inputs.trimmed_lengths(
+                return inputs.trimmed_lengths(
                     op, plan.mask.attention_mask, plan.trimmed.kept_BNKD, plan.trimmed.new_BSND
                 )
-            return self.inputs.sequence_lengths(op, plan.mask.attention_mask)
+            return inputs.sequence_lengths(op, plan.mask.attention_mask)
         # Without padding every one of the cache's T_c entries is valid, trimmed or not.
-        return self.inputs.lengths_from_cache(op, cache)
+        return inputs.lengths_from_cache(op, cache)
 
     def _past_inputs(self, op, plan: _Plan) -> list[ir.Value | None]:
         """`past` form: empty new K/V, the cache as past_key/past_value."""
         key_BNTD, value_BNTD = plan.key.cache_BNSH, plan.value.cache_BNSH
         hidden = plan.heads.kv_num_heads * plan.head_size
         batch_source = plan.mask.attention_mask or key_BNTD
-        empty = self.inputs.empty_kv(op, batch_source, hidden, plan.dtype)
+        empty = self.inputs.of(plan.graph).empty_kv(op, batch_source, hidden, plan.dtype)
         return [empty, empty, key_BNTD, value_BNTD, *self._lengths(op, plan, key_BNTD)]
 
     def _native_inputs(self, op, plan: _Plan) -> list[ir.Value | None]:
@@ -420,7 +428,7 @@ class HFAttentionToGQA(AttentionToGQARule):
         if plan.mask.attention_mask is not None:
             lengths = self._lengths(op, plan, key.cache_BNTD)
         else:
-            lengths = self.inputs.appended_lengths(op, key.past_BNPD, key.new_BSND)
+            lengths = self.inputs.of(plan.graph).appended_lengths(op, key.past_BNPD, key.new_BSND)
         return [new_key, new_value, key.past_BNPD, value.past_BNPD, *lengths]
 
     def _emit_with_presents(self, op, plan, inputs, attributes, reshape_output, record):
@@ -430,23 +438,32 @@ class HFAttentionToGQA(AttentionToGQARule):
         assert gqa is not None
         if plan.appended is not None:
             for appended, present in zip(plan.appended, gqa.outputs[1:3], strict=True):
-                self.cache_redirects.append((appended.cache_BNTD, present, appended.node))
+                self._cache_redirects[-1].append((appended.cache_BNTD, present, appended.node))
         return results
 
-    def redirect_caches(self) -> None:
-        """After the rule set ran: readers of each replaced cache (graph outputs, shared
-        layers) read the GQA present instead, under the cache's name."""
-        for cache, present, node in self.cache_redirects:
+    def setup(self) -> None:
+        super().setup()
+        self._cache_redirects.append([])
+
+    def cleanup(self) -> None:
+        """Once a graph is rewritten: readers of each replaced cache (graph outputs, the
+        shared layers matched later in the graph) read the GQA present instead, under the
+        cache's name."""
+        super().cleanup()
+        for cache, present, node in self._cache_redirects.pop():
+            # A graph output needs its type (the ONNX checker refuses one without); the
+            # present holds exactly the cache's entries.
+            present.dtype = cache.dtype
+            present.shape = cache.shape.copy() if cache.shape is not None else None
             cache.replace_all_uses_with(present, replace_graph_outputs=True)
             if cache.name:
-                self.renames.append((present, cache.name))
-            self.replaced_nodes.append(node)
-        self.cache_redirects.clear()
+                self.record.renames.append((present, cache.name))
+            self.record.replaced_nodes.append(node)
 
 
 def _check_trimmed_caches(
     shift: KeyShift, key: RepeatedCache, value: RepeatedCache, query_BNSD: ir.Value
-) -> tuple[TrimmedCache, TrimmedCache] | str:
+) -> tuple[TrimmedCache, TrimmedCache]:
     """The mask numbers its key columns from Max(0, P - keep); GQA numbers the cache's
     slots from 0 and puts the S queries on its last S slots. Both agree when the cache is
     Concat(Slice(past, -keep), new) with len(past) = P and S new entries: slot j then
@@ -455,27 +472,35 @@ def _check_trimmed_caches(
     symbolic dims on the past, the shift's Shape source, the new entries and the query)."""
     past_source = _past_length_source(shift.past_length)
     if past_source is None:
-        return "key shift's P is not Squeeze(Shape(past, start=2, end=3)) of a graph input"
+        raise MatchFailureError(
+            "key shift's P is not Squeeze(Shape(past, start=2, end=3)) of a graph input", query_BNSD
+        )
     found = []
     for cache in (key, value):
-        trimmed = match_trimmed_cache(cache.cache_BNSH, shift.keep)
-        if isinstance(trimmed, str):
-            return f"key positions are shifted by Max(0, P - {shift.keep}): {trimmed}"
+        try:
+            trimmed = match_trimmed_cache(cache.cache_BNSH, shift.keep)
+        except MatchFailureError as failure:
+            raise MatchFailureError(
+                f"key positions are shifted by Max(0, P - {shift.keep}): {failure.reason}",
+                *failure.failure_sources,
+            ) from None
         past_dim = trimmed.past_BNPD.shape[2] if trimmed.past_BNPD.shape is not None else None
         source_dim = past_source.shape[2] if past_source.shape is not None else None
         declared = isinstance(past_dim, int) or (
             isinstance(past_dim, ir.SymbolicDim) and past_dim.value is not None
         )
         if past_source is not trimmed.past_BNPD and (not declared or past_dim != source_dim):
-            return (
+            raise MatchFailureError(
                 f"key shift's P is the length of {past_source.name}, not declared equal to "
-                f"that of {trimmed.past_BNPD.name} (the past the cache trims)"
+                f"that of {trimmed.past_BNPD.name} (the past the cache trims)",
+                query_BNSD,
             )
         new_dim = _static_or_symbolic(trimmed.new_BSND, 1)
         if new_dim is None or new_dim != _static_or_symbolic(query_BNSD, 2):
-            return (
+            raise MatchFailureError(
                 f"cache {cache.cache_BNSH.name} appends entries not declared as many as "
-                "the queries (S)"
+                "the queries (S)",
+                query_BNSD,
             )
         found.append(trimmed)
     return found[0], found[1]
@@ -508,16 +533,6 @@ def _past_length_source(length: ir.Value) -> ir.Value | None:
     return source
 
 
-def _check_dtype(dtype: ir.DataType | None, *caches: ir.Value) -> str | None:
-    if dtype is None:
-        return "dtype unknown: the query and the cache carry no type information"
-    if dtype not in GQA_DTYPES:
-        return f"dtype {dtype} has no GroupQueryAttention kernel"
-    if any(cache.dtype not in (None, dtype) for cache in caches):
-        return "query and key/value dtypes differ"
-    return None
-
-
 def _static_dim(value: ir.Value, axis: int) -> int | None:
     shape = value.shape
     if shape is None or shape.rank() <= axis or not isinstance(shape[axis], int):
@@ -525,26 +540,33 @@ def _static_dim(value: ir.Value, axis: int) -> int | None:
     return shape[axis]
 
 
-def _head_size(query: ir.Value, key: RepeatedCache, value: RepeatedCache) -> int | str:
+def _head_size(query: ir.Value, key: RepeatedCache, value: RepeatedCache) -> int:
     sizes = {s for s in (key.head_size, value.head_size, _static_dim(query, 3)) if s is not None}
     if not sizes:
-        return "head size unknown (no static D on the query, the cache or the repeat shapes)"
+        raise MatchFailureError(
+            "head size unknown (no static D on the query, the cache or the repeat shapes)", query
+        )
     if len(sizes) > 1:
-        return f"inconsistent head sizes {sorted(sizes)} between query, K and V"
+        raise MatchFailureError(
+            f"inconsistent head sizes {sorted(sizes)} between query, K and V", query
+        )
     return sizes.pop()
 
 
-def _single_reader_chain(attention: ir.Node, steps: tuple[str, ...]) -> str | None:
+def _single_reader_chain(attention: ir.Node, steps: tuple[str, ...]) -> None:
     """The values between the Attention and the output Reshape must have no other reader."""
     value = attention.outputs[0]
     for step in (*steps, "Transpose"):
         if len(value.uses()) != 1 or value.is_graph_output():
-            return f"Attention output is read by more than the {step} it flows into"
+            raise MatchFailureError(
+                f"Attention output is read by more than the {step} it flows into", attention
+            )
         (use,) = value.uses()
         value = use.node.outputs[0]
     if len(value.uses()) != 1 or value.is_graph_output():
-        return "the transposed Attention output is read by more than the output Reshape"
-    return None
+        raise MatchFailureError(
+            "the transposed Attention output is read by more than the output Reshape", attention
+        )
 
 
 def _is_identity_reshape(attention_BNSD: ir.Value, same_shape: ir.Value) -> bool:
@@ -569,38 +591,44 @@ def _root_output(output: ir.Value, steps: tuple[str, ...]) -> ir.Value:
     return value
 
 
-def _check_row_zeroing(row_has_keys: ir.Value, zero: ir.Value, mask: PositionMask) -> str | None:
+def _check_row_zeroing(row_has_keys: ir.Value, zero: ir.Value, mask: PositionMask) -> None:
     """Where(Less(ReduceSum(Cast(allowed), [-1]), 1), 0, attention) is the identity when no
     row is fully masked: true for a causal mask whose queries are the last S keys, without
     padding (check_positions established the alignment)."""
     if _values.scalar_float(zero) != 0.0:
-        return "output Where does not write 0 for masked rows"
+        raise MatchFailureError("output Where does not write 0 for masked rows", row_has_keys)
     less = row_has_keys.producer()
     if less is None or less.op_type != "Less" or _values.scalar_float(less.inputs[1]) != 1.0:
-        return "output Where's condition is not Less(row sum, 1)"
+        raise MatchFailureError("output Where's condition is not Less(row sum, 1)", row_has_keys)
     reduce = less.inputs[0].producer() if less.inputs[0] is not None else None
     if reduce is None or reduce.op_type != "ReduceSum":
-        return "output Where's condition is not a row sum of the mask"
+        raise MatchFailureError(
+            "output Where's condition is not a row sum of the mask", row_has_keys
+        )
     axes = _values.constant_array(reduce.inputs[1]) if len(reduce.inputs) > 1 else None
     if axes is None or axes.reshape(-1).tolist() not in ([-1], [3]):
-        return "output Where's row sum is not over the key axis"
+        raise MatchFailureError("output Where's row sum is not over the key axis", row_has_keys)
     cast = reduce.inputs[0].producer() if reduce.inputs[0] is not None else None
     if cast is None or cast.op_type != "Cast" or cast.inputs[0] is None:
-        return "output Where's row sum does not count the mask"
+        raise MatchFailureError("output Where's row sum does not count the mask", row_has_keys)
     if allowed_keys(cast.inputs[0]) is not mask.allowed:
-        return "output Where's row sum counts another mask than the Attention's"
+        raise MatchFailureError(
+            "output Where's row sum counts another mask than the Attention's", row_has_keys
+        )
     if mask.attention_mask is not None:
-        return "output Where zeroes fully masked rows and the mask has padding (rows can be empty)"
-    return None
+        raise MatchFailureError(
+            "output Where zeroes fully masked rows and the mask has padding (rows can be empty)",
+            row_has_keys,
+        )
 
 
-def _check_output_shape(shape: ir.Value, hidden: int, query_BNSD: ir.Value) -> str | None:
+def _check_output_shape(shape: ir.Value, hidden: int, query_BNSD: ir.Value) -> None:
     """Reshape(Transpose(attention_BNSD)) must be the [B, S, N*D] GQA writes: N*D spelled
     out (or -1 once B and S are), B and S as 0 (copy), their static size, -1, or read off
     dims 0 and 1 of a [B, S] graph input (input_ids, attention_mask)."""
     dims = shape_elements(shape)
     if dims is None or len(dims) != 3:
-        return f"output Reshape is not to a 3-D [B, S, {hidden}]"
+        raise MatchFailureError(f"output Reshape is not to a 3-D [B, S, {hidden}]", shape)
     reshape = shape.uses()[0].node if shape.uses() else None
     copies = reshape is not None and not reshape.attributes.get_int("allowzero", 0)
     producer = shape.producer()
@@ -614,10 +642,10 @@ def _check_output_shape(shape: ir.Value, hidden: int, query_BNSD: ir.Value) -> s
     ]
     if dims[2] == hidden:
         if (proven[0] and (proven[1] or dims[1] == -1)) or (proven[1] and dims[0] == -1):
-            return None
+            return
     elif dims[2] == -1 and all(proven):
-        return None
-    return f"output Reshape {dims} is not provably [B, S, {hidden}]"
+        return
+    raise MatchFailureError(f"output Reshape {dims} is not provably [B, S, {hidden}]", shape)
 
 
 def _is_graph_input_dim(part: ir.Value | None, axis: int, query_BNSD: ir.Value) -> bool:
@@ -685,17 +713,21 @@ def hf_rules(
     layers: str,
     exact_padding: bool = False,
     inputs: GQAInputs | None = None,
-) -> list[HFAttentionToGQA]:
+    facts: ShapeFacts | None = None,
+    log: RewriteLog | None = None,
+) -> list[pattern.RewriteRule]:
     """Every variant (with or without the row-zeroing Where, the single-token Reshape),
-    sharing one GQAInputs."""
+    sharing one GQAInputs and one log."""
     inputs = inputs or GQAInputs(exact_padding=exact_padding)
     return [
-        HFAttentionToGQA(
+        HFAttentionToGQA.rule(
             choose_form,
             zeroes_masked_rows=where,
             single_query_reshape=single,
             layers=layers,
             inputs=inputs,
+            facts=facts,
+            log=log,
         )
         for where in (True, False)
         for single in (False, True)
@@ -720,8 +752,8 @@ def hf_padding_contract(rewrites: list[LayerRewrite]) -> tuple[str, str] | None:
     return None
 
 
-def refine_skips(skipped: list[LayerSkip], rules: list[HFAttentionToGQA]) -> list[LayerSkip]:
+def refine_skips(skipped: list[LayerSkip], hf_logs: list[RuleLog]) -> list[LayerSkip]:
     """The HF rules' reason for a skipped Attention they examined: their pattern (4-D
     inputs, output Reshape) matched, so their reason says more than the 3-D rules'."""
-    reasons = {label: skip.reason for rule in rules for label, skip in rule.skips.items()}
+    reasons = {label: skip.reason for log in hf_logs for label, skip in log.skips.items()}
     return [LayerSkip(s.node, reasons.get(s.node, s.reason)) for s in skipped]

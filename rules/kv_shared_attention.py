@@ -37,7 +37,9 @@ from rewriter.rules._attention_rule import (
     read_heads,
 )
 from rewriter.rules._borrowed_cache import BorrowedCache, match_borrowed_cache
+from rewriter.rules._failure import MatchFailureError
 from rewriter.rules._gqa_inputs import GQAInputs
+from rewriter.rules._log import RewriteLog
 from rewriter.rules._mask_patterns import MaskForm, match_mask
 from rewriter.rules._shape_evidence import HeadSizeEvidence, ShapeFacts
 
@@ -70,6 +72,7 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
         facts: ShapeFacts | None = None,
         window_slice: bool = True,
         keep_export: ExportKeeper | None = None,
+        log: RewriteLog | None = None,
     ) -> None:
         super().__init__(
             "KVSharedAttentionToGQA",
@@ -77,6 +80,7 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
             exact_padding=exact_padding,
             inputs=inputs,
             facts=facts,
+            log=log,
         )
         # Sliding layers read only the keys their window reaches (GQAInputs.window_slice).
         self.window_slice = window_slice
@@ -88,48 +92,35 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
             query_BSD, key_BSD, value_BSD, mask, _allow_other_inputs=True, _outputs=["output"]
         )
 
-    def _plan_for(
-        self, context, attention, *, query_BSD, key_BSD, value_BSD, mask, **_
-    ) -> _Plan | str:
+    def _plan_for(self, context, attention, *, query_BSD, key_BSD, value_BSD, mask, **_) -> _Plan:
         query, key, value = query_BSD, key_BSD, value_BSD
         if any(v is not None for v in attention.inputs[4:]):
-            return "has past_key/past_value/nonpad_kv_seqlen inputs: not a KV-shared layer"
+            raise MatchFailureError(
+                "has past_key/past_value/nonpad_kv_seqlen inputs: not a KV-shared layer", attention
+            )
         if any(out.uses() or out.is_graph_output() for out in attention.outputs[1:3]):
-            return "present outputs are used"
+            raise MatchFailureError("present outputs are used", attention)
         if mask is None:
-            return "has no mask input"
+            raise MatchFailureError("has no mask input", attention)
         facts = self.facts(context)
-        problem = check_3d(facts, query, key, value)
-        if problem:
-            return problem
+        check_3d(facts, query, key, value)
         heads = read_heads(context, attention)
-        if isinstance(heads, str):
-            return heads
         borrowed_key = match_borrowed_cache(context, key)
-        if isinstance(borrowed_key, str):
-            return borrowed_key
         borrowed_value = match_borrowed_cache(context, value)
-        if isinstance(borrowed_value, str):
-            return borrowed_value
         if not _same_source(borrowed_key.cache_BNSH, borrowed_value.cache_BNSH):
-            return "K and V do not come from the same source layer's present outputs"
+            raise MatchFailureError(
+                "K and V do not come from the same source layer's present outputs", value
+            )
         head_size = _head_size(facts, borrowed_key, borrowed_value, query, heads)
-        if isinstance(head_size, str):
-            return head_size
         mask_form = match_mask(context, mask)
-        if isinstance(mask_form, str):
-            return mask_form
-        problem = check_causal(attention, mask_form)
-        caches = (borrowed_key.cache_BNSH, borrowed_value.cache_BNSH)
-        problem = problem or check_dtype(facts, query, *caches)
-        if problem:
-            return problem
-        dtype = facts.dtype(query) or facts.dtype(borrowed_key.cache_BNSH)
-        assert dtype is not None  # check_dtype established it
+        check_causal(attention, mask_form)
+        dtype = check_dtype(facts, query, borrowed_key.cache_BNSH, borrowed_value.cache_BNSH)
         windowed = mask_form.local_window_size is not None
         decision = self.choose_form(dtype_name(dtype), head_size, windowed)
         if decision.form is None:
-            return f"no GroupQueryAttention form qualifies: {decision.reason}"
+            raise MatchFailureError(
+                f"no GroupQueryAttention form qualifies: {decision.reason}", attention
+            )
         export_is_correct = not attention.attributes.get_int("is_causal", 0)
         if self.keep_export is not None and decision.form == "past" and export_is_correct:
             # P1 and is_causal=1 exports are wrong in decode: those are always rewritten.
@@ -144,7 +135,7 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
             )
             reason = self.keep_export(kind)
             if reason:
-                return reason
+                raise MatchFailureError(reason, attention)
         return _Plan(
             borrowed_key,
             borrowed_value,
@@ -158,7 +149,8 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
 
     def rewrite(self, op, query_BSD, key_BSD, value_BSD, output, **_):
         plan: _Plan = self._take_plan()
-        seqlens_k, total_length = self.inputs.sequence_lengths(op, plan.mask.attention_mask)
+        inputs = self.inputs.of(plan.graph)
+        seqlens_k, total_length = inputs.sequence_lengths(op, plan.mask.attention_mask)
         key_value_past = self._key_value_past(op, plan, query_BSD, key_BSD, value_BSD)
         window = plan.mask.local_window_size
         # The bias of --exact-padding spans all T keys; the split/kv forms have no past to cut.
@@ -171,13 +163,13 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
         if window_slice:
             assert window is not None
             caches = (plan.key.cache_BNSH, plan.value.cache_BNSH)
-            *key_value_past[2:4], seqlens_k, total_length = self.inputs.window_slice(
+            *key_value_past[2:4], seqlens_k, total_length = inputs.window_slice(
                 op, plan.mask.attention_mask, query_BSD, window, caches
             )
-        inputs: list[ir.Value | None] = [query_BSD, *key_value_past, seqlens_k, total_length]
-        if self.inputs.exact_padding:
+        gqa_inputs: list[ir.Value | None] = [query_BSD, *key_value_past, seqlens_k, total_length]
+        if inputs.exact_padding:
             # cos_cache, sin_cache, position_ids unused; attention_bias is input 10.
-            inputs += [None, None, None, self.inputs.finite_bias(op, plan.mask, plan.dtype)]
+            gqa_inputs += [None, None, None, inputs.finite_bias(op, plan.mask, plan.dtype)]
         attention = output.producer()
         record = LayerRewrite(
             node=node_label(attention),
@@ -196,7 +188,7 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
         # Only `past` and `split-nopresent` omit the (unused) present outputs: ORT 1.31.1
         # needs them for the others (SPEC.md section 3; the probe decides what qualifies).
         num_outputs = 1 if plan.form in ("past", "split-nopresent") else 3
-        (result,) = self._emit(op, attention, inputs, attributes, [output], record, num_outputs)
+        (result,) = self._emit(op, attention, gqa_inputs, attributes, [output], record, num_outputs)
         return result
 
     def _key_value_past(
@@ -206,7 +198,9 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
         key_BNSH, value_BNSH = plan.key.cache_BNSH, plan.value.cache_BNSH
         hidden = plan.heads.kv_num_heads * plan.head_size
         if plan.form in ("past", "past-present"):
-            empty = self.inputs.empty_kv(op, plan.mask.attention_mask, hidden, plan.dtype)
+            empty = self.inputs.of(plan.graph).empty_kv(
+                op, plan.mask.attention_mask, hidden, plan.dtype
+            )
             return [empty, empty, key_BNSH, value_BNSH]
         if plan.form == "kv":
             # The export's own 3-D K/V (Transpose+Reshape kept), no past.
@@ -250,12 +244,14 @@ def _head_size(
     value: BorrowedCache,
     query: ir.Value,
     heads: AttentionHeads,
-) -> int | str:
+) -> int:
     reshaped = []
     for cache in (key, value):
         if cache.hidden_size is not None:
             if cache.hidden_size % heads.kv_num_heads:
-                return "Reshape size is not a multiple of kv_num_heads"
+                raise MatchFailureError(
+                    "Reshape size is not a multiple of kv_num_heads", cache.cache_BNSH
+                )
             reshaped.append(
                 HeadSizeEvidence(
                     cache.hidden_size // heads.kv_num_heads,

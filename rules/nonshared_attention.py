@@ -37,7 +37,9 @@ from rewriter.rules._attention_rule import (
     node_label,
     read_heads,
 )
+from rewriter.rules._failure import MatchFailureError
 from rewriter.rules._gqa_inputs import GQAInputs
+from rewriter.rules._log import RewriteLog
 from rewriter.rules._mask_patterns import MaskForm, match_mask
 from rewriter.rules._shape_evidence import ShapeFacts
 
@@ -69,6 +71,7 @@ class NonSharedAttentionToGQA(AttentionToGQARule):
         exact_padding: bool = False,
         inputs: GQAInputs | None = None,
         facts: ShapeFacts | None = None,
+        log: RewriteLog | None = None,
     ) -> None:
         # The chooser only answers whether GQA runs this dtype/D here (see NATIVE_FORM).
         super().__init__(
@@ -77,6 +80,7 @@ class NonSharedAttentionToGQA(AttentionToGQARule):
             exact_padding=exact_padding,
             inputs=inputs,
             facts=facts,
+            log=log,
         )
 
     def pattern(self, op, query_BSD, key_BSD, value_BSD, mask, past_key_BNPD, past_value_BNPD):
@@ -103,24 +107,25 @@ class NonSharedAttentionToGQA(AttentionToGQARule):
         past_key_BNPD,
         past_value_BNPD,
         **_,
-    ) -> _Plan | str:
+    ) -> _Plan:
         query, key, past_key, past_value = query_BSD, key_BSD, past_key_BNPD, past_value_BNPD
         if past_key is None or past_value is None:
-            return "has no past_key/past_value: not a layer with its own cache"
+            raise MatchFailureError(
+                "has no past_key/past_value: not a layer with its own cache", attention
+            )
         if len(attention.outputs) < 3:
             # The matcher binds missing optional outputs to nothing; rewrite() needs both.
-            return "has no present_key/present_value outputs: not a layer with its own cache"
+            raise MatchFailureError(
+                "has no present_key/present_value outputs: not a layer with its own cache",
+                attention,
+            )
         if len(attention.inputs) > 6 and attention.inputs[6] is not None:
-            return "has a nonpad_kv_seqlen input"
+            raise MatchFailureError("has a nonpad_kv_seqlen input", attention)
         if mask is None:
-            return "has no mask input"
+            raise MatchFailureError("has no mask input", attention)
         facts = self.facts(context)
-        problem = check_3d(facts, query, key, value_BSD)
-        if problem:
-            return problem
+        check_3d(facts, query, key, value_BSD)
         heads = read_heads(context, attention)
-        if isinstance(heads, str):
-            return heads
         head_size = infer_head_size(
             facts,
             (past_key, past_value),
@@ -130,21 +135,16 @@ class NonSharedAttentionToGQA(AttentionToGQARule):
             cache_kind="past cache",
             projection_kind="key",
         )
-        if isinstance(head_size, str):
-            return head_size
         mask_form = match_mask(context, mask)
-        if isinstance(mask_form, str):
-            return mask_form
-        problem = check_causal(attention, mask_form) or check_dtype(facts, query, key, past_key)
-        if problem:
-            return problem
-        dtype = facts.dtype(query) or facts.dtype(past_key)
-        assert dtype is not None  # check_dtype established it
+        check_causal(attention, mask_form)
+        dtype = check_dtype(facts, query, key, past_key)
         decision = self.choose_form(
             dtype_name(dtype), head_size, mask_form.local_window_size is not None
         )
         if decision.form is None:
-            return f"GroupQueryAttention does not run this layer here: {decision.reason}"
+            raise MatchFailureError(
+                f"GroupQueryAttention does not run this layer here: {decision.reason}", attention
+            )
         return _Plan(mask_form, heads, head_size, dtype, context.graph_or_function)
 
     def rewrite(
@@ -161,8 +161,9 @@ class NonSharedAttentionToGQA(AttentionToGQARule):
         **_,
     ):
         plan: _Plan = self._take_plan()
-        seqlens_k, total_length = self.inputs.sequence_lengths(op, plan.mask.attention_mask)
-        inputs: list[ir.Value | None] = [
+        inputs = self.inputs.of(plan.graph)
+        seqlens_k, total_length = inputs.sequence_lengths(op, plan.mask.attention_mask)
+        gqa_inputs: list[ir.Value | None] = [
             query_BSD,
             key_BSD,
             value_BSD,
@@ -171,8 +172,8 @@ class NonSharedAttentionToGQA(AttentionToGQARule):
             seqlens_k,
             total_length,
         ]
-        if self.inputs.exact_padding:
-            inputs += [None, None, None, self.inputs.finite_bias(op, plan.mask, plan.dtype)]
+        if inputs.exact_padding:
+            gqa_inputs += [None, None, None, inputs.finite_bias(op, plan.mask, plan.dtype)]
         attention = output.producer()
         record = LayerRewrite(
             node=node_label(attention),
@@ -188,4 +189,4 @@ class NonSharedAttentionToGQA(AttentionToGQARule):
             plan.heads, plan.head_size, plan.mask, self.inputs.exact_padding
         )
         replaced = [output, present_key_BNTD, present_value_BNTD]
-        return self._emit(op, attention, inputs, attributes, replaced, record, num_outputs=3)
+        return self._emit(op, attention, gqa_inputs, attributes, replaced, record, num_outputs=3)
