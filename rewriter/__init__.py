@@ -3,12 +3,19 @@
 Public API::
 
     model, report = rewriter.rewrite(model)          # onnx_ir.Model or onnx.ModelProto
+    result = rewriter.AttentionToGQAPass()(model)    # an onnx-ir pass; result.report
+    count = rewriter.fuse_attention_to_gqa(model)    # onnxscript's fuse_* idiom
     result = rewriter.verify(original, candidate)    # proof on ONNX Runtime
+
+The names are imported on first use, so ``import rewriter.rules`` (onnxscript and onnx-ir
+only) works without onnxruntime, which only the probes and the verifier need.
 """
 
 from __future__ import annotations
 
+import importlib
 import os as _os
+from typing import Any
 
 # In a source checkout `rules/` and `fixtures/` sit beside this directory and become
 # `rewriter.rules` / `rewriter.fixtures` only once installed (package-dir mapping in
@@ -22,7 +29,25 @@ if not _os.path.isdir(_os.path.join(__path__[0], "rules")) and _os.path.isfile(
 
 __version__ = "0.1.0"
 
-from rewriter.pipeline import rewrite  # noqa: E402  (after __path__ is complete)
-from rewriter.verification import verify  # noqa: E402
+_LAZY = {
+    "rewrite": "rewriter.pipeline",
+    "AttentionToGQAPass": "rewriter.passes",
+    "RewriteResult": "rewriter.passes",
+    "fuse_attention_to_gqa": "rewriter.passes",
+    "verify": "rewriter.verification",
+}
 
-__all__ = ["__version__", "rewrite", "verify"]
+__all__ = [
+    "AttentionToGQAPass",
+    "RewriteResult",
+    "__version__",
+    "fuse_attention_to_gqa",
+    "rewrite",
+    "verify",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'rewriter' has no attribute {name!r}")

@@ -14,6 +14,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import onnx_ir as ir
+
 from rewriter import __version__
 from rewriter.forms import FormRejectedError
 from rewriter.model_io import (
@@ -178,7 +180,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _rewrite_command(_rewrite_parser().parse_args(argv))
     except _VerificationFailed:
         return EXIT_VERIFY_FAILED
-    except (_UsageError, InputError, OutputError, FormRejectedError, ProbeError) as error:
+    except (
+        _UsageError,
+        InputError,
+        OutputError,
+        FormRejectedError,
+        ProbeError,
+        ir.passes.PreconditionError,  # the model is not one the rewrite can take
+    ) as error:
         if debug:
             raise
         print(f"error: {error}", file=sys.stderr)

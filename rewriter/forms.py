@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import onnxruntime
+
 from rewriter.probe import FORMS, ProbeResult, probe, select_form
 from rewriter.rules import FormDecision
 
@@ -23,6 +25,11 @@ class ProbedFormChooser:
     force: bool = False
     results: dict[tuple[str, int], ProbeResult] = dataclasses.field(default_factory=dict)
     forced_layers: int = 0
+
+    @property
+    def runtime(self) -> str:
+        """The runtime the probe runs on, as the model's metadata records it."""
+        return f"onnxruntime {onnxruntime.__version__}"
 
     def __post_init__(self) -> None:
         if self.requested != "auto" and self.requested not in FORMS:

@@ -29,6 +29,8 @@ from pathlib import Path
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
+from rewriter.metadata import VERSION_KEY
+
 __all__ = [
     "TOOL_METADATA_KEY",
     "InputError",
@@ -46,9 +48,9 @@ __all__ = [
 _INLINE_LIMIT_BYTES = 1_800_000_000
 _PROTOBUF_LIMIT_BYTES = 2**31
 
-# Written into every rewritten model (pipeline.METADATA_PREFIX + "version"); it is how an
-# existing <OUT>.data is recognised as this tool's own and may be replaced.
-TOOL_METADATA_KEY = "kvshare_gqa_rewriter.version"
+# Written into every rewritten model; it is how an existing <OUT>.data is recognised as this
+# tool's own and may be replaced.
+TOOL_METADATA_KEY = VERSION_KEY
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

@@ -45,9 +45,7 @@ from rewriter.probe._one_layer import CACHE_KEY, CACHE_VALUE, OneLayer, kv_share
 from rewriter.rules import LayerKind
 from rewriter.verification._session import execution_providers
 
-__all__ = ["SPEED_CHOICES", "SpeedProbe", "SpeedVerdict"]
-
-SPEED_CHOICES = ("auto", "off")
+__all__ = ["SpeedProbe", "SpeedVerdict"]
 
 
 @dataclasses.dataclass(frozen=True)

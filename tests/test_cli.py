@@ -158,3 +158,15 @@ def test_cuda_without_a_gpu_is_a_clear_error(
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
     assert cli.main([str(P2), str(tmp_path / "o.onnx"), "--provider", "cuda"]) == 2
     assert "CUDA" in capsys.readouterr().err
+
+
+def test_a_model_the_pass_cannot_take_is_a_one_line_error(tmp_path: Path, capsys) -> None:
+    model = ir.load(P2)
+    model.opset_imports["com.microsoft"] = 2
+    source = tmp_path / "ms2.onnx"
+    ir.save(model, source)
+    out = tmp_path / "out.onnx"
+    assert cli.main([str(source), str(out), "--no-verify"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and "com.microsoft opset 2" in error
+    assert "\n" not in error and not out.exists()

@@ -13,7 +13,7 @@ from decoder_runs import FIXTURES, borrowed_cache
 from rewriter import rewrite as rewrite_model
 from rewriter.fixtures.gemma4_like import build_decoder, tiny_config
 from rewriter.forms import FormRejectedError
-from rewriter.pipeline import METADATA_PREFIX
+from rewriter.metadata import METADATA_PREFIX
 from rewriter.rules import FormDecision
 
 FIXTURE_DIR = Path(__file__).resolve().parent.parent / "fixtures"

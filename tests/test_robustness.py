@@ -30,8 +30,8 @@ from onnx import helper, numpy_helper
 
 from rewriter import cli
 from rewriter.fixtures.gemma4_like import build_decoder, tiny_config
+from rewriter.metadata import METADATA_PREFIX
 from rewriter.model_io import TOOL_METADATA_KEY, InputError
-from rewriter.pipeline import METADATA_PREFIX
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "p2_tiny.onnx"
 

@@ -11,17 +11,18 @@ import pytest
 from onnxscript.rewriter import pattern
 
 from rewriter import cli, rewrite
-from rewriter.rules import KVSharedAttentionToGQA, LayerKind
+from rewriter.rules import KVSharedAttentionToGQA, LayerKind, RewriteLog, RuleLog
 from rewriter.speed import SpeedProbe
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
 
-def _apply(rule: KVSharedAttentionToGQA, name: str) -> KVSharedAttentionToGQA:
-    """The rule instance alone on a fixture (as the pipeline binds it: its records stay)."""
-    bound = pattern.RewriteRule(rule.pattern, rule.rewrite, rule.check, remove_nodes=False)
-    pattern.RewriteRuleSet([bound]).apply_to_model(ir.load(FIXTURES / f"{name}.onnx"))
-    return rule
+def _apply(keep_export, name: str) -> RuleLog:
+    """The KV-shared rule alone on a fixture; what it logged."""
+    log = RewriteLog()
+    rule = KVSharedAttentionToGQA.rule(keep_export=keep_export, log=log)
+    pattern.RewriteRuleSet([rule]).apply_to_model(ir.load(FIXTURES / f"{name}.onnx"))
+    return log.rule(KVSharedAttentionToGQA.__name__)
 
 
 def test_a_correct_export_is_kept_where_the_keeper_says_so() -> None:
@@ -31,9 +32,9 @@ def test_a_correct_export_is_kept_where_the_keeper_says_so() -> None:
         asked.append(kind)
         return "kept as exported, faster: test"
 
-    rule = _apply(KVSharedAttentionToGQA(keep_export=keep), "p2_tiny")
-    assert rule.rewrites == []
-    assert {skip.reason for skip in rule.skips.values()} == {"kept as exported, faster: test"}
+    logged = _apply(keep, "p2_tiny")
+    assert logged.rewrites == []
+    assert {skip.reason for skip in logged.skips.values()} == {"kept as exported, faster: test"}
     # What the layer's speed depends on, read off the layer (sliding D=8 W=4, full D=16).
     assert {(k.head_size, k.local_window_size, k.num_heads, k.kv_num_heads) for k in asked} == {
         (8, 4, 4, 1),
@@ -47,8 +48,7 @@ def test_a_defective_export_is_rewritten_whatever_the_timing(name: str) -> None:
     def keep(kind: LayerKind) -> str:
         raise AssertionError("a defective export must not even be timed")
 
-    rule = _apply(KVSharedAttentionToGQA(keep_export=keep), name)
-    assert len(rule.rewrites) == 3
+    assert len(_apply(keep, name).rewrites) == 3
 
 
 def test_probe_decides_by_the_generation_it_measured() -> None:

@@ -14,8 +14,9 @@ import logging
 import onnx
 import onnx_ir as ir
 
+from rewriter.metadata import PADDING_CONTRACT_KEY
+
 __all__ = [
-    "PADDING_CONTRACT_KEY",
     "RIGHT_PADDING_ONLY",
     "GraphFacts",
     "attention_nodes_with_3d_mask",
@@ -27,9 +28,6 @@ logger = logging.getLogger(__name__)
 _MS = "com.microsoft"
 _PASS_THROUGH = frozenset({"Identity", "Cast", "CastLike"})
 
-# Written by rewriter.pipeline: "unchanged", "right-padding-only" or "exact". Spelled out
-# here so the verifier does not import the rewriter it checks.
-PADDING_CONTRACT_KEY = "kvshare_gqa_rewriter.padding_contract"
 RIGHT_PADDING_ONLY = "right-padding-only"
 
 

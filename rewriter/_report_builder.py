@@ -1,0 +1,136 @@
+"""The report's account of a model: every candidate layer, the padding contract, warnings.
+
+The rules log what they rewrote and why each layer they examined was left alone; this adds
+what only the whole model shows: candidates no rule examined, domains no rule knows, and the
+padding convention the rewritten model now follows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import onnx_ir as ir
+
+from rewriter.report import PaddingContract, RewriteReport
+from rewriter.rules import LayerSkip, RuleLog, node_label
+from rewriter.rules.hf_shared_attention import hf_padding_contract, refine_skips
+
+__all__ = ["all_nodes", "attention_nodes", "describe", "is_gqa"]
+
+# ONNX's own domains and ONNX Runtime's (GroupQueryAttention, RotaryEmbedding); the rules
+# look only at ai.onnx Attention, and a report line names any other domain as left alone.
+_KNOWN_DOMAINS = frozenset(
+    {"", "ai.onnx", "com.microsoft", "ai.onnx.ml", "ai.onnx.preview.training"}
+)
+
+_GQA_CACHE_WARNING = (
+    "no layer of the original model used GroupQueryAttention; now every layer does, so the "
+    "model follows GroupQueryAttention's padding convention: attention_mask rows must be "
+    "right-padded, and in batched decode each row's new token goes right after its valid "
+    "tokens (a prefix mask, as onnxruntime-genai feeds GQA models) where the original "
+    "appended it after the padding; GroupQueryAttention also refuses a batched call of "
+    "several tokens after a past (batch 1 only there); use --exact-padding to keep the "
+    "original semantics and cache layout"
+)
+
+_RIGHT_PADDING_WARNING = (
+    "no layer of the original model used GroupQueryAttention, and GroupQueryAttention honours "
+    "right padding only: the rewritten model gives different results for left-padded or "
+    "holed attention_mask rows, which in this model includes batched decode after a "
+    "right-padded prompt (its Attention caches append after the padding); use "
+    "--exact-padding to keep exact semantics"
+)
+
+_NO_FORM = "does not have the Attention(q, k, v, mask[, past_key, past_value]) form"
+
+
+def describe(
+    report: RewriteReport,
+    model: ir.Model,
+    candidates: list[ir.Node],
+    *,
+    had_gqa: bool,
+    exact_padding: bool,
+    shared: RuleLog,
+    own_cache: RuleLog | None,
+    hf: list[RuleLog],
+) -> None:
+    """Fill the report's skips, padding contract and warnings once the rules have run.
+
+    candidates: the ai.onnx Attention nodes of the model before the rewrite. own_cache: the
+    log of the rule for layers with their own cache, None when those were not asked for.
+    """
+    unknown = _unknown_domains(model)
+    if unknown:
+        report.warnings.append(
+            "left alone, the rules do not know these domains: " + ", ".join(unknown)
+        )
+    rewritten = {r.node for r in report.rewrites}
+    report.skipped = refine_skips(_skips(candidates, rewritten, shared, own_cache), hf)
+    if not report.rewrites:
+        return
+    report.padding_contract = _padding_contract(had_gqa, exact_padding)
+    hf_contract = hf_padding_contract(report.rewrites)
+    if hf_contract is not None:
+        report.padding_contract, warning = hf_contract
+        report.warnings.append(warning)
+    elif report.padding_contract == PaddingContract.RIGHT_PADDING_ONLY:
+        all_converted = not attention_nodes(model)
+        report.warnings.append(_GQA_CACHE_WARNING if all_converted else _RIGHT_PADDING_WARNING)
+
+
+def _skips(
+    candidates: list[ir.Node], rewritten: set[str], shared: RuleLog, own_cache: RuleLog | None
+) -> list[LayerSkip]:
+    """One reason per candidate left alone: from the rule whose kind of layer it is."""
+    skipped = []
+    for node in candidates:
+        label = node_label(node)
+        if label in rewritten:
+            continue
+        has_past = any(v is not None for v in node.inputs[4:6])
+        if has_past and own_cache is None:
+            reason = "a layer with its own cache (past inputs); --layers shared leaves it"
+        elif has_past:
+            assert own_cache is not None
+            reason = own_cache.skips.get(label, LayerSkip(label, _NO_FORM)).reason
+        else:
+            reason = shared.skips.get(label, LayerSkip(label, _NO_FORM)).reason
+        skipped.append(LayerSkip(label, reason))
+    return skipped
+
+
+def all_nodes(model: ir.Model) -> Iterator[ir.Node]:
+    """Nodes of the main graph, its subgraphs and the model-local functions."""
+    yield from ir.traversal.RecursiveGraphIterator(model.graph)
+    for function in model.functions.values():
+        yield from ir.traversal.RecursiveGraphIterator(function)
+
+
+def attention_nodes(model: ir.Model) -> list[ir.Node]:
+    return [
+        node
+        for node in all_nodes(model)
+        if node.op_type == "Attention" and node.domain in ("", "ai.onnx")
+    ]
+
+
+def is_gqa(node: ir.Node) -> bool:
+    return node.op_type == "GroupQueryAttention" and node.domain == "com.microsoft"
+
+
+def _unknown_domains(model: ir.Model) -> list[str]:
+    """Imported domains that are neither ONNX, ONNX Runtime's nor a model-local function's."""
+    local = {function.domain for function in model.functions.values()}
+    return [
+        f"{domain} (opset {version})"
+        for domain, version in sorted(model.opset_imports.items())
+        if domain not in _KNOWN_DOMAINS and domain not in local
+    ]
+
+
+def _padding_contract(had_gqa: bool, exact_padding: bool) -> str:
+    if exact_padding:
+        return PaddingContract.EXACT
+    # The model's own GQA layers already read attention_mask as right padding.
+    return PaddingContract.UNCHANGED if had_gqa else PaddingContract.RIGHT_PADDING_ONLY

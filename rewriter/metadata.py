@@ -1,0 +1,56 @@
+"""The ``kvshare_gqa_rewriter.*`` keys written into every rewritten model.
+
+They are how a later run tells a rewritten model from an original (``model_io``), which
+padding contract the verifier holds the rewrite to (``verification``), and what a reader of
+the model file can learn without the report. One spelling for the writer and its readers;
+the module imports nothing of the rewrite, so the verifier reading it stays independent of
+the code it checks.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from rewriter import __version__
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
+
+    from rewriter.report import RewriteReport
+
+__all__ = [
+    "FORCED_KEY",
+    "FORMS_KEY",
+    "METADATA_PREFIX",
+    "PADDING_CONTRACT_KEY",
+    "PROBED_ON_KEY",
+    "REWRITES_KEY",
+    "VERSION_KEY",
+    "record_metadata",
+]
+
+METADATA_PREFIX = "kvshare_gqa_rewriter."
+VERSION_KEY = METADATA_PREFIX + "version"
+REWRITES_KEY = METADATA_PREFIX + "rewrites"
+FORMS_KEY = METADATA_PREFIX + "forms"
+PADDING_CONTRACT_KEY = METADATA_PREFIX + "padding_contract"
+PROBED_ON_KEY = METADATA_PREFIX + "probed_on"
+FORCED_KEY = METADATA_PREFIX + "forced"
+
+
+def record_metadata(model: ir.Model, report: RewriteReport, probed_on: str | None) -> None:
+    """`probed_on`: the runtime and provider the form probe ran on, if it ran."""
+    if not report.rewrites and REWRITES_KEY in model.metadata_props:
+        # A pass over an already rewritten model that changes nothing keeps the first pass's
+        # record: its padding contract still holds, and the verifier reads it.
+        return
+    model.metadata_props[VERSION_KEY] = __version__
+    model.metadata_props[REWRITES_KEY] = str(report.rewritten)
+    forms = sorted({r.form for r in report.rewrites})
+    if forms:
+        model.metadata_props[FORMS_KEY] = ",".join(forms)
+    model.metadata_props[PADDING_CONTRACT_KEY] = report.padding_contract
+    if probed_on is not None:
+        model.metadata_props[PROBED_ON_KEY] = probed_on
+    if report.forced:
+        model.metadata_props[FORCED_KEY] = "true"
