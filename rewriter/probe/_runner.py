@@ -23,10 +23,12 @@ import numpy.typing as npt
 import onnx_ir as ir
 import onnxruntime as ort
 
+from rewriter._error_text import clipped, collapsed
 from rewriter.probe._forms import DTYPES, GQA_NODE_NAME, OUTPUT, form_model
 from rewriter.probe._one_layer import CACHE_KEY, CACHE_VALUE
 from rewriter.probe._reference import attention_reference
 from rewriter.probe._result import SHAPES, TOLERANCES, FormVerdict, ProbeError, ShapeOutcome
+from rewriter.providers import PROVIDERS
 
 __all__ = [
     "KV_NUM_HEADS",
@@ -43,8 +45,6 @@ NUM_HEADS = 4
 KV_NUM_HEADS = 2
 # Smaller than every T below, so the window cuts keys in every shape.
 WINDOW = 8
-
-_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
 @dataclass(frozen=True)
@@ -77,9 +77,11 @@ _ROUNDING_DTYPES: dict[str, npt.DTypeLike] = {
 
 def ort_provider(provider: str) -> str:
     """Map "cpu"/"cuda" to an available onnxruntime provider name, or raise ProbeError."""
-    if provider not in _PROVIDERS:
-        raise ValueError(f"unknown provider {provider!r}; expected one of {tuple(_PROVIDERS)}")
-    name = _PROVIDERS[provider]
+    if provider not in PROVIDERS:
+        raise ValueError(f"unknown provider {provider!r}; expected one of {tuple(PROVIDERS)}")
+    # The provider alone, without the CPU fallback a CUDA session elsewhere keeps: a form
+    # must run on the provider it is probed for.
+    name = PROVIDERS[provider][0]
     if name not in ort.get_available_providers():
         if provider == "cuda":
             raise ProbeError(
@@ -288,6 +290,5 @@ _STATUS_PREFIX = re.compile(
 
 
 def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    text = _STATUS_PREFIX.sub("", text)
-    return text if len(text) <= 300 else text[:297] + "..."
+    # Without the node's name: one footnote per cause, however many verdicts share it.
+    return clipped(_STATUS_PREFIX.sub("", collapsed(error)))
