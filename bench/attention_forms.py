@@ -1,10 +1,9 @@
 """One KV-shared layer's attention, in each candidate form, timed side by side.
 
 Why: the whole-model numbers say *whether* the rewrite pays; this says *which layer type and
-form* costs what. Each form is a single-layer model that takes the same feeds: the query
-``query_BSD`` [1, S, N*D], the borrowed cache ``key_BNSH``/``value_BNSH`` [1, Nkv, T, D] and
-the lengths (an additive bias for the Attention forms, ``seqlens_k``/``total_sequence_length``
-for GQA). Forms:
+form* costs what. Each form is a single-layer model fed the same query [1, S, N*D] and
+borrowed cache [1, Nkv, T, D], and the lengths as the form reads them (an additive bias for
+the hand-built Attention forms, ``attention_mask`` for the GQA forms). Forms:
 
 * ``original``: the export's subgraph: Transpose+Reshape of the borrowed K and V (in a real
   model one pair per source layer and step, shared by the layers that borrow it), then
@@ -15,6 +14,10 @@ for GQA). Forms:
 * ``gqa-past``: the rewrite's ``past`` form (empty key/value, borrowed cache as past, no
   present outputs).
 * ``gqa-past-present``: the same with the (unused) present outputs, which copy the cache.
+
+The GQA forms are what the KV-shared rule writes for the one-layer export
+(``rewriter.probe._one_layer``), so this times the rule's own construction; without the window
+slice, so that the form alone is timed (``bench/run.py`` times the whole rewrite).
 
     python bench/attention_forms.py [--quick] [--cpu-time] [--phase decode] [--json OUT.json]
 """
@@ -36,10 +39,14 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable from t
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from bench.timing import Timing, interleaved
+from rewriter.pipeline import rewrite
+from rewriter.probe._one_layer import CACHE_KEY, CACHE_VALUE, OneLayer, kv_shared_layer
+from rewriter.rules import FormDecision
 
 __all__ = ["FORMS", "LayerCase", "build_form", "main", "measure_forms", "quiet_session_options"]
 
@@ -76,17 +83,14 @@ class LayerCase:
 
     def feeds(self, form: str, rng: np.random.Generator) -> dict[str, np.ndarray]:
         s, t, d = self.query_length, self.total_length, self.head_size
-        feeds = {
-            "query_BSD": rng.standard_normal((1, s, self.num_heads * d), dtype=np.float32),
-            "key_BNSH": rng.standard_normal((1, self.kv_num_heads, t, d), dtype=np.float32),
-            "value_BNSH": rng.standard_normal((1, self.kv_num_heads, t, d), dtype=np.float32),
-        }
+        query = rng.standard_normal((1, s, self.num_heads * d), dtype=np.float32)
+        key = rng.standard_normal((1, self.kv_num_heads, t, d), dtype=np.float32)
+        value = rng.standard_normal((1, self.kv_num_heads, t, d), dtype=np.float32)
         if form.startswith("gqa"):
-            feeds["seqlens_k"] = np.array([t - 1], dtype=np.int32)
-            feeds["total_sequence_length"] = np.array([t], dtype=np.int32)
-        else:
-            feeds["bias"] = self.bias()
-        return feeds
+            # The one-layer export's inputs; the rewrite derives the lengths from the mask.
+            mask = np.ones((1, t), dtype=np.int64)
+            return {"query": query, "attention_mask": mask, CACHE_KEY: key, CACHE_VALUE: value}
+        return {"query_BSD": query, "key_BNSH": key, "value_BNSH": value, "bias": self.bias()}
 
     def bias(self) -> np.ndarray:
         """The P2 export's additive mask [1, 1, S, T] for a right-aligned query block."""
@@ -100,91 +104,90 @@ class LayerCase:
 
 
 def build_form(case: LayerCase, form: str) -> onnx.ModelProto:
-    """The single-layer model of `form` for `case` (opset 23, com.microsoft 1)."""
+    """The single-layer model of `form` for `case` (opset 23)."""
+    if form not in FORMS:
+        raise ValueError(f"unknown form {form!r}; expected one of {FORMS}")
+    if form.startswith("gqa-"):
+        return _rewritten_layer(case, form.removeprefix("gqa-"))
     n, nkv, d = case.num_heads, case.kv_num_heads, case.head_size
-    f32, i32 = TensorProto.FLOAT, TensorProto.INT32
+    f32 = TensorProto.FLOAT
     query = helper.make_tensor_value_info("query_BSD", f32, ["batch", "S", n * d])
     key = helper.make_tensor_value_info("key_BNSH", f32, ["batch", nkv, "T", d])
     value = helper.make_tensor_value_info("value_BNSH", f32, ["batch", nkv, "T", d])
+    bias = helper.make_tensor_value_info("bias", f32, [1, 1, "S", "T"])
     output = helper.make_tensor_value_info("output", f32, ["batch", "S", n * d])
-    inputs = [query, key, value]
+    inputs = [query, key, value, bias]
     initializers = [
         helper.make_tensor("shape_3d", TensorProto.INT64, [3], [0, 0, -1]),
         helper.make_tensor("shape_4d", TensorProto.INT64, [4], [0, 0, n, d]),
     ]
     nodes: list[onnx.NodeProto] = []
     attention_attrs = {"scale": 1.0, "is_causal": 0}
-    if form.startswith("gqa"):
-        inputs += [
-            helper.make_tensor_value_info("seqlens_k", i32, ["batch"]),
-            helper.make_tensor_value_info("total_sequence_length", i32, [1]),
-        ]
-        nodes += [
-            helper.make_node("Shape", ["query_BSD"], ["batch"], start=0, end=1),
-            helper.make_node("Concat", ["batch", "empty_tail"], ["empty_shape"], axis=0),
-            helper.make_node(
-                "ConstantOfShape",
-                ["empty_shape"],
-                ["empty_kv"],
-                value=helper.make_tensor("zero", f32, [1], [0.0]),
-            ),
-        ]
-        initializers.append(helper.make_tensor("empty_tail", TensorProto.INT64, [2], [0, nkv * d]))
-        gqa_attrs = {"num_heads": n, "kv_num_heads": nkv, "scale": 1.0, "do_rotary": 0}
-        if case.window is not None:
-            gqa_attrs["local_window_size"] = case.window
-        gqa_inputs = ["query_BSD", "empty_kv", "empty_kv", "key_BNSH", "value_BNSH"]
-        gqa_inputs += ["seqlens_k", "total_sequence_length"]
-        outputs = ["output"] if form == "gqa-past" else ["output", "present_key", "present_value"]
-        nodes.append(
-            helper.make_node("GroupQueryAttention", gqa_inputs, outputs, domain=_MS, **gqa_attrs)
-        )
-    else:
-        inputs.append(helper.make_tensor_value_info("bias", f32, [1, 1, "S", "T"]))
-        if form in ("original", "attention-3d"):
-            # attention-3d is fed K/V already 3-D: the Attention kernel without the copies.
-            if form == "original":
-                for name in ("key", "value"):
-                    nodes += [
-                        helper.make_node(
-                            "Transpose", [f"{name}_BNSH"], [f"{name}_BSNH"], perm=[0, 2, 1, 3]
-                        ),
-                        helper.make_node("Reshape", [f"{name}_BSNH", "shape_3d"], [f"{name}_BSD"]),
-                    ]
-            else:
-                inputs[1] = helper.make_tensor_value_info("key_BSD", f32, ["batch", "T", nkv * d])
-                inputs[2] = helper.make_tensor_value_info("value_BSD", f32, ["batch", "T", nkv * d])
-            nodes.append(
-                helper.make_node(
-                    "Attention",
-                    ["query_BSD", "key_BSD", "value_BSD", "bias"],
-                    ["output"],
-                    q_num_heads=n,
-                    kv_num_heads=nkv,
-                    **attention_attrs,
-                )
-            )
-        elif form == "attention-bnsh":
-            nodes += [
-                helper.make_node("Reshape", ["query_BSD", "shape_4d"], ["query_BSNH"]),
-                helper.make_node("Transpose", ["query_BSNH"], ["query_BNSH"], perm=[0, 2, 1, 3]),
-                helper.make_node(
-                    "Attention",
-                    ["query_BNSH", "key_BNSH", "value_BNSH", "bias"],
-                    ["output_BNSH"],
-                    **attention_attrs,
-                ),
-                helper.make_node("Transpose", ["output_BNSH"], ["output_BSNH"], perm=[0, 2, 1, 3]),
-                helper.make_node("Reshape", ["output_BSNH", "shape_3d"], ["output"]),
-            ]
+    if form in ("original", "attention-3d"):
+        # attention-3d is fed K/V already 3-D: the Attention kernel without the copies.
+        if form == "original":
+            for name in ("key", "value"):
+                nodes += [
+                    helper.make_node(
+                        "Transpose", [f"{name}_BNSH"], [f"{name}_BSNH"], perm=[0, 2, 1, 3]
+                    ),
+                    helper.make_node("Reshape", [f"{name}_BSNH", "shape_3d"], [f"{name}_BSD"]),
+                ]
         else:
-            raise ValueError(f"unknown form {form!r}; expected one of {FORMS}")
+            inputs[1] = helper.make_tensor_value_info("key_BSD", f32, ["batch", "T", nkv * d])
+            inputs[2] = helper.make_tensor_value_info("value_BSD", f32, ["batch", "T", nkv * d])
+        nodes.append(
+            helper.make_node(
+                "Attention",
+                ["query_BSD", "key_BSD", "value_BSD", "bias"],
+                ["output"],
+                q_num_heads=n,
+                kv_num_heads=nkv,
+                **attention_attrs,
+            )
+        )
+    else:  # attention-bnsh
+        nodes += [
+            helper.make_node("Reshape", ["query_BSD", "shape_4d"], ["query_BSNH"]),
+            helper.make_node("Transpose", ["query_BSNH"], ["query_BNSH"], perm=[0, 2, 1, 3]),
+            helper.make_node(
+                "Attention",
+                ["query_BNSH", "key_BNSH", "value_BNSH", "bias"],
+                ["output_BNSH"],
+                **attention_attrs,
+            ),
+            helper.make_node("Transpose", ["output_BNSH"], ["output_BSNH"], perm=[0, 2, 1, 3]),
+            helper.make_node("Reshape", ["output_BSNH", "shape_3d"], ["output"]),
+        ]
     graph = helper.make_graph(nodes, f"kv_shared_{form}", inputs, [output], initializers)
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid(_MS, 1)]
     )
     model.ir_version = 11
     return model
+
+
+def _rewritten_layer(case: LayerCase, form: str) -> onnx.ModelProto:
+    """What the KV-shared rule writes in `form` for the P2 one-layer export of `case`."""
+    layer = OneLayer(
+        num_heads=case.num_heads,
+        kv_num_heads=case.kv_num_heads,
+        head_size=case.head_size,
+        window=case.window,
+        mask_style="p2",
+        scale=1.0,
+    )
+    model, report = rewrite(
+        kv_shared_layer(layer),
+        layers="shared",
+        choose_form=lambda *_: FormDecision(form),
+        speed="off",
+        window_slice=False,
+    )
+    written = [node.op_type for node in model.graph]
+    if written.count("GroupQueryAttention") != 1 or "Attention" in written:
+        raise RuntimeError(f"the rule did not rewrite the {form} layer: {report.skipped}")
+    return ir.to_proto(model)
 
 
 def quiet_session_options(threads: int = 0) -> ort.SessionOptions:

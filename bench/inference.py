@@ -23,6 +23,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from bench.timing import Timing, interleaved
+from rewriter.providers import PROVIDERS
 
 __all__ = [
     "Scenario",
@@ -33,11 +34,6 @@ __all__ = [
     "open_session",
     "profile_step",
 ]
-
-PROVIDERS = {
-    "cpu": ["CPUExecutionProvider"],
-    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +71,7 @@ def open_session(
     session = ort.InferenceSession(
         os.fspath(path),
         session_options(profile_dir=profile_dir, threads=threads),
-        providers=PROVIDERS[provider],
+        providers=list(PROVIDERS[provider]),
     )
     if provider == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
         raise RuntimeError(f"CUDA provider unavailable; session uses {session.get_providers()}")

@@ -17,6 +17,8 @@ from pathlib import Path
 import onnx_ir as ir
 
 from rewriter import __version__
+from rewriter._error_text import first_line
+from rewriter._paths import same_file
 from rewriter.forms import FormRejectedError
 from rewriter.model_io import (
     InputError,
@@ -208,9 +210,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:
         if debug:
             raise
-        first_line = (str(error).splitlines() or [type(error).__name__])[0]
         print(
-            f"error: internal error: {type(error).__name__}: {first_line} (--debug for details)",
+            f"error: internal error: {type(error).__name__}: {first_line(error)} "
+            "(--debug for details)",
             file=sys.stderr,
         )
         return EXIT_INTERNAL
@@ -219,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _rewrite_command(args: argparse.Namespace) -> int:
     from rewriter.verification import VerificationError, verify
 
-    if _same_file(args.input, args.output) and not args.in_place:
+    if same_file(args.input, args.output) and not args.in_place:
         raise _UsageError(f"{args.output} is the input; pass --in-place to replace it")
     # Refuse an unusable destination before the (possibly long) load, rewrite and probe.
     check_destination(args.output)
@@ -341,20 +343,13 @@ def _progress(message: str) -> None:
     print(f"  verifying: {message}", file=sys.stderr, flush=True)
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
 def _check_report_path(report: Path | None, *models: Path) -> None:
     """The report must be writable and must not land on a model file (or its weights)."""
     if report is None:
         return
     check_destination(report)
     for model in models:
-        if _same_file(model, report) or report.resolve() == model.resolve():
+        if same_file(model, report) or report.resolve() == model.resolve():
             raise _UsageError(f"--report {report} would overwrite {model}")
 
 

@@ -29,6 +29,8 @@ from pathlib import Path
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
+from rewriter._error_text import first_line
+from rewriter._paths import same_file
 from rewriter.metadata import VERSION_KEY
 
 __all__ = [
@@ -111,7 +113,7 @@ def load_model(path: str | os.PathLike[str]) -> ir.Model:
             "or another format)"
         ) from None
     except Exception as error:  # protobuf/onnx-ir raise several unrelated types on bad bytes
-        raise InputError(f"{path}: not a valid ONNX model ({_one_line(error)})") from None
+        raise InputError(f"{path}: not a valid ONNX model ({first_line(error)[:200]})") from None
     missing = [
         what
         for what, absent in (
@@ -154,7 +156,7 @@ def _check_external_data(model: ir.Model, path: Path) -> None:
             try:
                 check_containment()
             except ValueError as error:
-                raise InputError(f"{where}: refused ({_one_line(error)})") from None
+                raise InputError(f"{where}: refused ({first_line(error)[:200]})") from None
         data_path = Path(tensor.path)
         if not data_path.exists():
             raise InputError(f"{where}: file is missing")
@@ -243,7 +245,7 @@ def staged_output(
     source_path = Path(source) if source is not None else None
     data_name = None
     if has_external_data(model) or _initializer_bytes(model) > _INLINE_LIMIT_BYTES:
-        in_place = source_path is not None and _same_file(source_path, output)
+        in_place = source_path is not None and same_file(source_path, output)
         own_name = _own_data_name(model, output) if in_place else None
         data_name = own_name or external_data_name(output)
     _check_no_clobbering(model, output, data_name, source_path)
@@ -306,20 +308,20 @@ def _check_no_clobbering(
     model: ir.Model, output: Path, data_name: str | None, source: Path | None
 ) -> None:
     """Refuse to replace the input's files, or an <OUT>.data that is not this tool's."""
-    replacing_source = source is not None and _same_file(source, output)
+    replacing_source = source is not None and same_file(source, output)
     input_data = {Path(t.path) for t in _external_tensors(model)}
-    if any(_same_file(output, data) for data in input_data):
+    if any(same_file(output, data) for data in input_data):
         raise OutputError(f"{output}: is the input's external data file")
     if data_name is None:
         return
     data_path = output.parent / data_name
     if not os.path.lexists(data_path):
         return
-    if source is not None and _same_file(source, data_path):
+    if source is not None and same_file(source, data_path):
         raise OutputError(f"{output}: its external data {data_path} would overwrite the input")
     if not data_path.is_file():
         raise OutputError(f"{output}: external data {data_path} exists and is not a regular file")
-    if any(_same_file(data_path, data) for data in input_data):
+    if any(same_file(data_path, data) for data in input_data):
         if replacing_source:
             return  # --in-place: the input's own weights are replaced with the model
         raise OutputError(
@@ -440,17 +442,5 @@ def _signals_held() -> Iterator[None]:
 # --- helpers -----------------------------------------------------------------------------
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
 def _reason(error: OSError) -> str:
-    return error.strerror or _one_line(error)
-
-
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return (text[0] if text else type(error).__name__)[:200]
+    return error.strerror or first_line(error)[:200]

@@ -20,6 +20,7 @@ import onnx_ir.passes.common as common_passes
 
 from rewriter import __version__
 from rewriter._cleanup import remove_dead_producers
+from rewriter._error_text import collapsed
 from rewriter._report_builder import all_nodes, attention_nodes, describe, is_gqa
 from rewriter.metadata import record_metadata
 from rewriter.report import RewriteReport
@@ -197,5 +198,5 @@ def _passes_checker(model: ir.Model) -> str | None:
         try:
             common_passes.CheckerPass()(model)
         except Exception as error:  # onnx.checker.ValidationError and what serialising raises
-            return " ".join(str(error).split())
+            return collapsed(error)
     return None

@@ -2,9 +2,10 @@
 
 A KV-shared layer can hand its borrowed cache to GQA in several ways ("forms", SPEC section 3);
 which of them ONNX Runtime accepts and computes correctly depends on its version, execution
-provider and dtype. ``probe`` runs a tiny single-GQA model per form against a float64 NumPy
-reference on prefill, decode, chunked and right-padded batch-2 decode shapes; ``select_form``
-picks the form to rewrite to from those verdicts.
+provider and dtype. ``probe`` rewrites a one-layer export to each form with the KV-shared rule
+itself and runs it against a float64 NumPy reference on prefill, decode, chunked and
+right-padded batch-2 decode shapes; ``select_form`` picks the form to rewrite to from those
+verdicts.
 
     result = probe("cpu", dtypes=["float16"], head_sizes=[256, 512])
     choice = select_form(result, "float16", 256, windowed=True)   # choice.form, choice.reason

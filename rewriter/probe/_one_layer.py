@@ -2,8 +2,9 @@
 Transpose+Reshape, the P1 or P2 mask chain over ``attention_mask``, and one ``Attention``.
 
 The smallest model the KV-shared rule rewrites, so what the rule writes for it is the real
-construction, not a copy: the speed probe (``rewriter.speed``) times it before and after the
-rewrite, and the tests compare it with the float64 reference.
+construction, not a copy: the form probe (``_forms``) runs what the rule writes for it in each
+GQA form, the speed probe (``rewriter.speed``) times it before and after the rewrite, and the
+tests compare it with the float64 reference.
 
 Inputs: ``query`` [B, S, N*D], ``attention_mask`` [B, T], ``past_key_values.0.key|value``
 [B, Nkv, T, D]; output ``output`` [B, S, N*D].
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
@@ -30,13 +32,20 @@ class OneLayer:
     mask_style: str = "p2"  # "p1" (bool mask, is_causal=1) or "p2" (float bias, is_causal=0)
     scale: float | None = 1.0  # None: no scale attribute (op default 1/sqrt(D))
     softcap: float = 0.0
-    dtype: str = "float32"
+    dtype: str = "float32"  # "float32", "float16" or "bfloat16": inputs, caches and output
+
+
+_DTYPES = {
+    "float32": ir.DataType.FLOAT,
+    "float16": ir.DataType.FLOAT16,
+    "bfloat16": ir.DataType.BFLOAT16,
+}
 
 
 def kv_shared_layer(layer: OneLayer) -> ir.Model:
     """One KV-shared Attention as the exporters write it (SPEC.md section 2)."""
     case = layer
-    dtype = ir.DataType.FLOAT16 if case.dtype == "float16" else ir.DataType.FLOAT
+    dtype = _DTYPES[case.dtype]
     nodes: list[ir.Node] = []
     initializers: list[ir.Value] = []
 
@@ -101,7 +110,8 @@ def kv_shared_layer(layer: OneLayer) -> ir.Model:
             allowed = node("And", allowed, in_window)
         np_dtype = dtype.numpy()
         zero = const("zero", np.array(0, dtype=np_dtype))
-        negative = const("negative", np.array(np.finfo(np_dtype).min, dtype=np_dtype))
+        # ml_dtypes.finfo also knows bfloat16, which NumPy does not.
+        negative = const("negative", np.array(ml_dtypes.finfo(np_dtype).min, dtype=np_dtype))
         bias = node("Where", node("And", padding, allowed), zero, negative)
         mask = node("Unsqueeze", bias, axes_1)
 

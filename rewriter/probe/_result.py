@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from rewriter._json_values import json_float
+
 __all__ = [
     "SHAPES",
     "TOLERANCES",
@@ -116,7 +118,7 @@ class ProbeResult:
                         {
                             "shape": outcome.shape,
                             "ok": outcome.ok,
-                            "max_abs_diff": _json_float(outcome.max_abs_diff),
+                            "max_abs_diff": json_float(outcome.max_abs_diff),
                             "error": outcome.error,
                         }
                         for outcome in verdict.outcomes
@@ -168,9 +170,3 @@ def _cell(outcome: ShapeOutcome, errors: dict[str, int]) -> str:
         number = errors.setdefault(outcome.error, len(errors) + 1)
         text += f" [{number}]"
     return text
-
-
-def _json_float(value: float | None) -> float | str | None:
-    if value is None or math.isfinite(value):
-        return value
-    return str(value)

@@ -20,11 +20,15 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 import numpy.typing as npt
+import onnx_ir as ir
 import onnxruntime as ort
 
-from rewriter.probe._forms import GQA_NODE_NAME, build_form_model
+from rewriter._error_text import clipped, collapsed
+from rewriter.probe._forms import DTYPES, GQA_NODE_NAME, OUTPUT, form_model
+from rewriter.probe._one_layer import CACHE_KEY, CACHE_VALUE
 from rewriter.probe._reference import attention_reference
 from rewriter.probe._result import SHAPES, TOLERANCES, FormVerdict, ProbeError, ShapeOutcome
+from rewriter.providers import PROVIDERS
 
 __all__ = [
     "KV_NUM_HEADS",
@@ -41,8 +45,6 @@ NUM_HEADS = 4
 KV_NUM_HEADS = 2
 # Smaller than every T below, so the window cuts keys in every shape.
 WINDOW = 8
-
-_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
 @dataclass(frozen=True)
@@ -75,9 +77,11 @@ _ROUNDING_DTYPES: dict[str, npt.DTypeLike] = {
 
 def ort_provider(provider: str) -> str:
     """Map "cpu"/"cuda" to an available onnxruntime provider name, or raise ProbeError."""
-    if provider not in _PROVIDERS:
-        raise ValueError(f"unknown provider {provider!r}; expected one of {tuple(_PROVIDERS)}")
-    name = _PROVIDERS[provider]
+    if provider not in PROVIDERS:
+        raise ValueError(f"unknown provider {provider!r}; expected one of {tuple(PROVIDERS)}")
+    # The provider alone, without the CPU fallback a CUDA session elsewhere keeps: a form
+    # must run on the provider it is probed for.
+    name = PROVIDERS[provider][0]
     if name not in ort.get_available_providers():
         if provider == "cuda":
             raise ProbeError(
@@ -150,7 +154,7 @@ def _run_form(provider: str, form: str, dtype: str, head_size: int, windowed: bo
     # Not GQA's default 1/sqrt(D), so an ignored `scale` attribute shows as a wrong answer.
     scale = float(np.float32(0.7 / math.sqrt(head_size)))
     window = WINDOW if windowed else None
-    model = build_form_model(
+    model = form_model(
         form,
         dtype,
         num_heads=NUM_HEADS,
@@ -169,7 +173,7 @@ def _run_form(provider: str, form: str, dtype: str, head_size: int, windowed: bo
         options.profile_file_prefix = os.path.join(profile_dir, "profile")
         try:
             session = ort.InferenceSession(
-                model.SerializeToString(), options, providers=[provider_name]
+                ir.to_proto(model).SerializeToString(), options, providers=[provider_name]
             )
         except Exception as error:  # any refusal is a verdict, not a crash
             outcomes = tuple(ShapeOutcome(shape, False, None, _one_line(error)) for shape in SHAPES)
@@ -196,24 +200,32 @@ def _run_shape(
     scale: float,
     window: int | None,
 ) -> ShapeOutcome:
-    feeds = _inputs(shape, dtype, head_size)
-    lengths = np.asarray(shape.valid_lengths, dtype=np.int32)
+    query, key, value = _inputs(shape, dtype, head_size)
     reference = attention_reference(
-        feeds["query"],
-        feeds["borrowed_key_BNSH"],
-        feeds["borrowed_value_BNSH"],
-        lengths,
+        query,
+        key,
+        value,
+        shape.valid_lengths,
         num_heads=NUM_HEADS,
         kv_num_heads=KV_NUM_HEADS,
         scale=scale,
         local_window_size=window,
     )
-    feeds["seqlens_k"] = lengths - 1
-    feeds["total_sequence_length"] = np.array([shape.cache_len], dtype=np.int32)
+    # Right padding: row b's first valid_lengths[b] keys are real. The rewrite derives
+    # seqlens_k and total_sequence_length from this mask, as it does in a real model.
+    attention_mask = np.zeros((len(shape.valid_lengths), shape.cache_len), dtype=np.int64)
+    for row, length in enumerate(shape.valid_lengths):
+        attention_mask[row, :length] = 1
+    feeds = {
+        "query": _in_dtype(query, dtype),
+        "attention_mask": attention_mask,
+        CACHE_KEY: _in_dtype(key, dtype),
+        CACHE_VALUE: _in_dtype(value, dtype),
+    }
     try:
         # Twice: a form that reads memory it does not own (split-nopresent) may return a
         # different wrong answer each time, or by luck the right one once.
-        first, second = (session.run(["output"], feeds)[0] for _ in range(2))
+        first, second = (session.run([OUTPUT], feeds)[0] for _ in range(2))
     except Exception as error:  # an error is a recorded outcome
         return ShapeOutcome(shape.name, False, None, _one_line(error))
     diffs = [_max_abs_diff(output, reference) for output in (first, second)]
@@ -227,8 +239,10 @@ def _run_shape(
     return ShapeOutcome(shape.name, ok, max_diff, error)
 
 
-def _inputs(shape: ProbeShape, dtype: str, head_size: int) -> dict[str, npt.NDArray[np.float32]]:
-    """Random float32 inputs already rounded to ``dtype``, so the in-graph Cast is exact."""
+def _inputs(
+    shape: ProbeShape, dtype: str, head_size: int
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """Random query, key, value in float32, already rounded to ``dtype`` (so exact there)."""
     batch = len(shape.valid_lengths)
     rng = np.random.default_rng([head_size, shape.query_len, shape.cache_len, batch])
 
@@ -242,11 +256,18 @@ def _inputs(shape: ProbeShape, dtype: str, head_size: int) -> dict[str, npt.NDAr
         # Loud padding: a kernel that reads past a row's length is visibly wrong.
         key[row, :, length:] = 30.0
         value[row, :, length:] = 1000.0
-    return {
-        "query": draw(batch, shape.query_len, NUM_HEADS * head_size),
-        "borrowed_key_BNSH": key,
-        "borrowed_value_BNSH": value,
-    }
+    return draw(batch, shape.query_len, NUM_HEADS * head_size), key, value
+
+
+def _in_dtype(values: npt.NDArray[np.float32], dtype: str) -> np.ndarray | ort.OrtValue:
+    """``values`` as a feed of the model's dtype; bfloat16 has no NumPy type ORT accepts,
+    so it goes in as an OrtValue over the bits."""
+    rounded = values.astype(_ROUNDING_DTYPES[dtype])
+    if dtype != "bfloat16":
+        return rounded
+    return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
+        rounded.view(np.uint16), int(DTYPES[dtype])
+    )
 
 
 def _max_abs_diff(output: npt.NDArray[np.float32], reference: npt.NDArray[np.floating]) -> float:
@@ -269,6 +290,5 @@ _STATUS_PREFIX = re.compile(
 
 
 def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    text = _STATUS_PREFIX.sub("", text)
-    return text if len(text) <= 300 else text[:297] + "..."
+    # Without the node's name: one footnote per cause, however many verdicts share it.
+    return clipped(_STATUS_PREFIX.sub("", collapsed(error)))

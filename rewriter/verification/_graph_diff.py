@@ -15,6 +15,7 @@ from collections.abc import Iterable
 
 import onnx_ir as ir
 
+from rewriter.rules import node_label
 from rewriter.verification._result import CheckResult
 
 __all__ = ["GRAPH_DIFF", "diff_outside_layers", "same_tensor"]
@@ -34,12 +35,12 @@ def diff_outside_layers(
     original_keys = collections.Counter(_node_key(n) for n in original.graph)
     candidate_keys = collections.Counter(_node_key(n) for n in candidate.graph)
     added = [
-        _describe(n)
+        node_label(n)
         for n in candidate.graph
         if n not in candidate_layer_nodes and original_keys[_node_key(n)] == 0
     ]
     removed = [
-        _describe(n)
+        node_label(n)
         for n in original.graph
         if n not in original_layer_nodes and candidate_keys[_node_key(n)] == 0
     ]
@@ -97,10 +98,6 @@ def _attribute_key(attr: ir.Attr) -> str:
 
 def _value_key(value: ir.Value) -> tuple[str, str, str]:
     return (value.name or "", str(value.type), str(value.shape))
-
-
-def _describe(node: ir.Node) -> str:
-    return f"{node.op_type}->{','.join(v.name or '' for v in node.outputs)}"
 
 
 def _readers(graph: ir.Graph, excluded: frozenset[ir.Node]) -> set[str]:

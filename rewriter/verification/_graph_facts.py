@@ -15,6 +15,7 @@ import onnx
 import onnx_ir as ir
 
 from rewriter.metadata import PADDING_CONTRACT_KEY
+from rewriter.rules import node_label
 
 __all__ = [
     "RIGHT_PADDING_ONLY",
@@ -67,7 +68,7 @@ def read_graph_facts(model: ir.Model) -> GraphFacts:
         elif node.op_type == "Attention" and node.domain == "":
             has_past = len(node.inputs) > 4 and node.inputs[4] is not None
             if node.attributes.get_int("is_causal", 0) == 1 and not has_past:
-                upper_left.append(node.name or f"Attention->{node.outputs[0].name}")
+                upper_left.append(node_label(node))
         elif node.op_type == "Gather" and node.domain == "" and embedding_rows is None:
             indices = node.inputs[1]
             if indices is not None and indices.name == "input_ids" and indices.is_graph_input():
@@ -105,7 +106,7 @@ def attention_nodes_with_3d_mask(model: ir.Model) -> list[str]:
     if any(rank is None for rank in ranks.values()):
         ranks.update({name: rank for name, rank in _inferred_ranks(model).items() if name in ranks})
     return [
-        node.name or f"Attention->{node.outputs[0].name}"
+        node_label(node)
         for node in nodes
         if ranks.get(node.inputs[3].name) == 3  # type: ignore[union-attr]
     ]

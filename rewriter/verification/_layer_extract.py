@@ -26,12 +26,16 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import math
 from collections.abc import Callable, Iterable
 
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from rewriter.rules import node_label
 
 __all__ = [
     "OWN_CACHE",
@@ -39,7 +43,6 @@ __all__ = [
     "LayerConfig",
     "LayerPair",
     "UnprovableLayer",
-    "node_label",
     "pair_layers",
 ]
 
@@ -139,10 +142,6 @@ class LayerPair:
         for part in (self.original_bytes, self.candidate_bytes, repr(self.config).encode()):
             digest.update(hashlib.sha256(part).digest())
         return digest.hexdigest()
-
-
-def node_label(node: ir.Node) -> str:
-    return node.name or f"{node.op_type}({node.outputs[0].name})"
 
 
 def pair_layers(
@@ -579,20 +578,31 @@ def _scalar(value: ir.Value | None) -> int | None:
 
 
 def _inferred_mask_rank(model_bytes: bytes) -> int | None:
-    """Rank of the Attention's mask in a standalone original, by ONNX shape inference (the
-    model is a few KB: no weights)."""
+    """Rank of the Attention's computed mask in a standalone original, by ONNX shape inference
+    (the model is a few KB: no weights, and a copy of our own to annotate)."""
+    model = ir.from_proto(onnx.load_from_string(model_bytes))
+    # ONNX's own defaults; a failed inference leaves the model as it was (no rank), and its
+    # warning is not ours to print: inference is an explanation aid only.
+    inference = common_passes.ShapeInferencePass(
+        check_type=False, strict_mode=False, data_prop=False
+    )
+    logger = logging.getLogger("onnx_ir.passes.common.shape_inference")
+    previous_level = logger.level
+    logger.setLevel(logging.CRITICAL)
     try:
-        inferred = onnx.shape_inference.infer_shapes(onnx.load_from_string(model_bytes))
-    except Exception:  # inference is an explanation aid only
-        return None
-    ranks = {
-        info.name: len(info.type.tensor_type.shape.dim)
-        for info in inferred.graph.value_info
-        if info.type.tensor_type.HasField("shape")
-    }
-    for node in inferred.graph.node:
-        if node.op_type == "Attention" and OUTPUT in node.output and len(node.input) > 3:
-            return ranks.get(node.input[3])
+        inference(model)
+    finally:
+        logger.setLevel(previous_level)
+    for node in model.graph:
+        if node.op_type != "Attention" or len(node.inputs) < 4:
+            continue
+        mask = node.inputs[3]
+        if OUTPUT not in (value.name for value in node.outputs) or mask is None:
+            continue
+        # A graph input's rank is the feed's (its annotation), not an inferred one.
+        if mask.producer() is None or mask.shape is None:
+            return None
+        return mask.shape.rank()
     return None
 
 

@@ -11,6 +11,8 @@ import dataclasses
 import math
 from typing import Any
 
+from rewriter._json_values import json_float
+
 __all__ = ["Case", "CheckResult", "OriginalDefect", "VerificationError", "VerificationResult"]
 
 
@@ -42,7 +44,7 @@ class Case:
         out: dict[str, Any] = {
             "label": self.label,
             "passed": self.passed,
-            "max_abs_diff": _json_float(self.max_abs_diff),
+            "max_abs_diff": json_float(self.max_abs_diff),
             "tolerance": self.tolerance,
         }
         if self.note:
@@ -106,7 +108,7 @@ class CheckResult:
         out: dict[str, Any] = {
             "name": self.name,
             "passed": self.passed,
-            "max_abs_diff": _json_float(self.max_abs_diff),
+            "max_abs_diff": json_float(self.max_abs_diff),
             "tolerance": self.tolerance,
             "model": self.model,
             "detail": self.detail,
@@ -212,10 +214,3 @@ class VerificationResult:
             "model": self.model,
             "layer_defects": list(self.layer_defects),
         }
-
-
-def _json_float(value: float | None) -> float | str | None:
-    # JSON has no NaN/inf; a string keeps the report loadable by strict parsers.
-    if value is None or math.isfinite(value):
-        return value
-    return str(value)

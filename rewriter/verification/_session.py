@@ -20,6 +20,8 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
+from rewriter._error_text import clipped, collapsed
+from rewriter.providers import PROVIDERS
 from rewriter.verification._result import VerificationError
 
 if TYPE_CHECKING:
@@ -32,11 +34,6 @@ ModelSource = ir.Model | onnx.ModelProto | str | os.PathLike
 # In-memory models above this many bytes of weights go through a temporary file: serializing
 # them would build one protobuf close to (or over) its 2 GB limit, and copy all weights once.
 _IN_MEMORY_LIMIT_BYTES = 1 << 30
-
-_PROVIDERS = {
-    "cpu": ["CPUExecutionProvider"],
-    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-}
 
 
 @dataclasses.dataclass
@@ -56,14 +53,14 @@ class LoadedModel:
 
 def execution_providers(provider: str) -> list[str]:
     """ORT provider list for ``"cpu"`` or ``"cuda"``; a clear error when unavailable."""
-    if provider not in _PROVIDERS:
+    if provider not in PROVIDERS:
         raise VerificationError(f"unknown provider {provider!r}: choose 'cpu' or 'cuda'")
     if provider == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
         raise VerificationError(
             "provider 'cuda' is unavailable: this onnxruntime has no CUDAExecutionProvider "
             "(install onnxruntime-gpu instead of onnxruntime, on a machine with a GPU)"
         )
-    return list(_PROVIDERS[provider])
+    return list(PROVIDERS[provider])
 
 
 def load_model(
@@ -116,7 +113,7 @@ def load_model(
 
 def short_error(error: BaseException) -> str:
     """ORT's error text reduced to one line: the node and the reason, not the C++ signature."""
-    text = " ".join(str(error).split())
+    text = collapsed(error)
     text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
     text = re.sub(r"/onnxruntime_src/\S+:\d+ ", "", text)
     text = re.sub(r"(?:[\w:<>]+ )?(?:onnxruntime|onnx)::[\w:<>~]+\([^()]*\) ", "", text)
@@ -124,7 +121,7 @@ def short_error(error: BaseException) -> str:
     head, marker, reason = text.partition("Status Message: ")
     if " was false. " in reason:
         text = f"{head}{marker}{reason.split(' was false. ', 1)[1]}"
-    return text if len(text) <= 300 else text[:297] + "..."
+    return clipped(text)
 
 
 def _load_ir(path: str, role: str) -> ir.Model:
