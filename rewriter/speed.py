@@ -41,8 +41,9 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
+from rewriter.pipeline import rewrite
 from rewriter.probe._one_layer import CACHE_KEY, CACHE_VALUE, OneLayer, kv_shared_layer
-from rewriter.rules import LayerKind
+from rewriter.rules import LayerKind, always_past
 from rewriter.verification._session import execution_providers
 
 __all__ = ["SpeedProbe", "SpeedVerdict"]
@@ -101,11 +102,6 @@ class SpeedProbe:
         return [verdict.to_dict() for verdict in self.verdicts.values()]
 
     def _measure(self, kind: LayerKind) -> SpeedVerdict:
-        # Imported here: the pipeline imports this module, and this measures the pipeline's
-        # own output for the layer.
-        from rewriter.pipeline import rewrite
-        from rewriter.rules import always_past
-
         # Only correct exports are ever kept, and P2 with is_causal=0 is the correct one.
         layer = OneLayer(
             num_heads=kind.num_heads,
