@@ -45,6 +45,7 @@ def test_quick_benchmark_writes_results(tmp_path: Path) -> None:
         "decode_ratio_t4096",
         "decode_ratio_t8192",
         "prefill_ratio_s2048",
+        "all_attention_max_ratio",
         "rewrite_seconds",
         "rewrite_peak_rss_mb",
         "machine",
@@ -52,6 +53,7 @@ def test_quick_benchmark_writes_results(tmp_path: Path) -> None:
     ):
         assert key in result, key
     assert result["quick"] is True
+    assert result["all_attention_max_ratio"] is None  # the tiny workload is not all-Attention
     for key in (
         "decode_ratio_t1024",
         "decode_ratio_t4096",
