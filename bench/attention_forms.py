@@ -44,9 +44,13 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from bench.timing import Timing, interleaved
-from rewriter.pipeline import rewrite
-from rewriter.probe._one_layer import CACHE_KEY, CACHE_VALUE, OneLayer, kv_shared_layer
-from rewriter.rules import FormDecision
+from rewriter.probe._one_layer import (
+    CACHE_KEY,
+    CACHE_VALUE,
+    OneLayer,
+    kv_shared_layer,
+    rewritten_layer,
+)
 
 __all__ = ["FORMS", "LayerCase", "build_form", "main", "measure_forms", "quiet_session_options"]
 
@@ -177,16 +181,7 @@ def _rewritten_layer(case: LayerCase, form: str) -> onnx.ModelProto:
         mask_style="p2",
         scale=1.0,
     )
-    model, report = rewrite(
-        kv_shared_layer(layer),
-        layers="shared",
-        choose_form=lambda *_: FormDecision(form),
-        speed="off",
-        window_slice=False,
-    )
-    written = [node.op_type for node in model.graph]
-    if written.count("GroupQueryAttention") != 1 or "Attention" in written:
-        raise RuntimeError(f"the rule did not rewrite the {form} layer: {report.skipped}")
+    model, _ = rewritten_layer(kv_shared_layer(layer), form, window_slice=False)
     return ir.to_proto(model)
 
 

@@ -41,9 +41,14 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from rewriter.pipeline import rewrite
-from rewriter.probe._one_layer import CACHE_KEY, CACHE_VALUE, OneLayer, kv_shared_layer
-from rewriter.rules import LayerKind, always_past
+from rewriter.probe._one_layer import (
+    CACHE_KEY,
+    CACHE_VALUE,
+    OneLayer,
+    kv_shared_layer,
+    rewritten_layer,
+)
+from rewriter.rules import LayerKind
 from rewriter.verification._session import execution_providers
 
 __all__ = ["SpeedProbe", "SpeedVerdict"]
@@ -114,9 +119,7 @@ class SpeedProbe:
             dtype=kind.dtype,
         )
         original = kv_shared_layer(layer)
-        rewritten, _ = rewrite(
-            kv_shared_layer(layer), layers="shared", choose_form=always_past, speed="off"
-        )
+        rewritten, _ = rewritten_layer(kv_shared_layer(layer), "past", window_slice=True)
         sessions = {"original": _session(original, self.provider)}
         sessions["gqa"] = _session(rewritten, self.provider)
         phases = {

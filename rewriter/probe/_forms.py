@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from rewriter.probe._one_layer import OneLayer, kv_shared_layer
+from rewriter.probe._one_layer import OneLayer, kv_shared_layer, rewritten_layer
 
 __all__ = ["DTYPES", "FORMS", "GQA_NODE_NAME", "OUTPUT", "form_model"]
 
@@ -50,10 +50,6 @@ def form_model(
     ``past_key_values.0.key|value`` [B, Nkv, T, D], all but the mask in ``dtype``.
     Output: ``output`` [B, S, N*D] float32.
     """
-    # Imported here: the pipeline imports the probe (through rewriter.forms).
-    from rewriter.pipeline import rewrite
-    from rewriter.rules import FormDecision
-
     if form not in FORMS:
         raise ValueError(f"unknown form {form!r}; expected one of {FORMS}")
     if dtype not in DTYPES:
@@ -73,26 +69,8 @@ def form_model(
     _float32_output(export, dtype)
     # No window slice: the window is then GQA's alone to apply, over every key of the
     # borrowed cache; the slice itself is checked against the reference in the tests.
-    model, report = rewrite(
-        export,
-        layers="shared",
-        choose_form=lambda *_: FormDecision(form),
-        speed="off",
-        window_slice=False,
-    )
-    gqa = [
-        node
-        for node in model.graph
-        if node.op_type == "GroupQueryAttention" and node.domain == "com.microsoft"
-    ]
-    # A probe of a model the rule left alone would certify nothing, and could not fail.
-    if len(gqa) != 1 or any(node.op_type == "Attention" for node in model.graph):
-        skipped = "; ".join(skip.reason for skip in report.skipped) or "no reason given"
-        raise RuntimeError(
-            f"the KV-shared rule wrote {len(gqa)} GroupQueryAttention nodes for the {form} "
-            f"{dtype} probe layer, expected exactly one: {skipped}"
-        )
-    gqa[0].name = GQA_NODE_NAME
+    model, gqa = rewritten_layer(export, form, window_slice=False)
+    gqa.name = GQA_NODE_NAME
     return model
 
 

@@ -18,7 +18,7 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["CACHE_KEY", "CACHE_VALUE", "OneLayer", "kv_shared_layer"]
+__all__ = ["CACHE_KEY", "CACHE_VALUE", "OneLayer", "kv_shared_layer", "rewritten_layer"]
 
 CACHE_KEY, CACHE_VALUE = "past_key_values.0.key", "past_key_values.0.value"
 
@@ -136,3 +136,35 @@ def kv_shared_layer(layer: OneLayer) -> ir.Model:
         name="one_kv_shared_layer",
     )
     return ir.Model(graph, ir_version=11)
+
+
+def rewritten_layer(export: ir.Model, form: str, *, window_slice: bool) -> tuple[ir.Model, ir.Node]:
+    """What the KV-shared rule writes for the one-layer `export` in `form`: the model (the
+    export, rewritten in place) and its GroupQueryAttention node.
+
+    Raises unless the rule replaced the Attention by exactly one GQA node: timing or probing
+    a model the rule left alone would measure or certify nothing.
+    """
+    # Imported here: the pipeline imports the form probe, which builds its models with this.
+    from rewriter.pipeline import rewrite
+    from rewriter.rules import FormDecision
+
+    model, report = rewrite(
+        export,
+        layers="shared",
+        choose_form=lambda *_: FormDecision(form),
+        speed="off",
+        window_slice=window_slice,
+    )
+    gqa = [
+        node
+        for node in model.graph
+        if node.op_type == "GroupQueryAttention" and node.domain == "com.microsoft"
+    ]
+    if len(gqa) != 1 or any(node.op_type == "Attention" for node in model.graph):
+        skipped = "; ".join(skip.reason for skip in report.skipped) or "no reason given"
+        raise RuntimeError(
+            f"the KV-shared rule wrote {len(gqa)} GroupQueryAttention nodes for the {form} "
+            f"one-layer export, expected exactly one: {skipped}"
+        )
+    return model, gqa[0]
