@@ -111,10 +111,11 @@ def _rewrite_parser() -> argparse.ArgumentParser:
         "--speed",
         choices=("auto", "off"),
         default="off",
-        help="off (default): rewrite every layer that qualifies; auto (experimental): time "
-        "each KV-shared layer kind alone on the provider and keep the export's layer where "
-        "it is correct and measured faster (at E2B size its one-layer timing keeps layers "
-        "that are faster rewritten in the whole model; see README)",
+        help="off (default): every KV-shared layer that qualifies becomes GroupQueryAttention; "
+        "auto: time each KV-shared layer kind whose export is correct as GQA, as the "
+        "export's Attention and as Attention reading the cache in place, in prefill and "
+        "decode on the provider, and give it the fastest (one per phase behind an If on "
+        "S == 1 where measured faster); adds seconds per layer kind (see README)",
     )
     parser.add_argument(
         "--no-window-slice",

@@ -9,6 +9,7 @@ the code it checks.
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING
 
 from rewriter import __version__
@@ -25,6 +26,7 @@ __all__ = [
     "PADDING_CONTRACT_KEY",
     "PROBED_ON_KEY",
     "REWRITES_KEY",
+    "SPEED_KEY",
     "VERSION_KEY",
     "record_metadata",
 ]
@@ -36,6 +38,8 @@ FORMS_KEY = METADATA_PREFIX + "forms"
 PADDING_CONTRACT_KEY = METADATA_PREFIX + "padding_contract"
 PROBED_ON_KEY = METADATA_PREFIX + "probed_on"
 FORCED_KEY = METADATA_PREFIX + "forced"
+# --speed auto: per layer kind, the forms chosen and the median ms per call they rest on.
+SPEED_KEY = METADATA_PREFIX + "speed"
 
 
 def record_metadata(model: ir.Model, report: RewriteReport, probed_on: str | None) -> None:
@@ -54,3 +58,22 @@ def record_metadata(model: ir.Model, report: RewriteReport, probed_on: str | Non
         model.metadata_props[PROBED_ON_KEY] = probed_on
     if report.forced:
         model.metadata_props[FORCED_KEY] = "true"
+    if report.speed is not None:
+        model.metadata_props[SPEED_KEY] = json.dumps(_speed_summary(report.speed), sort_keys=True)
+
+
+def _speed_summary(speed: dict) -> dict:
+    return {
+        "provider": speed["provider"],
+        "layers": [
+            {
+                "layer": table["layer"],
+                "chosen": table["chosen"],
+                "ms": {
+                    label: {phase: round(ms, 3) for phase, ms in phases.items()}
+                    for label, phases in table["ms"].items()
+                },
+            }
+            for table in speed["layers"]
+        ],
+    }

@@ -24,7 +24,7 @@ from rewriter._error_text import collapsed
 from rewriter._report_builder import all_nodes, attention_nodes, describe, is_gqa
 from rewriter.metadata import record_metadata
 from rewriter.report import RewriteReport
-from rewriter.rules import FormChooser, gqa_rules
+from rewriter.rules import FormChooser, SpeedChooser, gqa_rules
 from rewriter.rules._shape_evidence import ShapeFacts, keeping_initializer_order
 from rewriter.rules.rule_set import LAYER_CHOICES
 
@@ -59,12 +59,15 @@ class AttentionToGQAPass(ir.passes.InPlacePass):
     exact_padding: pass the mask as attention_bias so any padding keeps its meaning.
     window_slice: sliding KV-shared layers read only the keys their window reaches (the
         borrowed cache sliced once per source and step; CPU GQA reads every key it gets).
-    speed: "off" (default) rewrites every layer that qualifies; "auto" (experimental, see
-        rewriter.speed for its known limit) times each KV-shared layer kind on `provider`
-        and keeps the export's layer where it is correct and GroupQueryAttention is slower.
-        Only with form="auto" and no `choose_form`.
+    speed: "off" (default) makes every KV-shared layer that qualifies GroupQueryAttention;
+        "auto" times, per KV-shared layer kind whose export is correct, GQA, the export's
+        Attention and Attention reading the cache in place, in prefill and decode, on
+        `provider`, and gives the layer the fastest (one per phase behind an If on S == 1
+        where that is measured faster still; rewriter.speed). Not with a forced form.
     choose_form: replaces the probe (tests, or exporters that know their runtime); no
         onnxruntime is imported then.
+    choose_speed: replaces the speed probe: LayerKind -> rules.SpeedChoice (tests, or
+        exporters that measured their runtime).
     """
 
     def __init__(
@@ -78,6 +81,7 @@ class AttentionToGQAPass(ir.passes.InPlacePass):
         window_slice: bool = True,
         speed: str = "off",
         choose_form: FormChooser | None = None,
+        choose_speed: SpeedChooser | None = None,
     ) -> None:
         super().__init__()
         if layers not in LAYER_CHOICES:
@@ -92,6 +96,7 @@ class AttentionToGQAPass(ir.passes.InPlacePass):
         self.window_slice = window_slice
         self.speed = speed
         self.choose_form = choose_form
+        self.choose_speed = choose_speed
         # Whether the model given to requires() passed the checker: ensures() holds the
         # result to the same standard, never to one the input did not meet.
         self._input_checked = False
@@ -124,9 +129,9 @@ class AttentionToGQAPass(ir.passes.InPlacePass):
         candidates = attention_nodes(model)
         had_gqa = any(is_gqa(node) for node in all_nodes(model))
         probed = self._form_probe()
-        # Timed only where the probe chooses forms; a forced form is never second-guessed.
-        timed = self._speed_probe() if probed is not None else None
-        keep_export = timed.keep_export if timed is not None and self.form == "auto" else None
+        # A forced form is never second-guessed.
+        timed = self._speed_probe() if self.form == "auto" else None
+        choose_speed = self.choose_speed or timed
         rules = gqa_rules(
             self.choose_form or probed,
             # Inferred once, before any rewrite changes the graph the inference would see.
@@ -134,10 +139,14 @@ class AttentionToGQAPass(ir.passes.InPlacePass):
             layers=self.layers,
             exact_padding=self.exact_padding,
             window_slice=self.window_slice,
-            keep_export=keep_export,
+            choose_speed=choose_speed,
             native_support=probed.native_support if probed is not None else None,
         )
         rules.rule_set.apply_to_model(model)
+        if any(is_gqa(node) for node in all_nodes(model)):
+            # A GQA node inside an If branch (a speed choice) is not seen by the rewriter's
+            # own opset bookkeeping.
+            model.opset_imports.setdefault(_MS_DOMAIN, _MS_VERSION)
         report.nodes_removed = remove_dead_producers(rules.log.replaced_nodes)
         # Readers of a rewritten layer keep seeing the same value names as in the input.
         for gqa_output, name in rules.log.renames:
@@ -179,7 +188,7 @@ class AttentionToGQAPass(ir.passes.InPlacePass):
         return ProbedFormChooser(self.provider, self.form, self.force)
 
     def _speed_probe(self):  # -> rewriter.speed.SpeedProbe | None
-        if self.speed != "auto":
+        if self.speed != "auto" or self.choose_speed is not None:
             return None
         from rewriter.speed import SpeedProbe
 

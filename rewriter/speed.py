@@ -1,32 +1,33 @@
-"""Speed-aware choice for KV-shared layers (experimental, ``--speed auto``): where
-GroupQueryAttention is slower on the target provider than the export's own layer, and that
-layer is correct, keep the export's layer.
+"""Speed-aware choice for KV-shared layers (``--speed auto``): each layer kind runs, per phase,
+the fastest correct form measured on the installed runtime and provider.
 
-Known limit, measured on onnxruntime 1.32.0 CPU, quiet 2-core machine, E2B attention size:
-timed alone, the full D=512 layer decodes at T=4096 in 31 ms as exported vs 58 ms through
-GQA, so it is kept; in the whole model those 4 layers cost 14.2 vs 18.0 ms of kernel time,
-and two whole-model runs ranked "keep them" and "rewrite them" in opposite orders (README,
-"the window slice"). The one-layer timing does not represent the layer in context, which is
-why this is not the default.
+Why: GroupQueryAttention is not the fastest kernel everywhere. Measured on onnxruntime 1.32.0
+CPU at E2B attention size (``bench/attention_forms.py``, wall medians): a full D=512 layer
+decodes at T=4096 in 14.1 ms through GQA, 7.1 ms as exported and 5.9 ms as Attention reading
+the borrowed BNSH cache in place, while its prefill at S=2048 takes 468 ms through GQA and
+674-703 ms through either Attention. Sliding D=256 layers, whose borrowed cache the rewrite
+cuts to the window, are fastest through GQA in both phases.
 
-Why: on ONNX Runtime's CPU provider GQA is not always faster. Measured on 1.32.0 (E2B
-attention size, one thread): a full-attention KV-shared layer at D=512 decodes at T=4096 in
-61 ms through GQA against 35 ms through the export's Attention (prefill S=512: 222 vs 268 ms),
-and at whole-model size keeping those 4 layers took decode from 1.07 to 0.85 of the original.
-Sliding layers, whose borrowed cache the rewrite cuts to the window, are faster through GQA
-in both phases. So the choice is measured per layer kind on the installed runtime, never
-assumed.
+How: a layer kind (dtype, N, Nkv, D, W, scale, softcap) is built as the one-layer export of
+``rewriter.probe._one_layer`` and rewritten by the rule itself into each candidate of
+``rules._speed_choice``: ``gqa`` (with the window slice), ``attention-bnsh``, and the export
+kept as it is. Each is timed in decode (S=1 at T=``decode_length``) and prefill
+(S=T=``prefill_length``), the candidates alternating call by call, medians of wall time.
+Per phase the fastest wins, GQA on ties within ``margin`` (it also removes the mask chain and
+cache copies, which matter more where those ops fall back to the CPU). When the phases pick
+different forms, the ``If`` on S == 1 between them is built and timed too. The layer gets the
+candidate that is cheapest over one generation, ``prefill_length`` tokens of prefill plus
+``decode_steps`` decode steps, GQA again on ties within ``margin``.
 
-A layer kind (dtype, N, Nkv, D, W, scale, softcap) is timed as the one-layer export of
-``rewriter.probe._one_layer`` and as what the KV-shared rule writes for it, both phases,
-interleaved, medians. They are weighed as one generation: one prefill of ``prefill_length``
-tokens plus ``decode_steps`` decode steps at ``decode_length``. The export's layer is kept when
-GQA costs more than ``margin`` times as much; ties go to GQA (it removes the mask chain and the
-cache copies, which matters more on providers where those ops fall back to the CPU).
+What the one-layer timing leaves out: in a model, the export's Transpose+Reshape of a borrowed
+cache may be shared by the layers reading one source (timed here per layer, so the export is
+charged more than in context), and the window slice is made once per source (charged per
+layer here, so GQA is). The report and the model metadata keep every timing the choice rests
+on.
 
-Only layers whose export is correct may be kept: a P1 layer (``is_causal=1`` without past is
-aligned to the upper left, wrong in decode) or a P2 bias with ``is_causal=1`` is always
-rewritten, and the report says the rewrite is a correctness fix there.
+Only layers whose export is correct are timed: a P1 layer (``is_causal=1`` without past is
+aligned to the upper left, wrong in decode) or a P2 bias with ``is_causal=1`` always becomes
+GQA, and its Attention can appear in no phase.
 """
 
 from __future__ import annotations
@@ -41,46 +42,46 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from rewriter.probe._one_layer import (
-    CACHE_KEY,
-    CACHE_VALUE,
-    OneLayer,
-    kv_shared_layer,
-    rewritten_layer,
-)
-from rewriter.rules import LayerKind
+from rewriter._error_text import first_line
+from rewriter.probe._one_layer import CACHE_KEY, CACHE_VALUE, OneLayer, kv_shared_layer
+from rewriter.rules import LayerKind, SpeedChoice
 from rewriter.verification._session import execution_providers
 
 __all__ = ["SpeedProbe", "SpeedVerdict"]
+
+_PHASES = ("decode", "prefill")
 
 
 @dataclasses.dataclass(frozen=True)
 class SpeedVerdict:
     layer: LayerKind
-    keep_original: bool
-    original_ms: dict[str, float]  # "prefill", "decode": medians per call
-    gqa_ms: dict[str, float]
-    reason: str
+    choice: SpeedChoice
+    ms: dict[str, dict[str, float]]  # candidate label -> phase -> median ms per call
+    generation_ms: dict[str, float]  # candidate label -> one generation's cost
+    failed: dict[str, str]  # candidate label -> why it could not be timed
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "layer": dataclasses.asdict(self.layer),
-            "keep_original": self.keep_original,
-            "original_ms": self.original_ms,
-            "gqa_ms": self.gqa_ms,
-            "reason": self.reason,
+            "decode": self.choice.decode,
+            "prefill": self.choice.prefill,
+            "chosen": self.choice.label,
+            "ms": {label: dict(phases) for label, phases in self.ms.items()},
+            "generation_ms": dict(self.generation_ms),
+            "failed": dict(self.failed),
+            "reason": self.choice.reason,
         }
 
 
 class SpeedProbe:
-    """Times each layer kind once per process and provider; a callable for the rule."""
+    """Times each layer kind once per probe; a ``rules.SpeedChooser``."""
 
     def __init__(
         self,
         provider: str = "cpu",
         *,
         decode_length: int = 4096,
-        prefill_length: int = 512,
+        prefill_length: int = 2048,
         decode_steps: int = 256,
         margin: float = 1.1,
         repeats: tuple[int, int] = (15, 3),  # decode, prefill calls after one warm-up
@@ -90,24 +91,22 @@ class SpeedProbe:
         self.prefill_length = prefill_length
         self.decode_steps = decode_steps
         self.margin = margin
-        self.repeats = repeats
+        self.repeats = dict(zip(_PHASES, repeats, strict=True))
         self.verdicts: dict[LayerKind, SpeedVerdict] = {}
 
-    def __call__(self, layer: LayerKind) -> SpeedVerdict:
+    def __call__(self, layer: LayerKind) -> SpeedChoice:
+        return self.verdict(layer).choice
+
+    def verdict(self, layer: LayerKind) -> SpeedVerdict:
         if layer not in self.verdicts:
             self.verdicts[layer] = self._measure(layer)
         return self.verdicts[layer]
-
-    def keep_export(self, layer: LayerKind) -> str | None:
-        """A rules.ExportKeeper: the reason to keep the layer as exported, or None."""
-        verdict = self(layer)
-        return verdict.reason if verdict.keep_original else None
 
     def tables(self) -> list[dict[str, Any]]:
         return [verdict.to_dict() for verdict in self.verdicts.values()]
 
     def _measure(self, kind: LayerKind) -> SpeedVerdict:
-        # Only correct exports are ever kept, and P2 with is_causal=0 is the correct one.
+        # Only correct exports get a speed choice, and P2 with is_causal=0 is the correct one.
         layer = OneLayer(
             num_heads=kind.num_heads,
             kv_num_heads=kind.kv_num_heads,
@@ -118,30 +117,92 @@ class SpeedProbe:
             softcap=kind.softcap,
             dtype=kind.dtype,
         )
-        original = kv_shared_layer(layer)
-        rewritten, _ = rewritten_layer(kv_shared_layer(layer), "past", window_slice=True)
-        sessions = {"original": _session(original, self.provider)}
-        sessions["gqa"] = _session(rewritten, self.provider)
-        phases = {
-            "decode": (_feeds(layer, 1, self.decode_length), self.repeats[0]),
-            "prefill": (_feeds(layer, self.prefill_length, self.prefill_length), self.repeats[1]),
+        feeds = {
+            "decode": _feeds(layer, 1, self.decode_length),
+            "prefill": _feeds(layer, self.prefill_length, self.prefill_length),
         }
-        medians: dict[str, dict[str, float]] = {"original": {}, "gqa": {}}
-        for phase, (feeds, repeats) in phases.items():
-            calls = {name: _call(session, feeds) for name, session in sessions.items()}
-            for name, seconds in _interleaved(calls, repeats).items():
-                medians[name][phase] = seconds * 1e3
-        cost = {
-            name: ms["prefill"] + self.decode_steps * ms["decode"] for name, ms in medians.items()
+        candidates = {
+            choice.label: choice
+            for choice in (SpeedChoice(form, form) for form in ("gqa", "attention-bnsh", "export"))
         }
-        keep = cost["gqa"] > self.margin * cost["original"]
-        generation = (
-            f"one prefill of {self.prefill_length} + {self.decode_steps} decode steps at "
-            f"T={self.decode_length} on {self.provider}: export {cost['original']:.1f} ms, "
-            f"GroupQueryAttention {cost['gqa']:.1f} ms"
+        ms, failed = self._time(layer, list(candidates.values()), feeds)
+        decode, prefill = (self._fastest({c: ms[c][p] for c in ms}) for p in _PHASES)
+        if decode != prefill:
+            # One form per phase: the If itself is measured, not assumed to cost nothing.
+            phase_if = SpeedChoice(decode, prefill)
+            candidates[phase_if.label] = phase_if
+            more, more_failed = self._time(layer, [phase_if], feeds)
+            ms.update(more)
+            failed.update(more_failed)
+        generation = {
+            label: phases["prefill"] + self.decode_steps * phases["decode"]
+            for label, phases in ms.items()
+        }
+        chosen = self._fastest(generation)
+        choice = candidates[chosen]
+        reason = (
+            f"{choice.label}: over one prefill of {self.prefill_length} + {self.decode_steps} "
+            f"decode steps at T={self.decode_length} on {self.provider}, "
+            + ", ".join(f"{label} {cost:.1f} ms" for label, cost in generation.items())
         )
-        reason = f"kept as exported, faster: {generation}" if keep else generation
-        return SpeedVerdict(kind, keep, medians["original"], medians["gqa"], reason)
+        if chosen == "export":
+            reason = f"kept as exported, faster: {reason}"
+        return SpeedVerdict(
+            kind, dataclasses.replace(choice, reason=reason), ms, generation, failed
+        )
+
+    def _fastest(self, cost: dict[str, float]) -> str:
+        """The cheapest candidate, GQA unless another is cheaper by more than the margin."""
+        fastest = min(cost, key=cost.__getitem__)
+        if "gqa" in cost and cost["gqa"] <= self.margin * cost[fastest]:
+            return "gqa"
+        return fastest
+
+    def _time(
+        self,
+        layer: OneLayer,
+        choices: list[SpeedChoice],
+        feeds: dict[str, dict[str, np.ndarray]],
+    ) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+        sessions: dict[str, ort.InferenceSession] = {}
+        failed: dict[str, str] = {}
+        for choice in choices:
+            try:
+                session = _session(_candidate(layer, choice), self.provider)
+                for phase_feeds in feeds.values():
+                    session.run(None, phase_feeds)  # also the warm-up
+            except Exception as error:  # a kernel this provider lacks for the dtype
+                if choice.label == "gqa":
+                    raise  # the form probe found it runs: not a choice to drop silently
+                failed[choice.label] = first_line(str(error))
+                continue
+            sessions[choice.label] = session
+        ms: dict[str, dict[str, float]] = {label: {} for label in sessions}
+        for phase in _PHASES:
+            calls = {label: _call(s, feeds[phase]) for label, s in sessions.items()}
+            for label, seconds in _interleaved(calls, self.repeats[phase]).items():
+                ms[label][phase] = seconds * 1e3
+        return ms, failed
+
+
+def _candidate(layer: OneLayer, choice: SpeedChoice) -> ir.Model:
+    """What the KV-shared rule writes for the one-layer export under `choice`."""
+    export = kv_shared_layer(layer)
+    if choice.label == "export":
+        return export
+    # Imported here: the pipeline imports this module's caller, the pass.
+    from rewriter.pipeline import rewrite
+    from rewriter.rules import always_past
+
+    model, report = rewrite(
+        export, layers="shared", choose_form=always_past, choose_speed=lambda _: choice
+    )
+    if report.rewritten != 1 or report.rewrites[0].speed_form != choice.label:
+        raise RuntimeError(
+            f"the KV-shared rule did not write {choice.label} for the one-layer export: "
+            + ("; ".join(skip.reason for skip in report.skipped) or "no reason given")
+        )
+    return model
 
 
 def _session(model: ir.Model, provider: str) -> ort.InferenceSession:
@@ -173,11 +234,9 @@ def _call(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> Callab
 
 
 def _interleaved(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds per call, the candidates alternating call by call after a warm-up, so a
-    busy machine slows both alike."""
+    """Median seconds per call, the candidates alternating call by call (after the warm-up
+    the caller ran), so a busy machine slows all of them alike."""
     samples: dict[str, list[float]] = {name: [] for name in calls}
-    for call in calls.values():
-        call()
     for _ in range(repeats):
         for name, call in calls.items():
             started = time.perf_counter()

@@ -10,24 +10,25 @@ from __future__ import annotations
 
 from rewriter.rules._attention_rule import (
     GQA_DTYPES,
-    ExportKeeper,
     FormChooser,
     FormDecision,
     LayerKind,
     LayerRewrite,
     LayerSkip,
+    SpeedChooser,
     always_past,
     node_label,
 )
 from rewriter.rules._gqa_inputs import GQAInputs
 from rewriter.rules._log import RewriteLog, RuleLog
+from rewriter.rules._speed_choice import PHASE_FORMS, SpeedChoice
 from rewriter.rules.kv_shared_attention import KVSharedAttentionToGQA
 from rewriter.rules.nonshared_attention import NonSharedAttentionToGQA
 from rewriter.rules.rule_set import GQARules, gqa_rules
 
 __all__ = [
     "GQA_DTYPES",
-    "ExportKeeper",
+    "PHASE_FORMS",
     "FormChooser",
     "FormDecision",
     "GQAInputs",
@@ -39,6 +40,8 @@ __all__ = [
     "NonSharedAttentionToGQA",
     "RewriteLog",
     "RuleLog",
+    "SpeedChoice",
+    "SpeedChooser",
     "always_past",
     "gqa_rules",
     "node_label",

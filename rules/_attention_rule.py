@@ -21,17 +21,18 @@ from rewriter.rules._gqa_inputs import GQAInputs
 from rewriter.rules._log import LayerRewrite, LayerSkip, RewriteLog
 from rewriter.rules._mask_patterns import MaskForm
 from rewriter.rules._shape_evidence import HeadSizeEvidence, ShapeFacts
+from rewriter.rules._speed_choice import SPEED_FORM_KEY, SpeedChoice
 
 __all__ = [
     "GQA_DTYPES",
     "AttentionHeads",
     "AttentionToGQARule",
-    "ExportKeeper",
     "FormChooser",
     "FormDecision",
     "LayerKind",
     "LayerRewrite",
     "LayerSkip",
+    "SpeedChooser",
     "always_past",
     "check_opset",
     "dtype_name",
@@ -74,8 +75,8 @@ class LayerKind:
     softcap: float
 
 
-# A layer whose export is correct -> the reason to keep it as exported, or None to rewrite.
-ExportKeeper = Callable[[LayerKind], "str | None"]
+# A layer whose export is correct -> the form each phase runs (rules._speed_choice).
+SpeedChooser = Callable[[LayerKind], SpeedChoice]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,6 +199,17 @@ def infer_head_size(
     return sizes.pop()
 
 
+def check_not_chosen(attention: ir.Node) -> None:
+    """An Attention a speed choice wrote (rules._speed_choice) was chosen over GQA."""
+    form = attention.metadata_props.get(SPEED_FORM_KEY)
+    if form is not None:
+        raise MatchFailureError(
+            f"written by a speed choice ({form}), measured faster than GroupQueryAttention "
+            "there: left as it is",
+            attention,
+        )
+
+
 def check_causal(attention: ir.Node, mask: MaskForm) -> None:
     if not attention.attributes.get_int("is_causal", 0) and not mask.causal_in_mask:
         raise MatchFailureError(
@@ -287,6 +299,7 @@ class AttentionToGQARule(pattern.RewriteRuleClassBase):
         """A plan for rewrite(), or the reason `attention` is skipped (and what is at fault)."""
         label = node_label(attention)
         try:
+            check_not_chosen(attention)
             plan = plan_for()
         except MatchFailureError as failure:
             self.record.skips[label] = LayerSkip(label, failure.reason)
@@ -324,11 +337,31 @@ class AttentionToGQARule(pattern.RewriteRuleClassBase):
         num_outputs: int,
     ) -> list[ir.Value]:
         """One GQA node whose first len(replaced_outputs) outputs replace the Attention's."""
+        results = self._gqa_node(op, inputs, attributes, num_outputs)
+        return self._finish(attention, results, replaced_outputs, record)
+
+    def _gqa_node(
+        self,
+        op,
+        inputs: list[ir.Value | None],
+        attributes: dict[str, object],
+        num_outputs: int,
+    ) -> list[ir.Value]:
         results = op.GroupQueryAttention(
             *inputs, _domain="com.microsoft", _outputs=num_outputs, **attributes
         )
         results = list(results) if num_outputs > 1 else [results]
         self.inputs.created.add(results[0].producer())
+        return results
+
+    def _finish(
+        self,
+        attention: ir.Node,
+        results: list[ir.Value],
+        replaced_outputs: list[ir.Value],
+        record: LayerRewrite,
+    ) -> list[ir.Value]:
+        """`results` take over the names of `replaced_outputs`; the layer is logged."""
         self.record.replaced_nodes.append(attention)
         for new, old in zip(results, replaced_outputs, strict=False):
             if old.name:

@@ -27,6 +27,9 @@ class LayerRewrite:
     head_size: int
     # The borrowed cache is cut to the keys the window reaches (GQAInputs.window_slice).
     window_slice: bool = False
+    # What runs: "gqa", or what a speed choice put there ("attention-bnsh", or an If on
+    # S == 1 between two forms; rules._speed_choice.SpeedChoice.label).
+    speed_form: str = "gqa"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,10 +21,10 @@ import onnx_ir as ir
 from rewriter.rules._attention_rule import (
     AttentionHeads,
     AttentionToGQARule,
-    ExportKeeper,
     FormChooser,
     LayerKind,
     LayerRewrite,
+    SpeedChooser,
     always_past,
     check_3d,
     check_causal,
@@ -42,6 +42,13 @@ from rewriter.rules._gqa_inputs import GQAInputs
 from rewriter.rules._log import RewriteLog
 from rewriter.rules._mask_patterns import MaskForm, match_mask
 from rewriter.rules._shape_evidence import HeadSizeEvidence, ShapeFacts
+from rewriter.rules._speed_choice import (
+    SPEED_LAYER_KEY,
+    SpeedChoice,
+    attention_bnsh,
+    export_attention,
+    phase_if,
+)
 
 __all__ = ["KVSharedAttentionToGQA"]
 
@@ -58,6 +65,7 @@ class _Plan:
     dtype: ir.DataType
     form: str
     graph: ir.Graph | ir.Function
+    speed: SpeedChoice
 
 
 class KVSharedAttentionToGQA(AttentionToGQARule):
@@ -71,7 +79,7 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
         inputs: GQAInputs | None = None,
         facts: ShapeFacts | None = None,
         window_slice: bool = True,
-        keep_export: ExportKeeper | None = None,
+        choose_speed: SpeedChooser | None = None,
         log: RewriteLog | None = None,
     ) -> None:
         super().__init__(
@@ -84,8 +92,8 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
         )
         # Sliding layers read only the keys their window reaches (GQAInputs.window_slice).
         self.window_slice = window_slice
-        # Asked, for a layer whose export is correct, whether to keep it (faster there).
-        self.keep_export = keep_export
+        # Asked, for a layer whose export is correct, which form each phase runs.
+        self.choose_speed = choose_speed
 
     def pattern(self, op, query_BSD, key_BSD, value_BSD, mask):
         return op.Attention(
@@ -121,9 +129,10 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
             raise MatchFailureError(
                 f"no GroupQueryAttention form qualifies: {decision.reason}", attention
             )
+        speed = SpeedChoice()
         export_is_correct = not attention.attributes.get_int("is_causal", 0)
-        if self.keep_export is not None and decision.form == "past" and export_is_correct:
-            # P1 and is_causal=1 exports are wrong in decode: those are always rewritten.
+        if self.choose_speed is not None and decision.form == "past" and export_is_correct:
+            # P1 and is_causal=1 exports are wrong in decode: those always become GQA.
             kind = LayerKind(
                 dtype_name(dtype),
                 heads.num_heads,
@@ -133,9 +142,9 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
                 heads.explicit_scale(head_size),
                 heads.softcap,
             )
-            reason = self.keep_export(kind)
-            if reason:
-                raise MatchFailureError(reason, attention)
+            speed = self.choose_speed(kind)
+            if speed.decode == speed.prefill == "export":
+                raise MatchFailureError(speed.reason, attention)
         return _Plan(
             borrowed_key,
             borrowed_value,
@@ -145,10 +154,73 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
             dtype,
             decision.form,
             context.graph_or_function,
+            speed,
         )
 
     def rewrite(self, op, query_BSD, key_BSD, value_BSD, output, **_):
         plan: _Plan = self._take_plan()
+        attention = output.producer()
+        speed = plan.speed
+        window_slice = False
+        gqa_call: tuple[list[ir.Value | None], dict[str, object]] | None = None
+        if "gqa" in (speed.decode, speed.prefill):
+            *gqa_call, window_slice = self._gqa_call(op, plan, query_BSD, key_BSD, value_BSD)
+        # Only `past` and `split-nopresent` omit the (unused) present outputs: ORT 1.31.1
+        # needs them for the others (SPEC.md section 3; the probe decides what qualifies).
+        num_outputs = 1 if plan.form in ("past", "split-nopresent") else 3
+        caches = (plan.key.cache_BNSH, plan.value.cache_BNSH)
+
+        def build(form: str, builder) -> ir.Value:
+            if form == "gqa":
+                assert gqa_call is not None
+                return self._gqa_node(builder, *gqa_call, num_outputs)[0]
+            if form == "attention-bnsh":
+                scale = plan.heads.explicit_scale(plan.head_size)
+                return attention_bnsh(
+                    builder,
+                    attention,
+                    query_BSD,
+                    caches,
+                    plan.heads.num_heads,
+                    plan.head_size,
+                    scale,
+                )
+            return export_attention(builder, attention)
+
+        if speed.decode == speed.prefill:
+            result = build(speed.decode, op)
+        else:
+            result = phase_if(
+                op,
+                query_BSD,
+                decode=lambda builder: build(speed.decode, builder),
+                prefill=lambda builder: build(speed.prefill, builder),
+                output_type=output.type,
+                name=output.name or node_label(attention),
+            )
+        record = LayerRewrite(
+            node=node_label(attention),
+            rule=f"{self.name}/{plan.mask.style}-{layer_kind(plan.mask)}",
+            form=plan.form,
+            local_window_size=plan.mask.local_window_size,
+            mask_style=plan.mask.style,
+            source=plan.key.cache_BNSH.name or "",
+            dtype=dtype_name(plan.dtype),
+            head_size=plan.head_size,
+            window_slice=window_slice,
+            speed_form=speed.label,
+        )
+        if speed.label != "gqa":
+            # The verifier's graph diff finds the layer's replacement by this.
+            result.producer().metadata_props[SPEED_LAYER_KEY] = speed.label
+        (result,) = self._finish(attention, [result], [output], record)
+        return result
+
+    def _gqa_call(
+        self, op, plan: _Plan, query_BSD: ir.Value, key_BSD: ir.Value, value_BSD: ir.Value
+    ) -> tuple[list[ir.Value | None], dict[str, object], bool]:
+        """GQA's inputs (built in the enclosing graph), attributes, and whether the borrowed
+        cache is cut to the window."""
         inputs = self.inputs.of(plan.graph)
         seqlens_k, total_length = inputs.sequence_lengths(op, plan.mask.attention_mask)
         key_value_past = self._key_value_past(op, plan, query_BSD, key_BSD, value_BSD)
@@ -170,26 +242,10 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
         if inputs.exact_padding:
             # cos_cache, sin_cache, position_ids unused; attention_bias is input 10.
             gqa_inputs += [None, None, None, inputs.finite_bias(op, plan.mask, plan.dtype)]
-        attention = output.producer()
-        record = LayerRewrite(
-            node=node_label(attention),
-            rule=f"{self.name}/{plan.mask.style}-{layer_kind(plan.mask)}",
-            form=plan.form,
-            local_window_size=plan.mask.local_window_size,
-            mask_style=plan.mask.style,
-            source=plan.key.cache_BNSH.name or "",
-            dtype=dtype_name(plan.dtype),
-            head_size=plan.head_size,
-            window_slice=window_slice,
-        )
         attributes = gqa_attributes(
             plan.heads, plan.head_size, plan.mask, self.inputs.exact_padding
         )
-        # Only `past` and `split-nopresent` omit the (unused) present outputs: ORT 1.31.1
-        # needs them for the others (SPEC.md section 3; the probe decides what qualifies).
-        num_outputs = 1 if plan.form in ("past", "split-nopresent") else 3
-        (result,) = self._emit(op, attention, gqa_inputs, attributes, [output], record, num_outputs)
-        return result
+        return gqa_inputs, attributes, window_slice
 
     def _key_value_past(
         self, op, plan: _Plan, query_BSD: ir.Value, key_BSD: ir.Value, value_BSD: ir.Value

@@ -11,7 +11,7 @@ import dataclasses
 
 from onnxscript.rewriter import pattern
 
-from rewriter.rules._attention_rule import ExportKeeper, FormChooser, FormDecision
+from rewriter.rules._attention_rule import FormChooser, FormDecision, SpeedChooser
 from rewriter.rules._gqa_inputs import GQAInputs
 from rewriter.rules._log import RewriteLog, RuleLog
 from rewriter.rules._shape_evidence import ShapeFacts
@@ -42,7 +42,7 @@ def gqa_rules(
     layers: str = "all",
     exact_padding: bool = False,
     window_slice: bool = True,
-    keep_export: ExportKeeper | None = None,
+    choose_speed: SpeedChooser | None = None,
     native_support: FormChooser | None = None,
 ) -> GQARules:
     """choose_form picks the form of each KV-shared layer; native_support says whether GQA
@@ -57,7 +57,7 @@ def gqa_rules(
             inputs=inputs,
             facts=facts,
             window_slice=window_slice,
-            keep_export=keep_export,
+            choose_speed=choose_speed,
             log=log,
         )
     ]

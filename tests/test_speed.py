@@ -1,26 +1,36 @@
-"""Speed-aware choice (rewriter.speed): the export's KV-shared layer is kept where it is
-correct and measured faster; a defective export is always rewritten."""
+"""Speed-aware choice (rewriter.speed, rules._speed_choice): a KV-shared layer whose export is
+correct runs, per phase, the form measured fastest; a defective export always becomes GQA."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import onnx
 import onnx_ir as ir
 import pytest
 from onnxscript.rewriter import pattern
 
 from rewriter import cli, rewrite
-from rewriter.rules import KVSharedAttentionToGQA, LayerKind, RewriteLog, RuleLog
+from rewriter.metadata import SPEED_KEY
+from rewriter.rules import (
+    KVSharedAttentionToGQA,
+    LayerKind,
+    RewriteLog,
+    RuleLog,
+    SpeedChoice,
+    always_past,
+)
 from rewriter.speed import SpeedProbe
+from rewriter.verification import verify
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
 
-def _apply(keep_export, name: str) -> RuleLog:
+def _apply(choose_speed, name: str) -> RuleLog:
     """The KV-shared rule alone on a fixture; what it logged."""
     log = RewriteLog()
-    rule = KVSharedAttentionToGQA.rule(keep_export=keep_export, log=log)
+    rule = KVSharedAttentionToGQA.rule(choose_speed=choose_speed, log=log)
     pattern.RewriteRuleSet([rule]).apply_to_model(ir.load(FIXTURES / f"{name}.onnx"))
     return log.rule(KVSharedAttentionToGQA.__name__)
 
@@ -28,9 +38,9 @@ def _apply(keep_export, name: str) -> RuleLog:
 def test_a_correct_export_is_kept_where_the_keeper_says_so() -> None:
     asked: list[LayerKind] = []
 
-    def keep(kind: LayerKind) -> str:
+    def keep(kind: LayerKind) -> SpeedChoice:
         asked.append(kind)
-        return "kept as exported, faster: test"
+        return SpeedChoice("export", "export", "kept as exported, faster: test")
 
     logged = _apply(keep, "p2_tiny")
     assert logged.rewrites == []
@@ -45,27 +55,98 @@ def test_a_correct_export_is_kept_where_the_keeper_says_so() -> None:
 @pytest.mark.parametrize("name", ["p1_tiny", "p2_causal_tiny"])
 def test_a_defective_export_is_rewritten_whatever_the_timing(name: str) -> None:
     # is_causal=1 without past is wrong in decode: keeping it would keep the bug.
-    def keep(kind: LayerKind) -> str:
+    def keep(kind: LayerKind) -> SpeedChoice:
         raise AssertionError("a defective export must not even be timed")
 
     assert len(_apply(keep, name).rewrites) == 3
 
 
+# Every form a speed choice can write, as a fixed choice: (decode form, prefill form).
+CHOICES = [
+    ("attention-bnsh", "attention-bnsh"),
+    ("attention-bnsh", "gqa"),
+    ("gqa", "attention-bnsh"),
+    ("export", "gqa"),
+    ("gqa", "export"),
+]
+
+
+@pytest.mark.parametrize(("decode", "prefill"), CHOICES)
+def test_each_speed_form_computes_what_the_export_does(decode: str, prefill: str) -> None:
+    # ONNX Runtime decides: prefill, decode and padded batches against the original.
+    choice = SpeedChoice(decode, prefill, "test")
+    original = ir.load(FIXTURES / "p2_tiny.onnx")
+    model, report = rewrite(
+        ir.load(FIXTURES / "p2_tiny.onnx"), choose_form=always_past, choose_speed=lambda _: choice
+    )
+    assert [r.speed_form for r in report.rewrites] == [choice.label] * 3
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    result = verify(original, model)
+    assert result.passed, result.summary()
+    ran = {check.name for check in result.checks if check.passed is True}
+    assert {"prefill_equivalence", "decode_equivalence", "batch_consistency"} <= ran
+    # Nothing but the layers changed, even where they have no layer proof.
+    assert result.graph_diff is not None and result.graph_diff.passed is True
+
+
+@pytest.mark.parametrize(("decode", "prefill"), [("attention-bnsh", "gqa"), ("export", "gqa")])
+def test_an_if_on_the_query_length_runs_the_decode_form_for_one_token(
+    decode: str, prefill: str
+) -> None:
+    choice = SpeedChoice(decode, prefill, "test")
+    model, _ = rewrite(
+        ir.load(FIXTURES / "p2_tiny.onnx"), choose_form=always_past, choose_speed=lambda _: choice
+    )
+    ifs = [node for node in model.graph if node.op_type == "If"]
+    assert len(ifs) == 3
+    for node in ifs:
+        then_ops = [n.op_type for n in node.attributes["then_branch"].as_graph()]
+        else_ops = [n.op_type for n in node.attributes["else_branch"].as_graph()]
+        assert "Attention" in then_ops and "GroupQueryAttention" not in then_ops
+        assert else_ops == ["GroupQueryAttention"]
+        condition = node.inputs[0].producer()
+        assert condition is not None and condition.op_type == "Equal"
+    assert not any(n.op_type == "Attention" for n in model.graph)
+
+
+@pytest.mark.parametrize(("decode", "prefill"), CHOICES)
+def test_a_second_run_leaves_what_a_speed_choice_wrote(decode: str, prefill: str) -> None:
+    choice = SpeedChoice(decode, prefill, "test")
+    model, _ = rewrite(
+        ir.load(FIXTURES / "p2_tiny.onnx"), choose_form=always_past, choose_speed=lambda _: choice
+    )
+    before = ir.to_proto(model).SerializeToString()
+    again, report = rewrite(model, choose_form=always_past)
+    assert report.rewritten == 0
+    assert all(skip.reason.startswith("written by a speed choice") for skip in report.skipped)
+    assert ir.to_proto(again).SerializeToString() == before
+
+
 def test_probe_decides_by_the_generation_it_measured() -> None:
     probe = SpeedProbe(decode_length=256, prefill_length=64, decode_steps=32, repeats=(5, 2))
     layer = LayerKind("float32", 4, 1, 16, None, scale=1.0, softcap=0.0)
-    verdict = probe(layer)
-    assert probe(layer) is verdict  # measured once per layer kind
-    for timings in (verdict.original_ms, verdict.gqa_ms):
+    choice = probe(layer)
+    verdict = probe.verdict(layer)
+    assert probe.verdict(layer) is verdict and verdict.choice is choice  # measured once
+    assert {"gqa", "attention-bnsh", "export"} <= set(verdict.ms)
+    for timings in verdict.ms.values():
         assert set(timings) == {"decode", "prefill"} and min(timings.values()) > 0
-    cost = {
-        name: ms["prefill"] + 32 * ms["decode"]
-        for name, ms in (("original", verdict.original_ms), ("gqa", verdict.gqa_ms))
-    }
-    assert verdict.keep_original == (cost["gqa"] > 1.1 * cost["original"])
-    assert verdict.reason.startswith("kept as exported" if verdict.keep_original else "one")
+    # Per phase the fastest, GQA within the margin; an If is measured only when they differ.
+    best = {}
+    for phase in ("decode", "prefill"):
+        uniform = {c: verdict.ms[c][phase] for c in ("gqa", "attention-bnsh", "export")}
+        fastest = min(uniform, key=uniform.__getitem__)
+        best[phase] = "gqa" if uniform["gqa"] <= 1.1 * uniform[fastest] else fastest
+    phase_if = SpeedChoice(best["decode"], best["prefill"]).label
+    assert (phase_if in verdict.ms) == (best["decode"] != best["prefill"])
+    cost = {label: ms["prefill"] + 32 * ms["decode"] for label, ms in verdict.ms.items()}
+    assert verdict.generation_ms == cost
+    cheapest = min(cost, key=cost.__getitem__)
+    expected = "gqa" if cost["gqa"] <= 1.1 * cost[cheapest] else cheapest
+    assert choice.label == expected
+    assert choice.reason.startswith("kept as exported" if expected == "export" else expected)
     assert probe.tables()[0]["layer"]["head_size"] == 16
-    assert probe.keep_export(layer) == (verdict.reason if verdict.keep_original else None)
+    assert probe.tables()[0]["chosen"] == expected
 
 
 def test_cli_reports_the_timings_its_choices_rest_on(tmp_path: Path) -> None:
@@ -80,9 +161,18 @@ def test_cli_reports_the_timings_its_choices_rest_on(tmp_path: Path) -> None:
     assert set(verdicts) == {(8, 4), (16, None)}
     kept = {skip["reason"] for skip in report["skipped"]}
     for entry in verdicts.values():
-        assert (entry["reason"] in kept) == entry["keep_original"]
+        assert (entry["reason"] in kept) == (entry["chosen"] == "export")
+        assert entry["chosen"] in entry["ms"]
+    forms = {r["speed_form"] for r in report["rewrites"]}
+    assert forms <= {entry["chosen"] for entry in verdicts.values()}
     assert report["rewritten"] + len(report["skipped"]) == 3
     assert report["verification"]["passed"] is True
+    # The model file keeps what the choice rested on.
+    metadata = {p.key: p.value for p in onnx.load(out).metadata_props}
+    recorded = json.loads(metadata[SPEED_KEY])
+    assert sorted(e["chosen"] for e in recorded["layers"]) == sorted(
+        e["chosen"] for e in verdicts.values()
+    )
 
 
 def test_defaults_do_not_time(tmp_path: Path) -> None:

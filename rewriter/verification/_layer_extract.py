@@ -36,6 +36,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from rewriter.rules import node_label
+from rewriter.rules._speed_choice import SPEED_LAYER_KEY
 
 __all__ = [
     "OWN_CACHE",
@@ -92,6 +93,10 @@ _FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BF
 _MAX_CONSTANT_BYTES = 1 << 20
 
 
+# (Attention label, replacement label, why no proof, whether the layer's nodes are known)
+Unprovable = tuple[str, str, str, bool]
+
+
 class UnprovableLayer(Exception):
     """The layer cannot be cut out as a standalone proof; the message says why."""
 
@@ -146,9 +151,9 @@ class LayerPair:
 
 def pair_layers(
     original: ir.Model, candidate: ir.Model
-) -> tuple[list[LayerPair | tuple[str, str, str]], frozenset[ir.Node], frozenset[ir.Node]]:
+) -> tuple[list[LayerPair | Unprovable], frozenset[ir.Node], frozenset[ir.Node]]:
     """Every rewritten layer of the main graph, as a LayerPair or (Attention label,
-    GroupQueryAttention label, why no proof).
+    replacement label, why no proof, whether its nodes are claimed all the same).
 
     Also returns the nodes of each graph that belong to some layer (pairs that could not be
     cut out still claim their Attention and GroupQueryAttention nodes).
@@ -165,7 +170,7 @@ def pair_layers(
         for value in (*original.graph.inputs, *(v for n in original.graph for v in n.outputs))
         if value.name and value.dtype in _FLOAT_TYPES
     }
-    pairs: list[LayerPair | tuple[str, str, str]] = []
+    pairs: list[LayerPair | Unprovable] = []
     original_nodes: set[ir.Node] = set()
     candidate_nodes: set[ir.Node] = set()
     for gqa in candidate.graph:
@@ -188,19 +193,66 @@ def pair_layers(
                 f"the replacement takes over {gqa.outputs[0].name}, the output of {where}: "
                 "layer proofs cut at an Attention's own output only"
             )
-            pairs.append((label, node_label(gqa), reason))
+            pairs.append((label, node_label(gqa), reason, False))
             continue
         original_nodes.add(attention)
         candidate_nodes.add(gqa)
         try:
             pair = _cut_layer(original, candidate, attention, gqa, original_names)
         except UnprovableLayer as reason:
-            pairs.append((node_label(attention), node_label(gqa), str(reason)))
+            pairs.append((node_label(attention), node_label(gqa), str(reason), False))
             continue
         original_nodes |= pair.original_nodes
         candidate_nodes |= pair.candidate_nodes
         pairs.append(pair)
+    for replacement in candidate.graph:
+        speed_form = replacement.metadata_props.get(SPEED_LAYER_KEY)
+        attention = produced_by.get(replacement.outputs[0].name or "")
+        if speed_form is None or attention is None or attention.op_type != "Attention":
+            continue
+        # A speed choice (an If on S == 1, or Attention on the BNSH cache): what differs
+        # from the original behind it is the layer; the whole-model check proves it.
+        original_nodes |= _nodes_behind(attention, _value_names(candidate.graph))
+        candidate_nodes |= _nodes_behind(replacement, _value_names(original.graph))
+        reason = (
+            f"a speed choice's layer ({speed_form}): layer proofs cut GroupQueryAttention "
+            "layers only"
+        )
+        pairs.append((node_label(attention), node_label(replacement), reason, True))
     return pairs, frozenset(original_nodes), frozenset(candidate_nodes)
+
+
+def _value_names(graph: ir.Graph) -> set[str]:
+    names = {value.name for value in graph.inputs if value.name}
+    names.update(value.name for node in graph for value in node.outputs if value.name)
+    return names
+
+
+def _nodes_behind(start: ir.Node, kept_names: set[str]) -> set[ir.Node]:
+    """`start` and the nodes of its graph it reads through values absent from the other
+    graph (`kept_names`), including values read inside its subgraphs."""
+    nodes: set[ir.Node] = set()
+    stack = [start]
+    while stack:
+        node = stack.pop()
+        if node in nodes:
+            continue
+        nodes.add(node)
+        for value in _inputs_deep(node):
+            if value is None or value.name in kept_names:
+                continue
+            producer = value.producer()
+            if producer is not None and producer.graph is start.graph:
+                stack.append(producer)
+    return nodes
+
+
+def _inputs_deep(node: ir.Node) -> Iterable[ir.Value | None]:
+    yield from node.inputs
+    for attr in node.attributes.values():
+        if attr.type == ir.AttributeType.GRAPH:
+            for inner in ir.traversal.RecursiveGraphIterator(attr.as_graph()):
+                yield from inner.inputs
 
 
 def _attention_behind(node: ir.Node | None) -> ir.Node | None:

@@ -30,6 +30,7 @@ from rewriter.verification._layer_extract import (
     OUTPUT,
     LayerConfig,
     LayerPair,
+    Unprovable,
     pair_layers,
 )
 from rewriter.verification._layer_reference import Scenario, ScenarioData, make_data, scenarios
@@ -65,6 +66,8 @@ class LayerProof:
     proof_shared_with: str | None = None  # node whose identical subgraphs were run
     reason: str = ""  # why there is no proof, when there is none
     seconds: float = 0.0
+    # Whether the layer's nodes are known (always, with a proof): the graph diff needs them.
+    nodes_known: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -145,9 +148,11 @@ def prove_layers(
     by_fingerprint: dict[str, LayerProof] = {}
     for index, pair in enumerate(pairs, start=1):
         if isinstance(pair, tuple):
-            node, replacement, reason = pair
+            node, replacement, reason, nodes_known = pair
             report(f"layer {index}/{len(pairs)} {node}: no proof: {reason}")
-            proofs.append(LayerProof(node, replacement, passed=False, reason=reason))
+            proofs.append(
+                LayerProof(node, replacement, passed=False, reason=reason, nodes_known=nodes_known)
+            )
             continue
         known = by_fingerprint.get(pair.fingerprint) if dedupe else None
         if known is not None:
@@ -171,7 +176,7 @@ def prove_layers(
     return LayerProofs(proofs, original_nodes, candidate_nodes, time.perf_counter() - start)
 
 
-def _model_window(pairs: Sequence[LayerPair | tuple[str, str, str]]) -> int:
+def _model_window(pairs: Sequence[LayerPair | Unprovable]) -> int:
     windows = [p.config.window for p in pairs if isinstance(p, LayerPair) and p.config.window]
     return max(windows) if windows else _DEFAULT_WINDOW
 

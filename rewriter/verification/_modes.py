@@ -174,15 +174,16 @@ def verify(
         )
         layers = proofs.layers
         unproven = [layer.node for layer in layers if layer.reason]
+        unbounded = [layer.node for layer in layers if not layer.nodes_known]
         layer_defects = proofs.original_defects
         report("graph diff outside the rewritten layers")
-        if unproven:
+        if unbounded:
             # Without a cut, where such a layer ends is unknown: its mask chain would read as
             # "removed outside the layers".
             graph_diff = CheckResult.skip(
                 GRAPH_DIFF,
                 "candidate",
-                f"the subgraph of layer(s) {', '.join(unproven)} is unknown",
+                f"the subgraph of layer(s) {', '.join(unbounded)} is unknown",
             )
         else:
             graph_diff = diff_outside_layers(

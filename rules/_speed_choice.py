@@ -1,0 +1,138 @@
+"""What a speed choice can give a KV-shared layer besides GroupQueryAttention, per phase.
+
+Measured on onnxruntime 1.32.0 CPU (E2B attention size, ``bench/attention_forms.py``): GQA is
+not the fastest kernel everywhere. A full-attention layer at D=512 decodes at T=4096 in
+14.1 ms through GQA, 7.1 ms as exported and 5.9 ms as ``Attention`` reading the borrowed
+BNSH cache in place, while its prefill at S=2048 is 468 ms through GQA against 674 ms as
+exported. So a layer may run one form in decode (S == 1) and another in prefill, behind one
+``If`` on the query length.
+
+Forms of a phase:
+
+* ``gqa``: what the rule writes anyway (SPEC.md section 3, with the window slice);
+* ``attention-bnsh``: the export's ``Attention`` and mask on 4-D inputs: the query reshaped
+  to [B, N, S, D], the borrowed cache read as it is (no Transpose+Reshape copy of T keys);
+* ``export``: the export's own ``Attention`` node, unchanged.
+
+Only a correct export (a P2 bias with ``is_causal=0``) may keep its Attention in any phase.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import onnx_ir as ir
+from onnxscript.rewriter._context import TapeBuilder
+
+__all__ = [
+    "PHASE_FORMS",
+    "SPEED_FORM_KEY",
+    "SPEED_LAYER_KEY",
+    "SpeedChoice",
+    "attention_bnsh",
+    "export_attention",
+    "phase_if",
+]
+
+PHASE_FORMS = ("gqa", "attention-bnsh", "export")
+
+# Node metadata on the Attention nodes a speed choice writes: a later run leaves them alone
+# instead of "rewriting" what was chosen over GQA (rules._attention_rule.check_not_chosen).
+# (The model-level keys' prefix, rewriter.metadata.METADATA_PREFIX; the rules import nothing
+# of the rewriter.)
+SPEED_FORM_KEY = "kvshare_gqa_rewriter.speed_form"
+# On the node whose output replaces a layer's Attention output, when that is not a GQA node.
+SPEED_LAYER_KEY = "kvshare_gqa_rewriter.speed_layer"
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeedChoice:
+    decode: str = "gqa"
+    prefill: str = "gqa"
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        for phase in (self.decode, self.prefill):
+            if phase not in PHASE_FORMS:
+                raise ValueError(f"a phase form is one of {PHASE_FORMS}, got {phase!r}")
+
+    @property
+    def label(self) -> str:
+        """ "gqa", "attention-bnsh", "export", or "if(S==1: decode form, else: prefill form)"."""
+        if self.decode == self.prefill:
+            return self.decode
+        return f"if(S==1: {self.decode}, else: {self.prefill})"
+
+
+# A phase's output [B, S, N*D], built with the builder it is given (main graph or a branch).
+PhaseBuilder = Callable[[object], ir.Value]
+
+
+def attention_bnsh(
+    op,
+    attention: ir.Node,
+    query_BSD: ir.Value,
+    caches_BNSH: tuple[ir.Value, ir.Value],
+    num_heads: int,
+    head_size: int,
+    scale: float,
+) -> ir.Value:
+    """The export's Attention (same mask, scale and softcap) on the BNSH cache in place."""
+    query_BNSD = op.Transpose(
+        op.Reshape(query_BSD, op.Constant(value_ints=[0, 0, num_heads, head_size])),
+        perm=[0, 2, 1, 3],
+    )
+    attributes: dict[str, object] = {"scale": scale, "is_causal": 0}
+    softcap = attention.attributes.get_float("softcap", 0.0)
+    if softcap:
+        attributes["softcap"] = softcap
+    # 4-D inputs carry their head counts; q_num_heads/kv_num_heads are for 3-D ones.
+    output_BNSD = op.Attention(query_BNSD, *caches_BNSH, attention.inputs[3], **attributes)
+    output_BNSD.producer().metadata_props[SPEED_FORM_KEY] = "attention-bnsh"
+    output_BSND = op.Transpose(output_BNSD, perm=[0, 2, 1, 3])
+    return op.Reshape(output_BSND, op.Constant(value_ints=[0, 0, num_heads * head_size]))
+
+
+def export_attention(op, attention: ir.Node) -> ir.Value:
+    """A copy of the export's Attention node, reading the same values."""
+    attributes = {
+        name: ir.Attr(name, attr.type, attr.value) for name, attr in attention.attributes.items()
+    }
+    output = op.Attention(*attention.inputs, **attributes)
+    output.producer().metadata_props[SPEED_FORM_KEY] = "export"
+    return output
+
+
+def phase_if(
+    op,
+    query_BSD: ir.Value,
+    *,
+    decode: PhaseBuilder,
+    prefill: PhaseBuilder,
+    output_type: ir.TypeProtocol | None,
+    name: str,
+) -> ir.Value:
+    """``If(S == 1)``: the decode form for one-token steps, the prefill form otherwise.
+
+    The branches read what they need from the enclosing graph; their values are named after
+    `name` (the replaced output), since names must be unique across the enclosing scopes.
+    """
+    branches: dict[str, ir.Graph] = {}
+    for phase, build in (("decode", decode), ("prefill", prefill)):
+        tape = TapeBuilder()
+        output = build(tape)
+        if output_type is not None and output.type is None:
+            output.type = output_type
+        for index, node in enumerate(tape.nodes):
+            node.name = f"{name}/{phase}/{node.op_type}_{index}"
+            for position, value in enumerate(node.outputs):
+                value.name = f"{name}/{phase}/{index}_{position}"
+        branches[phase] = ir.Graph((), (output,), nodes=tape.nodes, name=f"{name}/{phase}")
+    query_length = op.Shape(query_BSD, start=1, end=2)
+    is_decode = op.Equal(query_length, op.Constant(value_ints=[1]))
+    result = op.If(is_decode, then_branch=branches["decode"], else_branch=branches["prefill"])
+    result.producer().metadata_props[SPEED_FORM_KEY] = "if"
+    if output_type is not None:
+        result.type = output_type
+    return result
