@@ -185,8 +185,9 @@ VARIANTS: dict[str, tuple[Callable[[ir.Model, str], ir.Model], str]] = {
     ),
     "speed-auto": (
         _speed_auto,
-        "--speed auto (experimental): KV-shared layers kept as exported where their one-layer "
-        "timing says the export is faster",
+        "rewriter.rewrite(model, speed='auto'): each layer kind whose export is correct gets "
+        "the form measured fastest per phase (GQA, Attention on the BNSH cache in place, the "
+        "export, or an If on S == 1 between two)",
     ),
     "no-window-slice": (
         _no_window_slice,

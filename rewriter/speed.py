@@ -43,7 +43,15 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from rewriter._error_text import first_line
-from rewriter.probe._one_layer import CACHE_KEY, CACHE_VALUE, OneLayer, kv_shared_layer
+from rewriter.probe._one_layer import (
+    CACHE_KEY,
+    CACHE_VALUE,
+    NEW_KEY,
+    NEW_VALUE,
+    OneLayer,
+    kv_shared_layer,
+    own_cache_layer,
+)
 from rewriter.rules import LayerKind, SpeedChoice
 from rewriter.verification._session import execution_providers
 
@@ -117,21 +125,24 @@ class SpeedProbe:
             softcap=kind.softcap,
             dtype=kind.dtype,
         )
+        own = kind.own_cache
         feeds = {
-            "decode": _feeds(layer, 1, self.decode_length),
-            "prefill": _feeds(layer, self.prefill_length, self.prefill_length),
+            "decode": _feeds(layer, 1, self.decode_length, own_cache=own),
+            "prefill": _feeds(layer, self.prefill_length, self.prefill_length, own_cache=own),
         }
+        # A layer with its own cache is GQA or kept: no in-place form, no If (its presents
+        # would have to leave both branches).
+        forms = ("gqa", "export") if own else ("gqa", "attention-bnsh", "export")
         candidates = {
-            choice.label: choice
-            for choice in (SpeedChoice(form, form) for form in ("gqa", "attention-bnsh", "export"))
+            choice.label: choice for choice in (SpeedChoice(form, form) for form in forms)
         }
-        ms, failed = self._time(layer, list(candidates.values()), feeds)
+        ms, failed = self._time(layer, list(candidates.values()), feeds, own_cache=own)
         decode, prefill = (self._fastest({c: ms[c][p] for c in ms}) for p in _PHASES)
-        if decode != prefill:
+        if decode != prefill and not own:
             # One form per phase: the If itself is measured, not assumed to cost nothing.
             phase_if = SpeedChoice(decode, prefill)
             candidates[phase_if.label] = phase_if
-            more, more_failed = self._time(layer, [phase_if], feeds)
+            more, more_failed = self._time(layer, [phase_if], feeds, own_cache=False)
             ms.update(more)
             failed.update(more_failed)
         generation = {
@@ -163,12 +174,14 @@ class SpeedProbe:
         layer: OneLayer,
         choices: list[SpeedChoice],
         feeds: dict[str, dict[str, np.ndarray]],
+        *,
+        own_cache: bool,
     ) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
         sessions: dict[str, ort.InferenceSession] = {}
         failed: dict[str, str] = {}
         for choice in choices:
             try:
-                session = _session(_candidate(layer, choice), self.provider)
+                session = _session(_candidate(layer, choice, own_cache), self.provider)
                 for phase_feeds in feeds.values():
                     session.run(None, phase_feeds)  # also the warm-up
             except Exception as error:  # a kernel this provider lacks for the dtype
@@ -185,9 +198,9 @@ class SpeedProbe:
         return ms, failed
 
 
-def _candidate(layer: OneLayer, choice: SpeedChoice) -> ir.Model:
-    """What the KV-shared rule writes for the one-layer export under `choice`."""
-    export = kv_shared_layer(layer)
+def _candidate(layer: OneLayer, choice: SpeedChoice, own_cache: bool) -> ir.Model:
+    """What the rules write for the one-layer export under `choice`."""
+    export = own_cache_layer(layer) if own_cache else kv_shared_layer(layer)
     if choice.label == "export":
         return export
     # Imported here: the pipeline imports this module's caller, the pass.
@@ -195,7 +208,10 @@ def _candidate(layer: OneLayer, choice: SpeedChoice) -> ir.Model:
     from rewriter.rules import always_past
 
     model, report = rewrite(
-        export, layers="shared", choose_form=always_past, choose_speed=lambda _: choice
+        export,
+        layers="all" if own_cache else "shared",
+        choose_form=always_past,
+        choose_speed=lambda _: choice,
     )
     if report.rewritten != 1 or report.rewrites[0].speed_form != choice.label:
         raise RuntimeError(
@@ -215,18 +231,26 @@ def _session(model: ir.Model, provider: str) -> ort.InferenceSession:
     )
 
 
-def _feeds(layer: OneLayer, query_length: int, total_length: int) -> dict[str, np.ndarray]:
+def _feeds(
+    layer: OneLayer, query_length: int, total_length: int, *, own_cache: bool
+) -> dict[str, np.ndarray]:
+    """One call of S = `query_length` at T = `total_length`: a borrowed cache of T, or an
+    own past of T - S and this call's key/value."""
     rng = np.random.default_rng(0)
     dtype = np.dtype(layer.dtype)
-    cache = (1, layer.kv_num_heads, total_length, layer.head_size)
-    return {
-        "query": rng.standard_normal((1, query_length, layer.num_heads * layer.head_size)).astype(
-            dtype
-        ),
+    n, nkv, d = layer.num_heads, layer.kv_num_heads, layer.head_size
+    cache_length = total_length - query_length if own_cache else total_length
+    cache = (1, nkv, cache_length, d)
+    feeds = {
+        "query": rng.standard_normal((1, query_length, n * d)).astype(dtype),
         "attention_mask": np.ones((1, total_length), dtype=np.int64),
         CACHE_KEY: rng.standard_normal(cache).astype(dtype),
         CACHE_VALUE: rng.standard_normal(cache).astype(dtype),
     }
+    if own_cache:
+        for name in (NEW_KEY, NEW_VALUE):
+            feeds[name] = rng.standard_normal((1, query_length, nkv * d)).astype(dtype)
+    return feeds
 
 
 def _call(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> Callable[[], object]:

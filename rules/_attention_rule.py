@@ -73,6 +73,8 @@ class LayerKind:
     local_window_size: int | None
     scale: float
     softcap: float
+    # A layer with its own cache (past inputs, presents out); else a KV-shared layer.
+    own_cache: bool = False
 
 
 # A layer whose export is correct -> the form each phase runs (rules._speed_choice).

@@ -30,6 +30,8 @@ class LayerRewrite:
     # What runs: "gqa", or what a speed choice put there ("attention-bnsh", or an If on
     # S == 1 between two forms; rules._speed_choice.SpeedChoice.label).
     speed_form: str = "gqa"
+    # With a speed choice: what it rests on, or why the layer was not timed (a correctness fix).
+    speed_reason: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

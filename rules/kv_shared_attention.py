@@ -53,6 +53,13 @@ from rewriter.rules._speed_choice import (
 __all__ = ["KVSharedAttentionToGQA"]
 
 
+# Why a speed choice never keeps an is_causal=1 KV-shared export (SPEC.md section 2, P1 (a)).
+_UPPER_LEFT_FIX = (
+    "not timed: the export's is_causal=1 without past inputs is aligned to the upper left, "
+    "wrong in decode; GroupQueryAttention is the correctness fix"
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Plan:
     """What check() established, for rewrite() to build."""
@@ -131,8 +138,9 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
             )
         speed = SpeedChoice()
         export_is_correct = not attention.attributes.get_int("is_causal", 0)
-        if self.choose_speed is not None and decision.form == "past" and export_is_correct:
-            # P1 and is_causal=1 exports are wrong in decode: those always become GQA.
+        if self.choose_speed is not None and not export_is_correct:
+            speed = SpeedChoice(reason=_UPPER_LEFT_FIX)
+        elif self.choose_speed is not None and decision.form == "past":
             kind = LayerKind(
                 dtype_name(dtype),
                 heads.num_heads,
@@ -209,6 +217,7 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
             head_size=plan.head_size,
             window_slice=window_slice,
             speed_form=speed.label,
+            speed_reason=speed.reason,
         )
         if speed.label != "gqa":
             # The verifier's graph diff finds the layer's replacement by this.

@@ -26,7 +26,9 @@ from rewriter.rules._attention_rule import (
     AttentionToGQARule,
     FormChooser,
     FormDecision,
+    LayerKind,
     LayerRewrite,
+    SpeedChooser,
     check_3d,
     check_causal,
     check_dtype,
@@ -61,6 +63,14 @@ class _Plan:
     head_size: int
     dtype: ir.DataType
     graph: ir.Graph | ir.Function
+    speed_reason: str
+
+
+# Why a speed choice never keeps a P1 export (SPEC.md section 2, P1 (b)).
+_MASK_3D_FIX = (
+    "not timed: the export's 3-D [B, S, T] mask is read as [heads, S, T] (batch 2 fails, a "
+    "batch equal to the head count runs wrong); GroupQueryAttention is the correctness fix"
+)
 
 
 class NonSharedAttentionToGQA(AttentionToGQARule):
@@ -71,8 +81,12 @@ class NonSharedAttentionToGQA(AttentionToGQARule):
         exact_padding: bool = False,
         inputs: GQAInputs | None = None,
         facts: ShapeFacts | None = None,
+        choose_speed: SpeedChooser | None = None,
         log: RewriteLog | None = None,
     ) -> None:
+        # Asked, for a layer whose export is correct, whether GQA ("gqa") or the export
+        # ("export") is faster; these layers have no other forms.
+        self.choose_speed = choose_speed
         # The chooser only answers whether GQA runs this dtype/D here (see NATIVE_FORM).
         super().__init__(
             "NonSharedAttentionToGQA",
@@ -145,7 +159,27 @@ class NonSharedAttentionToGQA(AttentionToGQARule):
             raise MatchFailureError(
                 f"GroupQueryAttention does not run this layer here: {decision.reason}", attention
             )
-        return _Plan(mask_form, heads, head_size, dtype, context.graph_or_function)
+        speed_reason = ""
+        if self.choose_speed is not None and mask_form.style == "p1":
+            speed_reason = _MASK_3D_FIX
+        elif self.choose_speed is not None:
+            kind = LayerKind(
+                dtype_name(dtype),
+                heads.num_heads,
+                heads.kv_num_heads,
+                head_size,
+                mask_form.local_window_size,
+                heads.explicit_scale(head_size),
+                heads.softcap,
+                own_cache=True,
+            )
+            choice = self.choose_speed(kind)
+            if choice.label == "export":
+                raise MatchFailureError(choice.reason, attention)
+            if choice.label != "gqa":
+                raise ValueError(f"a layer with its own cache is gqa or export, not {choice.label}")
+            speed_reason = choice.reason
+        return _Plan(mask_form, heads, head_size, dtype, context.graph_or_function, speed_reason)
 
     def rewrite(
         self,
@@ -184,6 +218,7 @@ class NonSharedAttentionToGQA(AttentionToGQARule):
             source=past_key_BNPD.name or "",
             dtype=dtype_name(plan.dtype),
             head_size=plan.head_size,
+            speed_reason=plan.speed_reason,
         )
         attributes = gqa_attributes(
             plan.heads, plan.head_size, plan.mask, self.inputs.exact_padding

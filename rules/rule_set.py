@@ -63,7 +63,11 @@ def gqa_rules(
     ]
     if layers == "all":
         supports = native_support or native_support_from(choose_form)
-        rules.append(NonSharedAttentionToGQA.rule(supports, inputs=inputs, facts=facts, log=log))
+        rules.append(
+            NonSharedAttentionToGQA.rule(
+                supports, inputs=inputs, facts=facts, choose_speed=choose_speed, log=log
+            )
+        )
     # Hugging Face exports (4-D Attention over repeat_kv of a cache, position masks).
     hf = hf_rules(choose_form, layers=layers, inputs=inputs, facts=facts, log=log)
     rule_set = pattern.RewriteRuleSet([*rules, *hf])

@@ -183,3 +183,41 @@ def test_defaults_do_not_time(tmp_path: Path) -> None:
     assert cli.main([*argv, "--report", str(report_path)]) == 0
     report_data = json.loads(report_path.read_text())
     assert report_data["speed"] is None and report_data["rewritten"] == 3
+
+
+def test_a_layer_with_its_own_cache_is_kept_where_gqa_is_slower() -> None:
+    # --layers all converts such a layer only where GQA is not measured slower (issue 13).
+    asked: list[LayerKind] = []
+
+    def choose(kind: LayerKind) -> SpeedChoice:
+        asked.append(kind)
+        form = "export" if kind.own_cache else "gqa"
+        return SpeedChoice(form, form, f"{form}: test")
+
+    _, report = rewrite(
+        ir.load(FIXTURES / "p2_all_attention_tiny.onnx"),
+        choose_form=always_past,
+        choose_speed=choose,
+    )
+    own = [kind for kind in asked if kind.own_cache]
+    assert own and all(kind.kv_num_heads > 0 for kind in own)
+    assert report.rewrites and all(r.rule.startswith("KVShared") for r in report.rewrites)
+    kept = [skip for skip in report.skipped if skip.reason == "export: test"]
+    assert len(kept) == len(own)
+
+
+@pytest.mark.parametrize("name", ["p1_tiny", "p1_attention_full_tiny"])
+def test_a_correctness_fix_is_the_stated_reason_not_a_timing(name: str) -> None:
+    def choose(kind: LayerKind) -> SpeedChoice:
+        raise AssertionError("a defective export must not be timed")
+
+    _, report = rewrite(
+        ir.load(FIXTURES / f"{name}.onnx"), choose_form=always_past, choose_speed=choose
+    )
+    assert report.rewrites and not report.skipped
+    for record in report.rewrites:
+        assert record.speed_form == "gqa"
+        assert (
+            record.speed_reason.startswith("not timed: ")
+            and "correctness fix" in record.speed_reason
+        )

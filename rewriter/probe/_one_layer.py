@@ -18,9 +18,20 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["CACHE_KEY", "CACHE_VALUE", "OneLayer", "kv_shared_layer", "rewritten_layer"]
+__all__ = [
+    "CACHE_KEY",
+    "CACHE_VALUE",
+    "NEW_KEY",
+    "NEW_VALUE",
+    "OneLayer",
+    "kv_shared_layer",
+    "own_cache_layer",
+    "rewritten_layer",
+]
 
 CACHE_KEY, CACHE_VALUE = "past_key_values.0.key", "past_key_values.0.value"
+# A layer with its own cache also takes this call's key/value [B, S, Nkv*D].
+NEW_KEY, NEW_VALUE = "key", "value"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +55,18 @@ _DTYPES = {
 
 def kv_shared_layer(layer: OneLayer) -> ir.Model:
     """One KV-shared Attention as the exporters write it (SPEC.md section 2)."""
+    return _layer_model(layer, own_cache=False)
+
+
+def own_cache_layer(layer: OneLayer) -> ir.Model:
+    """One layer with its own cache as the exporters write it: the same mask chain over
+    ``attention_mask`` [B, T], ``Attention(query, key, value, mask, past_key, past_value)``
+    with the past caches [B, Nkv, T - S, D] as inputs ``past_key_values.0.key|value`` and
+    the presents as outputs ``present_key``/``present_value``."""
+    return _layer_model(layer, own_cache=True)
+
+
+def _layer_model(layer: OneLayer, *, own_cache: bool) -> ir.Model:
     case = layer
     dtype = _DTYPES[case.dtype]
     nodes: list[ir.Node] = []
@@ -73,11 +96,23 @@ def kv_shared_layer(layer: OneLayer) -> ir.Model:
         ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(["batch", nkv, "total", d]))
         for name in (CACHE_KEY, CACHE_VALUE)
     ]
-    merge_heads = const("shape_0_0_-1", np.array([0, 0, -1], dtype=np.int64))
-    key_BSD, value_BSD = (
-        node("Reshape", node("Transpose", cache, perm=[0, 2, 1, 3]), merge_heads)
-        for cache in caches
-    )
+    if own_cache:
+        for cache in caches:
+            cache.shape = ir.Shape(["batch", nkv, "past", d])
+        new_key_value = [
+            ir.Value(
+                name=name, type=ir.TensorType(dtype), shape=ir.Shape(["batch", "seq", nkv * d])
+            )
+            for name in (NEW_KEY, NEW_VALUE)
+        ]
+        key_BSD, value_BSD = new_key_value
+    else:
+        new_key_value = []
+        merge_heads = const("shape_0_0_-1", np.array([0, 0, -1], dtype=np.int64))
+        key_BSD, value_BSD = (
+            node("Reshape", node("Transpose", cache, perm=[0, 2, 1, 3]), merge_heads)
+            for cache in caches
+        )
 
     axes_1 = const("axes_1", np.array([1], dtype=np.int64))
     positions = node("CumSum", attention_mask, const("axis_1", np.array(1, dtype=np.int64)))
@@ -123,17 +158,30 @@ def kv_shared_layer(layer: OneLayer) -> ir.Model:
     }
     if case.scale is not None:
         attributes["scale"] = float(case.scale)
-    output = node("Attention", query, key_BSD, value_BSD, mask, **attributes)
+    past = caches if own_cache else []
+    nodes.append(
+        ir.node(
+            "Attention",
+            [query, key_BSD, value_BSD, mask, *past],
+            attributes,
+            num_outputs=3 if own_cache else 1,
+        )
+    )
+    output, *presents = nodes[-1].outputs
     output.name = "output"
     output.type = ir.TensorType(dtype)
     output.shape = ir.Shape(["batch", "seq", n * d])
+    for present, name in zip(presents, ("present_key", "present_value"), strict=False):
+        present.name = name
+        present.type = ir.TensorType(dtype)
+        present.shape = ir.Shape(["batch", nkv, "total", d])
     graph = ir.Graph(
-        [query, attention_mask, *caches],
-        [output],
+        [query, *new_key_value, attention_mask, *caches],
+        [output, *presents],
         nodes=nodes,
         initializers=initializers,
         opset_imports={"": 23},
-        name="one_kv_shared_layer",
+        name="one_own_cache_layer" if own_cache else "one_kv_shared_layer",
     )
     return ir.Model(graph, ir_version=11)
 
