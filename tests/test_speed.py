@@ -221,3 +221,36 @@ def test_a_correctness_fix_is_the_stated_reason_not_a_timing(name: str) -> None:
             record.speed_reason.startswith("not timed: ")
             and "correctness fix" in record.speed_reason
         )
+
+
+@pytest.mark.parametrize(("decode", "prefill"), CHOICES)
+def test_each_speed_form_is_proven_layer_by_layer(decode: str, prefill: str) -> None:
+    choice = SpeedChoice(decode, prefill, "test")
+    model, _ = rewrite(
+        ir.load(FIXTURES / "p2_tiny.onnx"), choose_form=always_past, choose_speed=lambda _: choice
+    )
+    result = verify(ir.load(FIXTURES / "p2_tiny.onnx"), model, mode="layers")
+    assert result.passed, result.summary()
+    assert len(result.layers) == 3
+    for layer in result.layers:
+        assert not layer.reason and layer.checks
+        assert all(check.passed for check in layer.checks if check.model == "candidate")
+
+
+@pytest.mark.parametrize("phase", ["decode", "prefill"])
+def test_a_wrong_branch_of_the_if_fails_its_layer_proof(phase: str) -> None:
+    # Both branches are run by the proof: a scale doubled in either one is caught there.
+    choice = SpeedChoice("attention-bnsh", "gqa", "test")
+    model, _ = rewrite(
+        ir.load(FIXTURES / "p2_tiny.onnx"), choose_form=always_past, choose_speed=lambda _: choice
+    )
+    first_if = next(node for node in model.graph if node.op_type == "If")
+    branch = first_if.attributes["then_branch" if phase == "decode" else "else_branch"].as_graph()
+    attention = next(n for n in branch if n.op_type in ("Attention", "GroupQueryAttention"))
+    scale = attention.attributes["scale"].as_float()
+    attention.attributes["scale"] = ir.AttrFloat32("scale", 2 * scale)
+    result = verify(ir.load(FIXTURES / "p2_tiny.onnx"), model, mode="layers")
+    assert not result.passed
+    failed = [layer.node for layer in result.layers if not layer.passed]
+    assert failed and all(not layer.reason for layer in result.layers)
+    assert len(failed) == 1

@@ -210,16 +210,83 @@ def pair_layers(
         attention = produced_by.get(replacement.outputs[0].name or "")
         if speed_form is None or attention is None or attention.op_type != "Attention":
             continue
-        # A speed choice (an If on S == 1, or Attention on the BNSH cache): what differs
-        # from the original behind it is the layer; the whole-model check proves it.
-        original_nodes |= _nodes_behind(attention, _value_names(candidate.graph))
-        candidate_nodes |= _nodes_behind(replacement, _value_names(original.graph))
-        reason = (
-            f"a speed choice's layer ({speed_form}): layer proofs cut GroupQueryAttention "
-            "layers only"
-        )
-        pairs.append((node_label(attention), node_label(replacement), reason, True))
+        # A speed choice (an If on S == 1, or Attention reading the BNSH cache in place).
+        try:
+            pair = _cut_layer(original, candidate, attention, replacement, original_names)
+        except UnprovableLayer as reason:
+            # What differs from the original behind it is the layer, for the graph diff.
+            original_nodes |= _nodes_behind(attention, _value_names(candidate.graph))
+            candidate_nodes |= _nodes_behind(replacement, _value_names(original.graph))
+            pairs.append((node_label(attention), node_label(replacement), str(reason), True))
+            continue
+        original_nodes |= pair.original_nodes | {attention}
+        candidate_nodes |= pair.candidate_nodes | {replacement}
+        pairs.append(pair)
     return pairs, frozenset(original_nodes), frozenset(candidate_nodes)
+
+
+def _original_walk(attention: ir.Node, data_names: set[str | None]) -> _Walk:
+    walk = _Walk("the original layer")
+    for index, value in enumerate(attention.inputs):
+        if value is None:
+            continue
+        if index in (0, 1, 2, 4, 5):
+            walk.visit(
+                value,
+                lambda v: v.name in data_names,
+                data_index=index,
+                through=_LAYOUT_OPS,
+                expected=sorted(n or "" for n in data_names),
+            )
+        else:
+            # The mask chain may read a data value's shape (Shape(query)): stop there too.
+            walk.visit(value, lambda v: v.name in data_names)
+    return walk
+
+
+def _attention_data(attention: ir.Node) -> dict[ir.Value, int]:
+    """The data a KV-shared Attention reads: its query and the borrowed caches behind the
+    layout ops, each with the GQA input it would be (query 0, past_key 3, past_value 4)."""
+    data = {attention.inputs[0]: 0}
+    for index, gqa_index in ((1, 3), (2, 4)):
+        value = attention.inputs[index]
+        while value is not None and (producer := value.producer()) is not None:
+            if producer.op_type not in _LAYOUT_OPS or not producer.inputs:
+                break
+            value = producer.inputs[0]
+        if value is None:
+            raise UnprovableLayer(f"the original layer's input {index} has no source")
+        data[value] = gqa_index
+    return data
+
+
+def _speed_layer_walk(
+    replacement: ir.Node, data: dict[ir.Value, int], stop_names: set[str | None]
+) -> _Walk:
+    """The walk back from a speed choice's replacement (an If whose branches read the
+    enclosing graph, or the Reshape after Attention on the BNSH cache) to `stop_names`: the
+    layer's data and what else the original has but its layer does not compute (another
+    layer's query, read for its shape by the lengths computed once per graph)."""
+    walk = _Walk("the replacement")
+    for value in _outer_inputs(replacement):
+        walk.visit(value, lambda v: v.name in stop_names, data_index=0)
+    by_name = {value.name: index for value, index in data.items()}
+    for value in list(walk.data_boundary):
+        if value.name in by_name:
+            walk.reached_from[value.name or ""] = {by_name[value.name]}
+        else:  # stopped there, but not data: a boundary like the GQA walk's QUERY_SHAPE
+            walk.data_boundary.remove(value)
+            walk.reached_from.pop(value.name or "", None)
+    return walk
+
+
+def _outer_inputs(node: ir.Node) -> list[ir.Value]:
+    """What `node` reads from its graph: its inputs and what its subgraphs capture."""
+    outer: list[ir.Value] = []
+    for value in _inputs_deep(node):
+        if value is not None and value.graph is node.graph and value not in outer:
+            outer.append(value)
+    return outer
 
 
 def _value_names(graph: ir.Graph) -> set[str]:
@@ -277,31 +344,25 @@ def _cut_layer(
 ) -> LayerPair:
     own_cache = len(attention.inputs) > 4 and attention.inputs[4] is not None
     kind = OWN_CACHE if own_cache else SHARED
-    # The replacement's data inputs stop at the first values the original also computes.
-    candidate_walk = _Walk("the replacement")
-    for index, value in enumerate(gqa.inputs):
-        if value is None:
-            continue
-        candidate_walk.visit(
-            value, lambda v: v.name in original_names, data_index=index if index <= 4 else None
-        )
-    data_names = {v.name for v in candidate_walk.data_boundary}
-
-    original_walk = _Walk("the original layer")
-    for index, value in enumerate(attention.inputs):
-        if value is None:
-            continue
-        if index in (0, 1, 2, 4, 5):
-            original_walk.visit(
-                value,
-                lambda v: v.name in data_names,
-                data_index=index,
-                through=_LAYOUT_OPS,
-                expected=sorted(n or "" for n in data_names),
+    if gqa.op_type == "GroupQueryAttention":
+        # The replacement's data inputs stop at the first values the original also computes.
+        candidate_walk = _Walk("the replacement")
+        for index, value in enumerate(gqa.inputs):
+            if value is None:
+                continue
+            candidate_walk.visit(
+                value, lambda v: v.name in original_names, data_index=index if index <= 4 else None
             )
-        else:
-            # The mask chain may read a data value's shape (Shape(query)): stop there too.
-            original_walk.visit(value, lambda v: v.name in data_names)
+        data_names = {v.name for v in candidate_walk.data_boundary}
+        original_walk = _original_walk(attention, data_names)
+    else:
+        # A speed choice's replacement may read the original's own mask chain: the original
+        # is walked first, and the replacement walks through what the original layer computes.
+        data = _attention_data(attention)
+        data_names = {v.name for v in data}
+        original_walk = _original_walk(attention, data_names)
+        computed = {v.name for node in original_walk.nodes for v in node.outputs}
+        candidate_walk = _speed_layer_walk(gqa, data, (original_names - computed) | data_names)
     candidate_index = {
         value.name: min(candidate_walk.reached_from[value.name or ""])
         for value in candidate_walk.data_boundary
@@ -684,7 +745,8 @@ def _standalone(
             value.dtype = model_dtype
     named = {v.name for v in (*graph.inputs, *graph.outputs)}
     counter = 0
-    for index, node in enumerate(graph):
+    # Subgraphs (a speed choice's If) too: their names spell the layer's output name.
+    for index, node in enumerate(ir.traversal.RecursiveGraphIterator(graph)):
         node.name = f"n{index}"
         node.doc_string = None
         node.metadata_props.clear()
