@@ -26,20 +26,16 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 
 from rewriter.fixtures.gemma4_like import DecoderConfig, build_decoder, tiny_config
-from rewriter.forms import ProbedFormChooser
 from rewriter.model_io import external_data_name, load_model
 from rewriter.pipeline import rewrite
-from rewriter.rules import FormChooser, FormDecision
 
 __all__ = [
     "CACHE_DIR",
     "VARIANTS",
     "WORKLOADS",
     "ModelPaths",
-    "attention_reads_cache_in_place",
     "e2b_config",
     "ensure_models",
-    "keep_full_attention",
     "save_external",
     "tame_initialisation",
 ]
@@ -77,136 +73,38 @@ WORKLOADS: dict[str, Callable[..., DecoderConfig]] = {
 }
 
 
-def keep_full_attention(provider: str) -> FormChooser:
-    """Speed-aware form choice, prototyped for ORT 1.31.1 CPU: rewrite windowed layers only.
-
-    Windowed layers get the form the probe picks on `provider`; full-attention layers stay
-    ``Attention`` (with their mask chain). See bench/README_SECTION.md for the numbers.
-    """
-    probed = ProbedFormChooser(provider)
-
-    def choose(dtype: str, head_size: int, windowed: bool) -> FormDecision:
-        if not windowed:
-            return FormDecision(None, "kept as Attention: faster on onnxruntime CPU (bench)")
-        return probed(dtype, head_size, windowed)
-
-    return choose
-
-
-def attention_reads_cache_in_place(model: ir.Model) -> ir.Model:
-    """Bench-only prototype: the KV-shared ``Attention`` nodes left in `model` read the
-    borrowed BNSH cache directly (4-D Attention) instead of its Transpose+Reshape copy.
-
-    Only the query (S x N*D) is reshaped and transposed to BNSH and the output back; the
-    mask and every attribute but the 3-D head counts stay. Dead copies are swept afterwards.
-    """
-    graph = model.graph
-    for node in list(graph):
-        if node.op_type != "Attention" or node.domain not in ("", "ai.onnx"):
-            continue
-        caches = [_borrowed_cache(value) for value in node.inputs[1:3]]
-        if None in caches or any(v is not None for v in node.inputs[4:]):
-            continue
-        key_BNSH, value_BNSH = caches
-        num_heads = node.attributes.get_int("q_num_heads", 0)
-        head_size = key_BNSH.shape[3] if key_BNSH.shape is not None else None
-        if not num_heads or not isinstance(head_size, int):
-            continue
-        to_heads = _constant(graph, f"{node.name}/shape_BSND", [0, 0, num_heads, head_size])
-        to_hidden = _constant(graph, f"{node.name}/shape_BSD", [0, 0, -1])
-        attributes = {n: a for n, a in node.attributes.items() if not n.endswith("num_heads")}
-        query_BSND = ir.node("Reshape", [node.inputs[0], to_heads])
-        query_BNSD = ir.node("Transpose", query_BSND.outputs, attributes={"perm": [0, 2, 1, 3]})
-        attention = ir.node(
-            "Attention",
-            [query_BNSD.outputs[0], key_BNSH, value_BNSH, node.inputs[3]],
-            attributes=attributes,
-            name=f"{node.name}/bnsh",
-        )
-        output_BSND = ir.node("Transpose", attention.outputs, attributes={"perm": [0, 2, 1, 3]})
-        output_BSD = ir.node("Reshape", [output_BSND.outputs[0], to_hidden])
-        new_nodes = [query_BSND, query_BNSD, attention, output_BSND, output_BSD]
-        graph.insert_before(node, new_nodes)
-        old_output = node.outputs[0]
-        ir.convenience.replace_all_uses_with(old_output, output_BSD.outputs[0])
-        if old_output.is_graph_output():
-            continue
-        graph.remove(node, safe=True)
-    ir.passes.common.RemoveUnusedNodesPass()(model)
-    return model
-
-
-def _borrowed_cache(value: ir.Value | None) -> ir.Value | None:
-    reshape = value.producer() if value is not None else None
-    if reshape is None or reshape.op_type != "Reshape":
-        return None
-    transpose = reshape.inputs[0].producer() if reshape.inputs[0] is not None else None
-    if transpose is None or transpose.op_type != "Transpose":
-        return None
-    perm = transpose.attributes.get_ints("perm")
-    return transpose.inputs[0] if perm is not None and list(perm) == [0, 2, 1, 3] else None
-
-
-def _constant(graph: ir.Graph, name: str, values: list[int]) -> ir.Value:
-    tensor = ir.tensor(np.array(values, dtype=np.int64), name=name)
-    value = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype))
-    value.const_value = tensor
-    graph.register_initializer(value)
-    return value
-
-
 def _rewritten(model: ir.Model, provider: str) -> ir.Model:
-    # What `python -m rewriter IN OUT` and rewriter.rewrite(model) write by default.
-    return rewrite(model, provider=provider)[0]
-
-
-def _speed_auto(model: ir.Model, provider: str) -> ir.Model:
+    # What `python -m rewriter IN OUT` writes by default: the speed probe picks each layer
+    # kind's form on this machine (rewriter.speed).
     return rewrite(model, provider=provider, speed="auto")[0]
+
+
+def _speed_off(model: ir.Model, provider: str) -> ir.Model:
+    # rewriter.rewrite(model)'s default and `--speed off`: every layer that qualifies to GQA.
+    return rewrite(model, provider=provider)[0]
 
 
 def _no_window_slice(model: ir.Model, provider: str) -> ir.Model:
     return rewrite(model, provider=provider, window_slice=False)[0]
 
 
-def _sliding_only(model: ir.Model, provider: str) -> ir.Model:
-    return rewrite(model, provider=provider, choose_form=keep_full_attention(provider))[0]
-
-
-def _sliding_gqa_full_bnsh(model: ir.Model, provider: str) -> ir.Model:
-    return attention_reads_cache_in_place(_sliding_only(model, provider))
-
-
 # name -> (makes the variant from the original for a provider, one line for the report)
 VARIANTS: dict[str, tuple[Callable[[ir.Model, str], ir.Model], str]] = {
     "rewritten": (
         _rewritten,
-        "rewriter.rewrite(model), the CLI's default: every KV-shared layer to GQA, sliding "
-        "ones over the window-sliced cache",
+        "python -m rewriter IN OUT, the CLI's default (--speed auto): each layer kind whose "
+        "export is correct gets the form measured fastest per phase on this machine (GQA, "
+        "Attention on the BNSH cache in place, the export, or an If on S == 1 between two)",
     ),
-    "speed-auto": (
-        _speed_auto,
-        "rewriter.rewrite(model, speed='auto'): each layer kind whose export is correct gets "
-        "the form measured fastest per phase (GQA, Attention on the BNSH cache in place, the "
-        "export, or an If on S == 1 between two)",
+    "speed-off": (
+        _speed_off,
+        "rewriter.rewrite(model), the library default (--speed off): every layer that "
+        "qualifies to GQA, sliding KV-shared ones over the window-sliced cache",
     ),
     "no-window-slice": (
         _no_window_slice,
         "rewriter.rewrite(model, window_slice=False): all to GQA, sliding layers read the "
         "whole cache",
-    ),
-    "sliding-only": (
-        _sliding_only,
-        "sliding KV-shared layers to GQA; full-attention ones kept as the export's Attention",
-    ),
-    "attention-bnsh": (
-        lambda model, provider: attention_reads_cache_in_place(model),
-        "no GQA: every KV-shared Attention reads the borrowed BNSH cache in place (4-D, no "
-        "K/V copies; bench-only prototype)",
-    ),
-    "sliding-gqa+full-bnsh": (
-        _sliding_gqa_full_bnsh,
-        "sliding KV-shared layers to GQA; full-attention ones stay Attention but read the "
-        "borrowed BNSH cache in place (4-D, no K/V copies; bench-only prototype)",
     ),
 }
 
@@ -224,6 +122,10 @@ def _key(config: DecoderConfig) -> str:
     text = json.dumps(dataclasses.asdict(config), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
+
+# Bumped whenever a variant's meaning changes (part of its file name): 2 = "rewritten" is
+# the CLI's default with the speed probe, "speed-off" the library default.
+_VARIANTS_VERSION = "v2"
 
 # Bumped whenever tame_initialisation changes what it writes (part of the cache key).
 _INIT_VERSION = "tamed-qk-1"
@@ -283,7 +185,7 @@ def ensure_models(
     for variant in variants:
         # The probe may pick other forms on another provider: one file per provider.
         suffix = "" if provider == "cpu" else f"-{provider}"
-        path = directory / f"{variant}{suffix}.onnx"
+        path = directory / f"{variant}{suffix}-{_VARIANTS_VERSION}.onnx"
         if not path.exists():
             make, _ = VARIANTS[variant]
             save_external(make(load_model(original), provider), path)

@@ -15,6 +15,25 @@ def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def _latency_table(latency: Mapping, variants: list[str]) -> list[str]:
+    lines = [
+        "| scenario | original | " + " | ".join(f"{v} | ratio" for v in variants) + " |",
+        "|---|---|" + "---|---|" * len(variants),
+    ]
+    for scenario in latency.values():
+        cells = [_ms(scenario["models"]["original"])]
+        for variant in variants:
+            row = scenario["models"][variant]
+            cells += [_ms(row), f"**{row['ratio_to_original']:.3f}**"]
+        label = f"{scenario['phase']} S={scenario['query_length']} T={scenario['total_length']}"
+        lines.append(
+            f"| {label} ({scenario['models']['original']['repeats']} runs) | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return lines
+
+
 def markdown(result: Mapping) -> str:
     machine = result["machine"]
     models = list(next(iter(result["latency"].values()))["models"])
@@ -31,20 +50,16 @@ def markdown(result: Mapping) -> str:
         "interquartile range (ms), original and rewritten interleaved call by call; "
         "ratio = rewritten / original:",
         "",
-        "| scenario | original | " + " | ".join(f"{v} | ratio" for v in variants) + " |",
-        "|---|---|" + "---|---|" * len(variants),
     ]
-    for scenario in result["latency"].values():
-        cells = [_ms(scenario["models"]["original"])]
-        for variant in variants:
-            row = scenario["models"][variant]
-            cells += [_ms(row), f"**{row['ratio_to_original']:.3f}**"]
-        label = f"{scenario['phase']} S={scenario['query_length']} T={scenario['total_length']}"
-        lines.append(
-            f"| {label} ({scenario['models']['original']['repeats']} runs) | "
-            + " | ".join(cells)
-            + " |"
-        )
+    lines += _latency_table(result["latency"], variants)
+    if "all_attention_latency" in result:
+        lines += [
+            "",
+            "The same model exported with every layer as Attention (e2b-all-attention), "
+            f"latency only; worst ratio of `rewritten`: {result['all_attention_max_ratio']:.3f}",
+            "",
+        ]
+        lines += _latency_table(result["all_attention_latency"], variants)
     for scenario_name, per_model in result.get("profile", {}).items():
         categories = sorted(
             {c for profile in per_model.values() for c in profile["ms_by_category"]}

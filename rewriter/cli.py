@@ -110,12 +110,12 @@ def _rewrite_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--speed",
         choices=("auto", "off"),
-        default="off",
-        help="off (default): every KV-shared layer that qualifies becomes GroupQueryAttention; "
-        "auto: time each KV-shared layer kind whose export is correct as GQA, as the "
-        "export's Attention and as Attention reading the cache in place, in prefill and "
-        "decode on the provider, and give it the fastest (one per phase behind an If on "
-        "S == 1 where measured faster); adds seconds per layer kind (see README)",
+        default="auto",
+        help="auto (default): time each layer kind whose export is correct as GQA, as the "
+        "export's Attention and (KV-shared) as Attention reading the cache in place, in "
+        "prefill and decode on the provider, and give it the fastest (one per phase behind "
+        "an If on S == 1 where measured faster); seconds per layer kind. off: every layer "
+        "that qualifies becomes GroupQueryAttention, as rewriter.rewrite() does by default",
     )
     parser.add_argument(
         "--no-window-slice",
@@ -238,6 +238,7 @@ def _rewrite_command(args: argparse.Namespace) -> int:
         exact_padding=args.exact_padding,
         window_slice=args.window_slice,
         speed=args.speed,
+        progress=None if args.quiet else _rewrite_progress,
     )
     with staged_output(model, args.output, source=args.input) as staged:
         if args.no_verify:
@@ -342,6 +343,10 @@ def _probe_command(args: argparse.Namespace) -> int:
 
 def _progress(message: str) -> None:
     print(f"  verifying: {message}", file=sys.stderr, flush=True)
+
+
+def _rewrite_progress(message: str) -> None:
+    print(f"  rewriting: {message}", file=sys.stderr, flush=True)
 
 
 def _check_report_path(report: Path | None, *models: Path) -> None:

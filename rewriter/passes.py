@@ -14,6 +14,7 @@ example ``rewriter.rules.always_past``) to run the pass without it.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
@@ -68,6 +69,7 @@ class AttentionToGQAPass(ir.passes.InPlacePass):
         onnxruntime is imported then.
     choose_speed: replaces the speed probe: LayerKind -> rules.SpeedChoice (tests, or
         exporters that measured their runtime).
+    progress: called with a line per layer kind the speed probe times (the CLI prints it).
     """
 
     def __init__(
@@ -82,6 +84,7 @@ class AttentionToGQAPass(ir.passes.InPlacePass):
         speed: str = "off",
         choose_form: FormChooser | None = None,
         choose_speed: SpeedChooser | None = None,
+        progress: Callable[[str], None] | None = None,
     ) -> None:
         super().__init__()
         if layers not in LAYER_CHOICES:
@@ -97,6 +100,7 @@ class AttentionToGQAPass(ir.passes.InPlacePass):
         self.speed = speed
         self.choose_form = choose_form
         self.choose_speed = choose_speed
+        self.progress = progress
         # Whether the model given to requires() passed the checker: ensures() holds the
         # result to the same standard, never to one the input did not meet.
         self._input_checked = False
@@ -192,7 +196,7 @@ class AttentionToGQAPass(ir.passes.InPlacePass):
             return None
         from rewriter.speed import SpeedProbe
 
-        return SpeedProbe(self.provider)
+        return SpeedProbe(self.provider, progress=self.progress)
 
 
 def fuse_attention_to_gqa(model: ir.Model, **options) -> int:

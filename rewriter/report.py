@@ -67,10 +67,21 @@ class RewriteReport:
         for r in self.rewrites:
             window = f", local_window_size={r.local_window_size}" if r.local_window_size else ""
             window += ", window slice" if r.window_slice else ""
-            lines.append(
-                f"  rewrote {r.node} -> GroupQueryAttention ({r.form}{window}, {r.mask_style})"
-            )
+            if r.speed_form == "gqa":
+                lines.append(
+                    f"  rewrote {r.node} -> GroupQueryAttention ({r.form}{window}, {r.mask_style})"
+                )
+            else:
+                lines.append(f"  rewrote {r.node} -> {r.speed_form} (measured fastest)")
         for s in self.skipped:
             lines.append(f"  skipped {s.node}: {s.reason}")
+        for table in (self.speed or {}).get("layers", []):
+            layer = table["layer"]
+            window = f"W={layer['local_window_size']}" if layer["local_window_size"] else "full"
+            cache = "own cache" if layer.get("own_cache") else "KV-shared"
+            lines.append(
+                f"  speed: {cache} {layer['dtype']} N={layer['num_heads']} "
+                f"Nkv={layer['kv_num_heads']} D={layer['head_size']} {window}: {table['reason']}"
+            )
         lines.extend(f"warning: {w}" for w in self.warnings)
         return "\n".join(lines)

@@ -55,7 +55,7 @@ from rewriter.probe._one_layer import (
 from rewriter.rules import LayerKind, SpeedChoice
 from rewriter.verification._session import execution_providers
 
-__all__ = ["SpeedProbe", "SpeedVerdict"]
+__all__ = ["SpeedProbe", "SpeedVerdict", "describe_kind"]
 
 _PHASES = ("decode", "prefill")
 
@@ -81,6 +81,15 @@ class SpeedVerdict:
         }
 
 
+def describe_kind(layer: LayerKind) -> str:
+    window = f"W={layer.local_window_size}" if layer.local_window_size else "full"
+    cache = "own-cache" if layer.own_cache else "KV-shared"
+    return (
+        f"{cache} {layer.dtype} N={layer.num_heads} Nkv={layer.kv_num_heads} "
+        f"D={layer.head_size} {window}"
+    )
+
+
 class SpeedProbe:
     """Times each layer kind once per probe; a ``rules.SpeedChooser``."""
 
@@ -93,6 +102,7 @@ class SpeedProbe:
         decode_steps: int = 256,
         margin: float = 1.1,
         repeats: tuple[int, int] = (15, 3),  # decode, prefill calls after one warm-up
+        progress: Callable[[str], None] | None = None,
     ) -> None:
         self.provider = provider
         self.decode_length = decode_length
@@ -101,12 +111,15 @@ class SpeedProbe:
         self.margin = margin
         self.repeats = dict(zip(_PHASES, repeats, strict=True))
         self.verdicts: dict[LayerKind, SpeedVerdict] = {}
+        self.progress = progress
 
     def __call__(self, layer: LayerKind) -> SpeedChoice:
         return self.verdict(layer).choice
 
     def verdict(self, layer: LayerKind) -> SpeedVerdict:
         if layer not in self.verdicts:
+            if self.progress is not None:
+                self.progress(f"speed probe: timing {describe_kind(layer)} on {self.provider}")
             self.verdicts[layer] = self._measure(layer)
         return self.verdicts[layer]
 
@@ -151,13 +164,15 @@ class SpeedProbe:
         }
         chosen = self._fastest(generation)
         choice = candidates[chosen]
-        reason = (
-            f"{choice.label}: over one prefill of {self.prefill_length} + {self.decode_steps} "
-            f"decode steps at T={self.decode_length} on {self.provider}, "
+        measured = (
+            f"over one prefill of {self.prefill_length} + {self.decode_steps} decode steps at "
+            f"T={self.decode_length} on {self.provider}: "
             + ", ".join(f"{label} {cost:.1f} ms" for label, cost in generation.items())
         )
         if chosen == "export":
-            reason = f"kept as exported, faster: {reason}"
+            reason = f"kept as exported, faster {measured}"
+        else:
+            reason = f"{choice.label}, fastest {measured}"
         return SpeedVerdict(
             kind, dataclasses.replace(choice, reason=reason), ms, generation, failed
         )

@@ -78,7 +78,8 @@ def test_mobius_exports_are_rewritten_whole_and_verified(tmp_path: Path, export:
         export.own_cache_attention,
     )
 
-    code, report, out = _run(tmp_path, source)
+    # Every layer that qualifies to GQA (the speed choice is the next test's).
+    code, report, out = _run(tmp_path, source, "--speed", "off")
 
     assert code == 0, report.get("verification", {}).get("failed_because")
     assert source.read_bytes() == before
@@ -102,6 +103,45 @@ def test_mobius_exports_are_rewritten_whole_and_verified(tmp_path: Path, export:
     # The corpus README's defects of the original are found, and the rewrite fixes each.
     defects = {d["check"]: d["fixed_by_rewrite"] for d in verification["defects"]}
     assert defects == dict.fromkeys(export.original_defects, True)
+
+
+@pytest.mark.parametrize("export", MOBIUS, ids=lambda e: Path(e.path).stem)
+def test_mobius_exports_under_the_default_speed_choice(tmp_path: Path, export: Export) -> None:
+    # The CLI's default (--speed auto): a layer is GQA, a faster form, or kept as exported,
+    # by what was measured here; every rewritten layer is proven all the same.
+    source = CORPUS / export.path
+    attention = _attention_nodes(source)
+    code, report, out = _run(tmp_path, source)
+    assert code == 0, report.get("verification", {}).get("failed_because")
+    assert report["rewritten"] + len(report["skipped"]) == len(attention)
+    chosen = {
+        (
+            t["layer"]["dtype"],
+            t["layer"]["head_size"],
+            t["layer"]["local_window_size"],
+            t["layer"]["own_cache"],
+        ): t
+        for t in report["speed"]["layers"]
+    }
+    for table in chosen.values():
+        assert {"gqa", "export"} <= set(table["ms"]) and table["chosen"] in table["ms"]
+    for record in report["rewrites"]:
+        own = record["rule"].startswith("NonShared")
+        key = (record["dtype"], record["head_size"], record["local_window_size"], own)
+        if record["speed_reason"].startswith("not timed: "):
+            assert "correctness fix" in record["speed_reason"] and key not in chosen
+            assert record["speed_form"] == "gqa"
+        else:
+            assert record["speed_form"] == chosen[key]["chosen"]
+    for skip in report["skipped"]:
+        assert skip["reason"].startswith("kept as exported, faster over one prefill")
+    if export.original_defects == ("cache_consistency", "batch_consistency"):
+        # P1: both defects are fixed only by GQA, so no layer is timed or kept.
+        assert report["skipped"] == [] and chosen == {}
+    verification = report["verification"]
+    assert verification["passed"] is True
+    assert all(layer["passed"] and not layer.get("reason") for layer in verification["layers"])
+    onnx.checker.check_model(onnx.load(out), full_check=True)
 
 
 def test_p1_mixed_head_size_comes_from_the_source_layer_not_its_present(tmp_path: Path) -> None:
