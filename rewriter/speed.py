@@ -13,11 +13,14 @@ How: a layer kind (dtype, N, Nkv, D, W, scale, softcap) is built as the one-laye
 ``rules._speed_choice``: ``gqa`` (with the window slice), ``attention-bnsh``, and the export
 kept as it is. Each is timed in decode (S=1 at T=``decode_length``) and prefill
 (S=T=``prefill_length``), the candidates alternating call by call, medians of wall time.
-Per phase the fastest wins, GQA on ties within ``margin`` (it also removes the mask chain and
-cache copies, which matter more where those ops fall back to the CPU). When the phases pick
-different forms, the ``If`` on S == 1 between them is built and timed too. The layer gets the
-candidate that is cheapest over one generation, ``prefill_length`` tokens of prefill plus
-``decode_steps`` decode steps, GQA again on ties within ``margin``.
+Per phase the fastest wins, but another form beats GQA only if it is faster by more than
+``margin`` in the medians and in at least 80% of the interleaved rounds (GQA also removes the
+mask chain and cache copies, which matter more where those ops fall back to the CPU). When
+the phases pick different forms, the ``If`` on S == 1 between them is built and timed too.
+The layer gets the candidate that is cheapest over one generation, ``prefill_length`` tokens
+of prefill plus ``decode_steps`` decode steps, GQA again on ties within ``margin``. Calls
+are 50 ms apart: each session's thread pool spins a while after its call, and on a small
+machine that would slow the next candidate's call.
 
 What the one-layer timing leaves out: in a model, the export's Transpose+Reshape of a borrowed
 cache may be shared by the layers reading one source (timed here per layer, so the export is
@@ -58,6 +61,9 @@ from rewriter.verification._session import execution_providers
 __all__ = ["SpeedProbe", "SpeedVerdict", "describe_kind"]
 
 _PHASES = ("decode", "prefill")
+# A phase's winner other than GQA must beat it (by the margin) in this share of the rounds.
+_CONSISTENT = 0.8
+_SPIN_PAUSE_SECONDS = 0.05
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +73,7 @@ class SpeedVerdict:
     ms: dict[str, dict[str, float]]  # candidate label -> phase -> median ms per call
     generation_ms: dict[str, float]  # candidate label -> one generation's cost
     failed: dict[str, str]  # candidate label -> why it could not be timed
+    phase_winners: dict[str, str]  # phase -> the form that won it
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -77,6 +84,7 @@ class SpeedVerdict:
             "ms": {label: dict(phases) for label, phases in self.ms.items()},
             "generation_ms": dict(self.generation_ms),
             "failed": dict(self.failed),
+            "phase_winners": dict(self.phase_winners),
             "reason": self.choice.reason,
         }
 
@@ -149,13 +157,13 @@ class SpeedProbe:
         candidates = {
             choice.label: choice for choice in (SpeedChoice(form, form) for form in forms)
         }
-        ms, failed = self._time(layer, list(candidates.values()), feeds, own_cache=own)
-        decode, prefill = (self._fastest({c: ms[c][p] for c in ms}) for p in _PHASES)
+        ms, samples, failed = self._time(layer, list(candidates.values()), feeds, own_cache=own)
+        decode, prefill = (self._phase_winner(ms, samples, phase) for phase in _PHASES)
         if decode != prefill and not own:
             # One form per phase: the If itself is measured, not assumed to cost nothing.
             phase_if = SpeedChoice(decode, prefill)
             candidates[phase_if.label] = phase_if
-            more, more_failed = self._time(layer, [phase_if], feeds, own_cache=False)
+            more, _, more_failed = self._time(layer, [phase_if], feeds, own_cache=False)
             ms.update(more)
             failed.update(more_failed)
         generation = {
@@ -174,8 +182,29 @@ class SpeedProbe:
         else:
             reason = f"{choice.label}, fastest {measured}"
         return SpeedVerdict(
-            kind, dataclasses.replace(choice, reason=reason), ms, generation, failed
+            kind,
+            dataclasses.replace(choice, reason=reason),
+            ms,
+            generation,
+            failed,
+            {"decode": decode, "prefill": prefill},
         )
+
+    def _phase_winner(
+        self,
+        ms: dict[str, dict[str, float]],
+        samples: dict[str, dict[str, list[float]]],
+        phase: str,
+    ) -> str:
+        """The fastest candidate of `phase`; GQA unless another beats it by more than the
+        margin in the medians and in most of the interleaved rounds (noise on a layer of a few
+        microseconds picks nothing)."""
+        fastest = self._fastest({label: phases[phase] for label, phases in ms.items()})
+        if fastest == "gqa":
+            return fastest
+        rounds = list(zip(samples[fastest][phase], samples["gqa"][phase], strict=True))
+        won = sum(mine * self.margin < theirs for mine, theirs in rounds)
+        return fastest if won >= _CONSISTENT * len(rounds) else "gqa"
 
     def _fastest(self, cost: dict[str, float]) -> str:
         """The cheapest candidate, GQA unless another is cheaper by more than the margin."""
@@ -191,7 +220,9 @@ class SpeedProbe:
         feeds: dict[str, dict[str, np.ndarray]],
         *,
         own_cache: bool,
-    ) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+    ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, list[float]]], dict[str, str]]:
+        """Per candidate label: median ms per phase, every sample (ms) per phase; and the
+        candidates that could not run, with why."""
         sessions: dict[str, ort.InferenceSession] = {}
         failed: dict[str, str] = {}
         for choice in choices:
@@ -206,11 +237,13 @@ class SpeedProbe:
                 continue
             sessions[choice.label] = session
         ms: dict[str, dict[str, float]] = {label: {} for label in sessions}
+        samples: dict[str, dict[str, list[float]]] = {label: {} for label in sessions}
         for phase in _PHASES:
             calls = {label: _call(s, feeds[phase]) for label, s in sessions.items()}
             for label, seconds in _interleaved(calls, self.repeats[phase]).items():
-                ms[label][phase] = seconds * 1e3
-        return ms, failed
+                samples[label][phase] = [value * 1e3 for value in seconds]
+                ms[label][phase] = statistics.median(samples[label][phase])
+        return ms, samples, failed
 
 
 def _candidate(layer: OneLayer, choice: SpeedChoice, own_cache: bool) -> ir.Model:
@@ -272,13 +305,16 @@ def _call(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> Callab
     return lambda: session.run(None, feeds)
 
 
-def _interleaved(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds per call, the candidates alternating call by call (after the warm-up
-    the caller ran), so a busy machine slows all of them alike."""
+def _interleaved(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Seconds per call, the candidates alternating call by call (after the warm-up the
+    caller ran), so a busy machine slows all of them alike; round i of each list is one."""
     samples: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
         for name, call in calls.items():
+            # Each session has its own intra-op pool, which spins a while after its call: on
+            # a small machine it would slow the next session's call (bench/inference.py).
+            time.sleep(_SPIN_PAUSE_SECONDS)
             started = time.perf_counter()
             call()
             samples[name].append(time.perf_counter() - started)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return samples

@@ -71,7 +71,7 @@ def test_quick_benchmark_writes_results(tmp_path: Path) -> None:
         "decode_t8192",
     }
     for scenario in result["latency"].values():
-        assert {"original", "rewritten"} <= set(scenario["models"])
+        assert {"original", "rewritten", "speed-off"} <= set(scenario["models"])
         for row in scenario["models"].values():
             assert row["repeats"] == len(row["samples_ms"]) > 0
     for per_model in result["profile"].values():
@@ -80,6 +80,7 @@ def test_quick_benchmark_writes_results(tmp_path: Path) -> None:
     assert set(result["decode_rss"]["models"]) >= {"original", "rewritten"}
     assert result["verify"]["passed"] is True
     nodes = result["nodes"]
-    # Every KV-shared Attention of the tiny model is rewritten by default.
-    assert nodes["rewritten"]["removed"]["Attention"] == nodes["original"]["Attention"] == 3
+    # The library default rewrites every KV-shared Attention of the tiny model; what the
+    # CLI's default does there depends on what it measured on this machine.
+    assert nodes["speed-off"]["removed"]["Attention"] == nodes["original"]["Attention"] == 3
     assert out.with_suffix(".md").read_text().startswith("Command: `python bench/run.py")
