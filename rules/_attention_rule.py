@@ -38,6 +38,7 @@ __all__ = [
     "dtype_name",
     "infer_head_size",
     "layer_kind",
+    "layer_kind_of",
     "node_label",
     "read_heads",
 ]
@@ -90,6 +91,27 @@ class AttentionHeads:
 
     def explicit_scale(self, head_size: int) -> float:
         return self.scale if self.scale is not None else 1.0 / math.sqrt(head_size)
+
+
+def layer_kind_of(
+    dtype: ir.DataType,
+    heads: AttentionHeads,
+    head_size: int,
+    mask: MaskForm,
+    *,
+    own_cache: bool = False,
+) -> LayerKind:
+    """What a layer's speed depends on, from what a rule read off it."""
+    return LayerKind(
+        dtype_name(dtype),
+        heads.num_heads,
+        heads.kv_num_heads,
+        head_size,
+        mask.local_window_size,
+        heads.explicit_scale(head_size),
+        heads.softcap,
+        own_cache=own_cache,
+    )
 
 
 def node_label(node: ir.Node) -> str:

@@ -22,7 +22,6 @@ from rewriter.rules._attention_rule import (
     AttentionHeads,
     AttentionToGQARule,
     FormChooser,
-    LayerKind,
     LayerRewrite,
     SpeedChooser,
     always_past,
@@ -33,6 +32,7 @@ from rewriter.rules._attention_rule import (
     gqa_attributes,
     infer_head_size,
     layer_kind,
+    layer_kind_of,
     node_label,
     read_heads,
 )
@@ -141,15 +141,7 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
         if self.choose_speed is not None and not export_is_correct:
             speed = SpeedChoice(reason=_UPPER_LEFT_FIX)
         elif self.choose_speed is not None and decision.form == "past":
-            kind = LayerKind(
-                dtype_name(dtype),
-                heads.num_heads,
-                heads.kv_num_heads,
-                head_size,
-                mask_form.local_window_size,
-                heads.explicit_scale(head_size),
-                heads.softcap,
-            )
+            kind = layer_kind_of(dtype, heads, head_size, mask_form)
             speed = self.choose_speed(kind)
             if speed.decode == speed.prefill == "export":
                 raise MatchFailureError(speed.reason, attention)

@@ -26,7 +26,6 @@ from rewriter.rules._attention_rule import (
     AttentionToGQARule,
     FormChooser,
     FormDecision,
-    LayerKind,
     LayerRewrite,
     SpeedChooser,
     check_3d,
@@ -36,6 +35,7 @@ from rewriter.rules._attention_rule import (
     gqa_attributes,
     infer_head_size,
     layer_kind,
+    layer_kind_of,
     node_label,
     read_heads,
 )
@@ -163,16 +163,7 @@ class NonSharedAttentionToGQA(AttentionToGQARule):
         if self.choose_speed is not None and mask_form.style == "p1":
             speed_reason = _MASK_3D_FIX
         elif self.choose_speed is not None:
-            kind = LayerKind(
-                dtype_name(dtype),
-                heads.num_heads,
-                heads.kv_num_heads,
-                head_size,
-                mask_form.local_window_size,
-                heads.explicit_scale(head_size),
-                heads.softcap,
-                own_cache=True,
-            )
+            kind = layer_kind_of(dtype, heads, head_size, mask_form, own_cache=True)
             choice = self.choose_speed(kind)
             if choice.label == "export":
                 raise MatchFailureError(choice.reason, attention)
