@@ -16,10 +16,11 @@ kept as it is. Each is timed in decode (S=1 at T=``decode_length``) and prefill
 Per phase the fastest wins, but another form beats GQA only if it is faster by more than
 ``margin`` in the medians and in at least 80% of the interleaved rounds (GQA also removes the
 mask chain and cache copies, which matter more where those ops fall back to the CPU). When
-the phases pick different forms, the ``If`` on S == 1 between them is built and timed too.
-The layer gets the candidate that is cheapest over one generation, ``prefill_length`` tokens
-of prefill plus ``decode_steps`` decode steps, GQA again on ties within ``margin``. Calls
-are 50 ms apart: each session's thread pool spins a while after its call, and on a small
+the phases pick different forms, the ``If`` on S == 1 between them is built and timed
+too, and the layer gets whichever of GQA, the two winners and their If is cheapest over one
+generation (``prefill_length`` tokens of prefill plus ``decode_steps`` decode steps), GQA
+again on ties within ``margin``; when both phases have the same winner, the layer gets it.
+Calls are 50 ms apart: each session's thread pool spins a while after its call, and on a small
 machine that would slow the next candidate's call.
 
 What the one-layer timing leaves out: in a model, the export's Transpose+Reshape of a borrowed
@@ -170,7 +171,12 @@ class SpeedProbe:
             label: phases["prefill"] + self.decode_steps * phases["decode"]
             for label, phases in ms.items()
         }
-        chosen = self._fastest(generation)
+        if decode == prefill:
+            chosen = decode
+        else:
+            # Weighed over a generation: only forms that won a phase, GQA, and their If.
+            pool = {"gqa", decode, prefill, SpeedChoice(decode, prefill).label} & set(ms)
+            chosen = self._fastest({label: generation[label] for label in pool})
         choice = candidates[chosen]
         measured = (
             f"over one prefill of {self.prefill_length} + {self.decode_steps} decode steps at "
