@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from rewriter.rules import LayerRewrite, LayerSkip
+from rewriter.rules import LayerKind, LayerRewrite, LayerSkip
 
 __all__ = ["PaddingContract", "RewriteReport"]
 
@@ -76,12 +76,6 @@ class RewriteReport:
         for s in self.skipped:
             lines.append(f"  skipped {s.node}: {s.reason}")
         for table in (self.speed or {}).get("layers", []):
-            layer = table["layer"]
-            window = f"W={layer['local_window_size']}" if layer["local_window_size"] else "full"
-            cache = "own cache" if layer.get("own_cache") else "KV-shared"
-            lines.append(
-                f"  speed: {cache} {layer['dtype']} N={layer['num_heads']} "
-                f"Nkv={layer['kv_num_heads']} D={layer['head_size']} {window}: {table['reason']}"
-            )
+            lines.append(f"  speed: {LayerKind(**table['layer']).describe()}: {table['reason']}")
         lines.extend(f"warning: {w}" for w in self.warnings)
         return "\n".join(lines)

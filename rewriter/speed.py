@@ -1,5 +1,5 @@
-"""Speed-aware choice for KV-shared layers (``--speed auto``): each layer kind runs, per phase,
-the fastest correct form measured on the installed runtime and provider.
+"""Speed-aware choice (``--speed auto``): each kind of layer whose export is correct runs, per
+phase, the fastest form measured on the installed runtime and provider.
 
 Why: GroupQueryAttention is not the fastest kernel everywhere. Measured on onnxruntime 1.32.0
 CPU at E2B attention size (``bench/attention_forms.py``, wall medians): a full D=512 layer
@@ -59,7 +59,7 @@ from rewriter.probe._one_layer import (
 from rewriter.rules import LayerKind, SpeedChoice
 from rewriter.verification._session import execution_providers
 
-__all__ = ["SpeedProbe", "SpeedVerdict", "describe_kind"]
+__all__ = ["SpeedProbe", "SpeedVerdict"]
 
 _PHASES = ("decode", "prefill")
 # A phase's winner other than GQA must beat it (by the margin) in this share of the rounds.
@@ -88,15 +88,6 @@ class SpeedVerdict:
             "phase_winners": dict(self.phase_winners),
             "reason": self.choice.reason,
         }
-
-
-def describe_kind(layer: LayerKind) -> str:
-    window = f"W={layer.local_window_size}" if layer.local_window_size else "full"
-    cache = "own-cache" if layer.own_cache else "KV-shared"
-    return (
-        f"{cache} {layer.dtype} N={layer.num_heads} Nkv={layer.kv_num_heads} "
-        f"D={layer.head_size} {window}"
-    )
 
 
 class SpeedProbe:
@@ -128,7 +119,7 @@ class SpeedProbe:
     def verdict(self, layer: LayerKind) -> SpeedVerdict:
         if layer not in self.verdicts:
             if self.progress is not None:
-                self.progress(f"speed probe: timing {describe_kind(layer)} on {self.provider}")
+                self.progress(f"speed probe: timing {layer.describe()} on {self.provider}")
             self.verdicts[layer] = self._measure(layer)
         return self.verdicts[layer]
 

@@ -77,6 +77,14 @@ class LayerKind:
     # A layer with its own cache (past inputs, presents out); else a KV-shared layer.
     own_cache: bool = False
 
+    def describe(self) -> str:
+        window = f"W={self.local_window_size}" if self.local_window_size else "full"
+        cache = "own-cache" if self.own_cache else "KV-shared"
+        return (
+            f"{cache} {self.dtype} N={self.num_heads} Nkv={self.kv_num_heads} "
+            f"D={self.head_size} {window}"
+        )
+
 
 # A layer whose export is correct -> the form each phase runs (rules._speed_choice).
 SpeedChooser = Callable[[LayerKind], SpeedChoice]

@@ -132,7 +132,6 @@ def phase_if(
     query_length = op.Shape(query_BSD, start=1, end=2)
     is_decode = op.Equal(query_length, op.Constant(value_ints=[1]))
     result = op.If(is_decode, then_branch=branches["decode"], else_branch=branches["prefill"])
-    result.producer().metadata_props[SPEED_FORM_KEY] = "if"
     if output_type is not None:
         result.type = output_type
     return result

@@ -164,7 +164,10 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
         window_slice = False
         gqa_call: tuple[list[ir.Value | None], dict[str, object]] | None = None
         if "gqa" in (speed.decode, speed.prefill):
-            *gqa_call, window_slice = self._gqa_call(op, plan, query_BSD, key_BSD, value_BSD)
+            gqa_inputs, attributes, window_slice = self._gqa_call(
+                op, plan, query_BSD, key_BSD, value_BSD
+            )
+            gqa_call = (gqa_inputs, attributes)
         # Only `past` and `split-nopresent` omit the (unused) present outputs: ORT 1.31.1
         # needs them for the others (SPEC.md section 3; the probe decides what qualifies).
         num_outputs = 1 if plan.form in ("past", "split-nopresent") else 3

@@ -18,7 +18,7 @@ import onnx_ir as ir
 from rewriter.rules import node_label
 from rewriter.verification._result import CheckResult
 
-__all__ = ["GRAPH_DIFF", "diff_outside_layers", "same_tensor"]
+__all__ = ["GRAPH_DIFF", "diff_outside_layers", "inputs_deep", "same_tensor"]
 
 GRAPH_DIFF = "unchanged_outside_layers"
 _CHUNK_BYTES = 64 << 20
@@ -106,11 +106,11 @@ def _readers(graph: ir.Graph, excluded: frozenset[ir.Node]) -> set[str]:
     for node in graph:
         if node in excluded:
             continue
-        names.update(v.name for v in _inputs_deep(node) if v is not None and v.name)
+        names.update(v.name for v in inputs_deep(node) if v is not None and v.name)
     return names
 
 
-def _inputs_deep(node: ir.Node) -> Iterable[ir.Value | None]:
+def inputs_deep(node: ir.Node) -> Iterable[ir.Value | None]:
     yield from node.inputs
     for attr in node.attributes.values():
         if attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):

@@ -37,6 +37,7 @@ import onnx_ir.passes.common as common_passes
 
 from rewriter.rules import node_label
 from rewriter.rules._speed_choice import SPEED_LAYER_KEY
+from rewriter.verification._graph_diff import inputs_deep
 
 __all__ = [
     "OWN_CACHE",
@@ -283,7 +284,7 @@ def _speed_layer_walk(
 def _outer_inputs(node: ir.Node) -> list[ir.Value]:
     """What `node` reads from its graph: its inputs and what its subgraphs capture."""
     outer: list[ir.Value] = []
-    for value in _inputs_deep(node):
+    for value in inputs_deep(node):
         if value is not None and value.graph is node.graph and value not in outer:
             outer.append(value)
     return outer
@@ -305,21 +306,13 @@ def _nodes_behind(start: ir.Node, kept_names: set[str]) -> set[ir.Node]:
         if node in nodes:
             continue
         nodes.add(node)
-        for value in _inputs_deep(node):
+        for value in inputs_deep(node):
             if value is None or value.name in kept_names:
                 continue
             producer = value.producer()
             if producer is not None and producer.graph is start.graph:
                 stack.append(producer)
     return nodes
-
-
-def _inputs_deep(node: ir.Node) -> Iterable[ir.Value | None]:
-    yield from node.inputs
-    for attr in node.attributes.values():
-        if attr.type == ir.AttributeType.GRAPH:
-            for inner in ir.traversal.RecursiveGraphIterator(attr.as_graph()):
-                yield from inner.inputs
 
 
 def _attention_behind(node: ir.Node | None) -> ir.Node | None:
@@ -339,15 +332,15 @@ def _cut_layer(
     original: ir.Model,
     candidate: ir.Model,
     attention: ir.Node,
-    gqa: ir.Node,
+    replacement: ir.Node,
     original_names: set[str],
 ) -> LayerPair:
     own_cache = len(attention.inputs) > 4 and attention.inputs[4] is not None
     kind = OWN_CACHE if own_cache else SHARED
-    if gqa.op_type == "GroupQueryAttention":
+    if replacement.op_type == "GroupQueryAttention":
         # The replacement's data inputs stop at the first values the original also computes.
         candidate_walk = _Walk("the replacement")
-        for index, value in enumerate(gqa.inputs):
+        for index, value in enumerate(replacement.inputs):
             if value is None:
                 continue
             candidate_walk.visit(
@@ -362,7 +355,9 @@ def _cut_layer(
         data_names = {v.name for v in data}
         original_walk = _original_walk(attention, data_names)
         computed = {v.name for node in original_walk.nodes for v in node.outputs}
-        candidate_walk = _speed_layer_walk(gqa, data, (original_names - computed) | data_names)
+        candidate_walk = _speed_layer_walk(
+            replacement, data, (original_names - computed) | data_names
+        )
     candidate_index = {
         value.name: min(candidate_walk.reached_from[value.name or ""])
         for value in candidate_walk.data_boundary
@@ -381,18 +376,20 @@ def _cut_layer(
             )
 
     boundary = {v.name: v for v in (*original_walk.boundary, *candidate_walk.boundary)}
-    config = _config(attention, gqa, original_walk.nodes, kind, roles, boundary)
-    outputs: list[tuple[str, ir.Value, ir.Value]] = [(OUTPUT, attention.outputs[0], gqa.outputs[0])]
+    config = _config(attention, replacement, original_walk.nodes, kind, roles, boundary)
+    outputs: list[tuple[str, ir.Value, ir.Value]] = [
+        (OUTPUT, attention.outputs[0], replacement.outputs[0])
+    ]
     if own_cache:
         for role, index in ((PRESENT_KEY, 1), (PRESENT_VALUE, 2)):
-            if len(gqa.outputs) <= index or len(attention.outputs) <= index:
+            if len(replacement.outputs) <= index or len(attention.outputs) <= index:
                 raise UnprovableLayer(f"the replacement has no {role} output")
-            if gqa.outputs[index].name != attention.outputs[index].name:
+            if replacement.outputs[index].name != attention.outputs[index].name:
                 raise UnprovableLayer(
-                    f"{role} is {gqa.outputs[index].name} in the replacement, "
+                    f"{role} is {replacement.outputs[index].name} in the replacement, "
                     f"{attention.outputs[index].name} in the original"
                 )
-            outputs.append((role, attention.outputs[index], gqa.outputs[index]))
+            outputs.append((role, attention.outputs[index], replacement.outputs[index]))
 
     original_model, original_inputs = _standalone(
         original, original_walk.boundary, [(r, o) for r, o, _ in outputs], roles, config
@@ -403,7 +400,7 @@ def _cut_layer(
         candidate, candidate_walk.boundary, [(r, c) for r, _, c in outputs], roles, config
     )
     return LayerPair(
-        node=node_label(gqa),
+        node=node_label(replacement),
         original_node=node_label(attention),
         config=config,
         original_bytes=original_model,
