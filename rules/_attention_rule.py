@@ -20,6 +20,7 @@ from rewriter.rules._failure import MatchFailureError
 from rewriter.rules._gqa_inputs import GQAInputs
 from rewriter.rules._log import LayerRewrite, LayerSkip, RewriteLog
 from rewriter.rules._mask_patterns import MaskForm
+from rewriter.rules._naming import name_after
 from rewriter.rules._shape_evidence import HeadSizeEvidence, ShapeFacts
 from rewriter.rules._speed_choice import SPEED_FORM_KEY, SpeedChoice
 
@@ -369,8 +370,9 @@ class AttentionToGQARule(pattern.RewriteRuleClassBase):
         num_outputs: int,
     ) -> list[ir.Value]:
         """One GQA node whose first len(replaced_outputs) outputs replace the Attention's."""
+        first_own = len(op.nodes)
         results = self._gqa_node(op, inputs, attributes, num_outputs)
-        return self._finish(attention, results, replaced_outputs, record)
+        return self._finish(op, first_own, attention, results, replaced_outputs, record)
 
     def _gqa_node(
         self,
@@ -388,12 +390,19 @@ class AttentionToGQARule(pattern.RewriteRuleClassBase):
 
     def _finish(
         self,
+        op,
+        first_own: int,
         attention: ir.Node,
         results: list[ir.Value],
         replaced_outputs: list[ir.Value],
         record: LayerRewrite,
     ) -> list[ir.Value]:
-        """`results` take over the names of `replaced_outputs`; the layer is logged."""
+        """`results` take over the names of `replaced_outputs`; the layer is logged.
+
+        The layer's own nodes (those `op` built from index `first_own` on; not the inputs
+        all layers share) are named after the Attention node they replace.
+        """
+        name_after(op.nodes[first_own:], node_label(attention))
         self.record.replaced_nodes.append(attention)
         for new, old in zip(results, replaced_outputs, strict=False):
             if old.name:

@@ -25,6 +25,8 @@ from collections.abc import Callable
 import onnx_ir as ir
 from onnxscript.rewriter._context import TapeBuilder
 
+from rewriter.rules._naming import name_after
+
 __all__ = [
     "PHASE_FORMS",
     "SPEED_FORM_KEY",
@@ -124,10 +126,7 @@ def phase_if(
         output = build(tape)
         if output_type is not None and output.type is None:
             output.type = output_type
-        for index, node in enumerate(tape.nodes):
-            node.name = f"{name}/{phase}/{node.op_type}_{index}"
-            for position, value in enumerate(node.outputs):
-                value.name = f"{name}/{phase}/{index}_{position}"
+        name_after(tape.nodes, f"{name}/{phase}")
         branches[phase] = ir.Graph((), (output,), nodes=tape.nodes, name=f"{name}/{phase}")
     query_length = op.Shape(query_BSD, start=1, end=2)
     is_decode = op.Equal(query_length, op.Constant(value_ints=[1]))

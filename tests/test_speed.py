@@ -89,6 +89,27 @@ def test_each_speed_form_computes_what_the_export_does(decode: str, prefill: str
     assert result.graph_diff is not None and result.graph_diff.passed is True
 
 
+@pytest.mark.parametrize(("decode", "prefill"), [("gqa", "gqa"), *CHOICES])
+def test_what_a_layer_runs_is_named_after_the_layer(decode: str, prefill: str) -> None:
+    # A profile or runtime error names nodes: it must say which layer (not node_Attention_3).
+    original = ir.load(FIXTURES / "p2_tiny.onnx")
+    replaced = [n.name for n in original.graph if n.op_type == "Attention"]
+    kept = {n.name for n in original.graph}  # the model's own GQA layers among them
+    choice = SpeedChoice(decode, prefill, "test")
+    model, report = rewrite(original, choose_form=always_past, choose_speed=lambda _: choice)
+    assert report.rewritten == len(replaced) == 3
+    nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
+    runs = [
+        n
+        for n in nodes
+        if n.op_type in ("Attention", "GroupQueryAttention", "If") and n.name not in kept
+    ]
+    layers = {next(layer for layer in replaced if n.name.startswith(f"{layer}/")) for n in runs}
+    assert layers == set(replaced)
+    names = [n.name for n in nodes]
+    assert len(set(names)) == len(names)
+
+
 @pytest.mark.parametrize(("decode", "prefill"), [("attention-bnsh", "gqa"), ("export", "gqa")])
 def test_an_if_on_the_query_length_runs_the_decode_form_for_one_token(
     decode: str, prefill: str
