@@ -221,7 +221,11 @@ def profile_step(
     runs: int,
 ) -> dict:
     """Median per-node kernel time over `runs` profiled calls (after one unprofiled-in-effect
-    warm-up), summed by category; plus where ORT placed the nodes and how many Memcpy ran."""
+    warm-up), summed by category; plus where ORT placed the nodes and how many Memcpy ran.
+
+    An If node's kernel time includes its branch, whose nodes the profile also lists one by
+    one: it is reported apart (`if_ms_with_branches`) and not summed, or the branch would
+    count twice."""
     with tempfile.TemporaryDirectory(prefix="bench-profile-") as directory:
         session = open_session(path, provider, profile_dir=directory)
         feeds = decoder_feeds(
@@ -249,8 +253,12 @@ def profile_step(
         provider_of[node] = event["args"].get("provider", "")
     by_category: dict[str, float] = collections.defaultdict(float)
     by_op: dict[str, float] = collections.defaultdict(float)
+    if_ms = 0.0
     for node, values in durations.items():
         median = float(np.median(values[1:] if len(values) > 1 else values))
+        if op_of[node] == "If":
+            if_ms += median
+            continue
         by_category[categories.get(node, "rest (projections, MLP, norms)")] += median
         by_op[op_of[node]] += median
     placement = collections.Counter(provider_of.values())
@@ -261,6 +269,7 @@ def profile_step(
         "ms_by_category": dict(sorted(by_category.items())),
         "ms_by_op": dict(sorted(by_op.items(), key=lambda item: -item[1])),
         "kernel_ms_total": sum(by_category.values()),
+        "if_ms_with_branches": if_ms,
         "nodes_by_provider": dict(placement),
         "memcpy_nodes": memcpy,
     }
