@@ -370,9 +370,8 @@ class AttentionToGQARule(pattern.RewriteRuleClassBase):
         num_outputs: int,
     ) -> list[ir.Value]:
         """One GQA node whose first len(replaced_outputs) outputs replace the Attention's."""
-        first_own = len(op.nodes)
         results = self._gqa_node(op, inputs, attributes, num_outputs)
-        return self._finish(op, first_own, attention, results, replaced_outputs, record)
+        return self._finish(op, attention, results, replaced_outputs, record)
 
     def _gqa_node(
         self,
@@ -391,7 +390,6 @@ class AttentionToGQARule(pattern.RewriteRuleClassBase):
     def _finish(
         self,
         op,
-        first_own: int,
         attention: ir.Node,
         results: list[ir.Value],
         replaced_outputs: list[ir.Value],
@@ -399,10 +397,11 @@ class AttentionToGQARule(pattern.RewriteRuleClassBase):
     ) -> list[ir.Value]:
         """`results` take over the names of `replaced_outputs`; the layer is logged.
 
-        The layer's own nodes (those `op` built from index `first_own` on; not the inputs
-        all layers share) are named after the Attention node they replace.
+        The nodes `op` built for this layer alone (not the inputs all layers share) are named
+        after the Attention node they replace.
         """
-        name_after(op.nodes[first_own:], node_label(attention))
+        own = [node for node in op.nodes if node not in self.inputs.shared]
+        name_after(own, node_label(attention))
         self.record.replaced_nodes.append(attention)
         for new, old in zip(results, replaced_outputs, strict=False):
             if old.name:

@@ -31,6 +31,8 @@ class GQAInputs:
         self.exact_padding = exact_padding
         # GQA nodes the rewrite created: not "the model's own" when looking for seqlens_k.
         self.created: set[ir.Node] = set()
+        # Nodes built for inputs all layers share: not named after the layer that built them.
+        self.shared: set[ir.Node] = set()
         # onnxscript visits a subgraph in the middle of its parent: one set of values each.
         self._graphs: dict[ir.Graph | ir.Function, GraphInputs] = {}
 
@@ -48,14 +50,18 @@ class GraphInputs:
         self.graph = graph
         self.exact_padding = run.exact_padding
         self._created = run.created
+        self._shared = run.shared
         self._values: dict[tuple[object, ...], ir.Value] = {}
         self._model_lengths: tuple[ir.Value, ir.Value] | None = None
         self._model_lengths_read = False
 
-    def cached(self, key: tuple[object, ...], build: Callable[[], ir.Value]) -> ir.Value:
-        """A value built once per graph and key (rules that share more inputs use it too)."""
+    def cached(self, op, key: tuple[object, ...], build: Callable[[], ir.Value]) -> ir.Value:
+        """A value built once per graph and key with `op` (rules that share more inputs use
+        it too); the nodes `build` adds to `op` are recorded as shared."""
         if key not in self._values:
+            first = len(op.nodes)
             self._values[key] = build()
+            self._shared.update(op.nodes[first:])
         return self._values[key]
 
     def sequence_lengths(self, op, attention_mask: ir.Value) -> tuple[ir.Value, ir.Value]:
@@ -65,7 +71,7 @@ class GraphInputs:
             return op.Cast(op.Shape(attention_mask, start=1, end=2), to=ir.DataType.INT32)
 
         def total() -> ir.Value:
-            return self.cached(("total", attention_mask), total_length)
+            return self.cached(op, ("total", attention_mask), total_length)
 
         def seqlens_k() -> ir.Value:
             if self.exact_padding:
@@ -85,7 +91,9 @@ class GraphInputs:
             existing = self._model_sequence_lengths()
             if existing is not None:
                 return existing
-        return self.cached(("seqlens_k", attention_mask, self.exact_padding), seqlens_k), total()
+        return self.cached(
+            op, ("seqlens_k", attention_mask, self.exact_padding), seqlens_k
+        ), total()
 
     def trimmed_lengths(
         self, op, attention_mask: ir.Value, kept_BNKD: ir.Value, new_BSND: ir.Value
@@ -102,12 +110,12 @@ class GraphInputs:
             return op.Cast(length, to=ir.DataType.INT32)
 
         key = ("trimmed", attention_mask, kept_BNKD, new_BSND)
-        trimmed_total = self.cached((*key, "total"), cache_total)
+        trimmed_total = self.cached(op, (*key, "total"), cache_total)
 
         def trimmed_seqlens() -> ir.Value:
             return op.Sub(seqlens_k, op.Sub(total, trimmed_total))
 
-        return self.cached((*key, "seqlens_k"), trimmed_seqlens), trimmed_total
+        return self.cached(op, (*key, "seqlens_k"), trimmed_seqlens), trimmed_total
 
     def lengths_from_cache(self, op, cache_BNSH: ir.Value) -> tuple[ir.Value, ir.Value]:
         """(seqlens_k, total_sequence_length) for a graph without attention_mask: no row
@@ -118,15 +126,15 @@ class GraphInputs:
 
         def seqlens_k() -> ir.Value:
             one = op.Constant(value=ir.tensor(np.array([1], dtype=np.int32)))
-            last = op.Sub(self.cached(("cache_total", cache_BNSH), total), one)
+            last = op.Sub(self.cached(op, ("cache_total", cache_BNSH), total), one)
             shape = cache_BNSH.shape
             if shape is not None and shape.rank() == 4 and shape[0] == 1:
                 return last  # [1] is already [B]
             return op.Expand(last, op.Shape(cache_BNSH, start=0, end=1))
 
         return (
-            self.cached(("cache_seqlens_k", cache_BNSH), seqlens_k),
-            self.cached(("cache_total", cache_BNSH), total),
+            self.cached(op, ("cache_seqlens_k", cache_BNSH), seqlens_k),
+            self.cached(op, ("cache_total", cache_BNSH), total),
         )
 
     def appended_lengths(
@@ -143,15 +151,15 @@ class GraphInputs:
 
         def seqlens_k() -> ir.Value:
             one = op.Constant(value=ir.tensor(np.array([1], dtype=np.int32)))
-            last = op.Sub(self.cached(("appended_total", past_BNPD, new_BSND), total), one)
+            last = op.Sub(self.cached(op, ("appended_total", past_BNPD, new_BSND), total), one)
             shape = new_BSND.shape
             if shape is not None and shape.rank() == 4 and shape[0] == 1:
                 return last
             return op.Expand(last, op.Shape(new_BSND, start=0, end=1))
 
         return (
-            self.cached(("appended_seqlens_k", past_BNPD, new_BSND), seqlens_k),
-            self.cached(("appended_total", past_BNPD, new_BSND), total),
+            self.cached(op, ("appended_seqlens_k", past_BNPD, new_BSND), seqlens_k),
+            self.cached(op, ("appended_total", past_BNPD, new_BSND), total),
         )
 
     def _model_sequence_lengths(self) -> tuple[ir.Value, ir.Value] | None:
@@ -217,14 +225,14 @@ class GraphInputs:
             )
             return op.Max(op.Min(reach, limit), op.Constant(value_ints=[0]))
 
-        first = self.cached(("window_start", attention_mask, local_window_size), start)
+        first = self.cached(op, ("window_start", attention_mask, local_window_size), start)
 
         def shifted(lengths: ir.Value) -> Callable[[], ir.Value]:
             return lambda: op.Sub(lengths, op.Cast(first, to=ir.DataType.INT32))
 
         key = ("window", attention_mask, local_window_size)
-        sliced_seqlens = self.cached((*key, "seqlens_k"), shifted(seqlens_k))
-        sliced_total = self.cached((*key, "total"), shifted(total_length))
+        sliced_seqlens = self.cached(op, (*key, "seqlens_k"), shifted(seqlens_k))
+        sliced_total = self.cached(op, (*key, "total"), shifted(total_length))
 
         def sliced(cache: ir.Value) -> Callable[[], ir.Value]:
             end = np.iinfo(np.int64).max  # Slice clamps it to T
@@ -234,8 +242,8 @@ class GraphInputs:
 
         key_BNSH, value_BNSH = cache_BNSH
         return (
-            self.cached((*key, key_BNSH), sliced(key_BNSH)),
-            self.cached((*key, value_BNSH), sliced(value_BNSH)),
+            self.cached(op, (*key, key_BNSH), sliced(key_BNSH)),
+            self.cached(op, (*key, value_BNSH), sliced(value_BNSH)),
             sliced_seqlens,
             sliced_total,
         )
@@ -247,7 +255,7 @@ class GraphInputs:
             shape = op.Concat(batch, op.Constant(value_ints=[0, hidden]), axis=0)
             return op.ConstantOfShape(shape, value=ir.tensor(np.zeros(1, dtype=dtype.numpy())))
 
-        return self.cached(("empty_kv", attention_mask, hidden, dtype), build)
+        return self.cached(op, ("empty_kv", attention_mask, hidden, dtype), build)
 
     def finite_bias(self, op, mask: MaskForm, dtype: ir.DataType) -> ir.Value:
         """The mask as GQA's 4-D attention_bias, with a finite large negative."""
@@ -263,4 +271,4 @@ class GraphInputs:
             )
             return op.Where(allowed, zero, negative)
 
-        return self.cached(("bias", mask.boolean_mask, dtype), build)
+        return self.cached(op, ("bias", mask.boolean_mask, dtype), build)

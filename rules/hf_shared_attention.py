@@ -394,6 +394,7 @@ class HFAttentionToGQA(AttentionToGQARule):
     def _merged_shape(self, op, heads: int, plan: _Plan) -> ir.Value:
         hidden = heads * plan.head_size
         return self.inputs.of(plan.graph).cached(
+            op,
             ("merged_heads", hidden),
             lambda: op.Constant(value=ir.tensor(np.array([0, 0, hidden], dtype=np.int64))),
         )

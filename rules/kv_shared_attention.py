@@ -171,7 +171,6 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
         # Only `past` and `split-nopresent` omit the (unused) present outputs: ORT 1.31.1
         # needs them for the others (SPEC.md section 3; the probe decides what qualifies).
         num_outputs = 1 if plan.form in ("past", "split-nopresent") else 3
-        first_own = len(op.nodes)  # what follows is this layer's alone
         caches = (plan.key.cache_BNSH, plan.value.cache_BNSH)
 
         def build(form: str, builder) -> ir.Value:
@@ -218,7 +217,7 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
         if speed.label != "gqa":
             # The verifier's graph diff finds the layer's replacement by this.
             result.producer().metadata_props[SPEED_LAYER_KEY] = speed.label
-        (result,) = self._finish(op, first_own, attention, [result], [output], record)
+        (result,) = self._finish(op, attention, [result], [output], record)
         return result
 
     def _gqa_call(

@@ -207,6 +207,23 @@ def test_torch_export_every_layer_becomes_gqa(torch_export):
     assert not [op for op in GONE if ops[op] and op != "Range"], ops
 
 
+def test_torch_export_layers_are_named_after_what_they_replace(torch_export):
+    # A profile or runtime error must point at the layer; the inputs all layers share
+    # (seqlens_k and the lengths) belong to none of them.
+    model, report, _ = torch_export
+    layers = [r.node for r in report.rewrites]
+    gqa = [n for n in model.graph if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == len(layers) == 8
+    for node in gqa:
+        (layer,) = [layer for layer in layers if node.name.startswith(f"{layer}/")]
+        query = node.inputs[0].producer()
+        assert query is not None and query.op_type == "Reshape"
+        assert query.name.startswith(f"{layer}/")  # the layer's own merge of its heads
+        seqlens_k = node.inputs[5].producer()
+        assert seqlens_k is not None
+        assert not any(seqlens_k.name.startswith(f"{other}/") for other in layers)
+
+
 @pytest.mark.parametrize("length", [1, 3, 11, 18])
 def test_torch_export_prefill_equals_the_original(torch_export, length):
     _, _, rewritten = torch_export
