@@ -394,6 +394,8 @@ def test_report_structure_and_progress() -> None:
         "original_defects",
         "defects",
         "failed_because",
+        "rests_on",
+        "spread",
         "mode",
         "layers",
         "graph_diff",
@@ -401,6 +403,12 @@ def test_report_structure_and_progress() -> None:
         "layer_defects",
     }
     assert [d["fixed_by_rewrite"] for d in report["defects"]] == [True, True]
+    # A well-conditioned model: the twin ran only where the original's decode missed its
+    # tolerance (the upper-left defect), found no spread there, and the defect stands.
+    assert report["spread"]["measured"] == {"prefill rows [0] of [6] tokens": 0.0}
+    assert report["rests_on"] == (
+        "3 of 3 layers proven, nothing else changed; whole model equal within tolerance"
+    )
     assert report["failed_because"] == []
     for check in report["checks"]:
         assert {"name", "passed", "max_abs_diff", "tolerance", "model", "detail"} <= set(check)
@@ -410,6 +418,6 @@ def test_report_structure_and_progress() -> None:
     lines = result.summary().splitlines()
     per_layer = len(result.layers) + 1 + len(result.layer_defects)  # layers, graph diff
     assert len(lines) == per_layer + len(result.checks) + len(result.original_defects) + 1
-    assert lines[-1] == "verdict: PASSED"
+    assert lines[-1] == f"verdict: PASSED ({report['rests_on']})"
     assert any("cache consistency" in m for m in messages)
     assert messages[-1] == "verdict: passed"

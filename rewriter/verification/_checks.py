@@ -15,18 +15,21 @@ verdict (``verify`` decides what does).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from rewriter._json_values import json_float
 from rewriter.verification._feeds import DecoderSignature, FeedSynthesizer, Step
 from rewriter.verification._graph_facts import (
     RIGHT_PADDING_ONLY,
     GraphFacts,
     attention_nodes_with_3d_mask,
 )
-from rewriter.verification._result import Case, CheckResult, OriginalDefect
+from rewriter.verification._result import Case, CheckResult, OriginalDefect, VerificationError
 from rewriter.verification._session import LoadedModel, short_error
+from rewriter.verification._spread import SPREAD_FACTOR, TWIN_SETTING, Spread
 from rewriter.verification._tolerance import compare
 
 __all__ = [
@@ -37,6 +40,7 @@ __all__ = [
     "ModelRunner",
     "Plan",
     "RunFailure",
+    "SpreadMeter",
     "run_checks",
 ]
 
@@ -96,6 +100,112 @@ class ModelRunner:
 
     def next_past(self, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return FeedSynthesizer.next_past(self.signature, outputs)
+
+
+class SpreadMeter:
+    """The original's spread (``_spread``), measured only where a comparison misses the fixed
+    tolerance: the original and its twin (graph optimizations disabled) run on the same
+    feeds. The twin's session opens on first use, so a well-conditioned model never pays
+    for it; each scenario is measured once."""
+
+    def __init__(self, original: ModelRunner, open_twin: Callable[[], ModelRunner] | None) -> None:
+        self._original = original
+        self._open_twin = open_twin
+        self._twin: ModelRunner | None = None
+        self._memo: dict[str, Spread | None] = {}
+        # Per scenario measured: the largest spread of any output (for the report).
+        self.measured: dict[str, float] = {}
+        self.failures: list[str] = []
+
+    @property
+    def available(self) -> bool:
+        return self._open_twin is not None
+
+    @property
+    def opened(self) -> bool:
+        return self._twin is not None
+
+    def twin(self) -> ModelRunner | None:
+        if self._twin is None and self._open_twin is not None:
+            try:
+                self._twin = self._open_twin()
+            except VerificationError as error:
+                # Without the twin the fixed tolerance decides, as it always did.
+                self.failures.append(f"the twin session: {error}")
+                self._open_twin = None
+        return self._twin
+
+    def at(
+        self,
+        scenario: str,
+        step: Step,
+        past: Mapping[str, np.ndarray] | None = None,
+        original_outputs: Mapping[str, np.ndarray] | None = None,
+    ) -> Spread | None:
+        """The spread at ``step`` (fed ``past``); ``original_outputs``: the original's own
+        outputs at these feeds, when the caller has them."""
+        if not self.available:
+            return None
+        if scenario not in self._memo:
+            self._memo[scenario] = self._measure(scenario, step, past, original_outputs)
+        return self._memo[scenario]
+
+    def after_prefill(self, scenario: str, prefill: Step, step: Step) -> Spread | None:
+        """The spread of one decode ``step`` fed the original's cache after ``prefill``."""
+        if not self.available:
+            return None
+        if scenario not in self._memo:
+            try:
+                past = self._original.next_past(self._original.run(prefill))
+            except RunFailure as error:
+                self.failures.append(f"{scenario}: {error}")
+                self._memo[scenario] = None
+            else:
+                self._memo[scenario] = self._measure(scenario, step, past, None)
+        return self._memo[scenario]
+
+    def _measure(
+        self,
+        scenario: str,
+        step: Step,
+        past: Mapping[str, np.ndarray] | None,
+        original_outputs: Mapping[str, np.ndarray] | None,
+    ) -> Spread | None:
+        twin = self.twin()
+        if twin is None:
+            return None
+        try:
+            reference = (
+                original_outputs if original_outputs is not None else self._original.run(step, past)
+            )
+            twins = twin.run(step, past)
+        except RunFailure as error:
+            self.failures.append(f"{scenario}: {error}")
+            return None
+        spread = Spread(reference, twins)
+        values = [spread.at(name) for name in reference]
+        self.measured[scenario] = max((v for v in values if v is not None), default=0.0)
+        return spread
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "setting": TWIN_SETTING,
+            "factor": SPREAD_FACTOR,
+            "measured": {name: json_float(value) for name, value in self.measured.items()},
+            "failures": list(self.failures),
+        }
+
+
+def _scenario(step: Step) -> str:
+    """A prefill's name in the spread meter's memo and report (its feeds are its rows and
+    lengths: the feed synthesizer draws each row's tokens once)."""
+    lengths = step.attention_mask.sum(axis=1).tolist()
+    return f"prefill rows {list(step.rows)} of {lengths} tokens"
+
+
+def _missed_tolerance(cases: Sequence[Case]) -> bool:
+    """Some case failed on a finite difference: the spread may account for it."""
+    return any(not case.passed and math.isfinite(case.max_abs_diff) for case in cases)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,7 +293,11 @@ def run_checks(
     plan: Plan,
     original_facts: GraphFacts,
     progress: Callable[[str], None],
+    spread: SpreadMeter | None = None,
 ) -> tuple[list[CheckResult], list[OriginalDefect]]:
+    """The four oracles. ``spread``: the original's twin, consulted where a comparison
+    misses the fixed tolerance (``_spread``); None judges by the fixed tolerance alone."""
+    meter = spread if spread is not None else SpreadMeter(original, None)
     compared = [
         name
         for name in candidate.signature.compared_outputs
@@ -198,27 +312,31 @@ def run_checks(
     defects: list[OriginalDefect] = []
 
     progress(f"prefill equivalence, S in {list(plan.prefill_lengths)}")
-    checks.append(_prefill_equivalence(original, candidate, plan, compared, presents))
+    checks.append(_prefill_equivalence(original, candidate, plan, compared, presents, meter))
 
     runs: dict[str, _CacheRun | None] = {}
     cache_checks: dict[str, CheckResult] = {}
     for runner in (candidate, original):
         progress(f"cache consistency on the {runner.role} model")
-        cache_checks[runner.role], runs[runner.role] = _cache_consistency(runner, plan, compared)
+        cache_checks[runner.role], runs[runner.role] = _cache_consistency(
+            runner, plan, compared, meter
+        )
         checks.append(cache_checks[runner.role])
     original_cache = cache_checks[ORIGINAL]
     if original_cache.passed is False:
         cause = _UPPER_LEFT_CAUSE if original_facts.upper_left_causal_nodes else ""
         description = _defect("cache consistency", original_cache, "a full prefill", cause)
-        defects.append(_original_defect(description, original_cache, cache_checks[CANDIDATE]))
+        defects.append(
+            _original_defect(description, original_cache, cache_checks[CANDIDATE], cause)
+        )
 
     progress("decode equivalence")
-    checks.append(_decode_equivalence(runs, original_cache, compared, presents))
+    checks.append(_decode_equivalence(runs, original_cache, plan, compared, presents, meter))
 
     batch_checks: dict[str, CheckResult] = {}
     for runner in (candidate, original):
         progress(f"batch consistency on the {runner.role} model")
-        batch_checks[runner.role] = _batch_consistency(runner, plan, compared)
+        batch_checks[runner.role] = _batch_consistency(runner, plan, compared, meter)
         checks.append(batch_checks[runner.role])
     original_batch = batch_checks[ORIGINAL]
     if original_batch.passed is False:
@@ -230,7 +348,9 @@ def run_checks(
                 "which ONNX reads as [q_num_heads,S,T]"
             )
         description = _defect("batch consistency", original_batch, "the row run alone", cause)
-        defects.append(_original_defect(description, original_batch, batch_checks[CANDIDATE]))
+        defects.append(
+            _original_defect(description, original_batch, batch_checks[CANDIDATE], cause)
+        )
     if plan.note:
         for check in checks:
             check.detail = f"{check.detail}; {plan.note}" if check.detail else plan.note
@@ -243,6 +363,7 @@ def _prefill_equivalence(
     plan: Plan,
     compared: Sequence[str],
     presents: Sequence[str],
+    meter: SpreadMeter,
 ) -> CheckResult:
     cases: list[Case] = []
     for length in plan.prefill_lengths:
@@ -255,13 +376,18 @@ def _prefill_equivalence(
             actual = candidate.run(step)
         except RunFailure as error:
             return CheckResult.error(PREFILL, CANDIDATE, f"S={length}: {error}")
-        cases += _compare_outputs(f"S={length}", reference, actual, compared, presents)
+        label = f"S={length}"
+        these = _compare_outputs(label, reference, actual, compared, presents)
+        if _missed_tolerance(these) and meter.available:
+            spread = meter.at(_scenario(step), step, original_outputs=reference)
+            these = _compare_outputs(label, reference, actual, compared, presents, spread)
+        cases += these
     context = f"reference: original; sliding window {plan.window}"
     return CheckResult.from_cases(PREFILL, CANDIDATE, cases, context)
 
 
 def _cache_consistency(
-    runner: ModelRunner, plan: Plan, compared: Sequence[str]
+    runner: ModelRunner, plan: Plan, compared: Sequence[str], meter: SpreadMeter
 ) -> tuple[CheckResult, _CacheRun | None]:
     if not runner.signature.has_full_cache:
         return CheckResult.skip(
@@ -269,8 +395,9 @@ def _cache_consistency(
         ), None
     prefix = plan.cache_prefix
     full_length = prefix + max(_DECODE_STEPS, _CHUNK)
+    full_step = Step.prefill([0], [full_length], full_length)
     try:
-        full = runner.run(Step.prefill([0], [full_length], full_length))
+        full = runner.run(full_step)
         prefill = runner.run(Step.prefill([0], [prefix], prefix))
         past = runner.next_past(prefill)
         steps = []
@@ -283,16 +410,33 @@ def _cache_consistency(
     except RunFailure as error:
         return CheckResult.error(CACHE, runner.role, str(error)), None
     run = _CacheRun(steps, chunk)
-    cases: list[Case] = []
-    for name in compared:
-        reference = full[name]
-        cases.append(compare(f"prefill S={prefix}", reference[:, :prefix], prefill[name]))
-        for j, outputs in enumerate(steps):
-            position = prefix + j
-            label = f"decode step {j + 1} (position {position})"
-            cases.append(compare(label, reference[:, position : position + 1], outputs[name]))
-        label = f"chunk of {_CHUNK} (positions {prefix}..{prefix + _CHUNK - 1})"
-        cases.append(compare(label, reference[:, prefix : prefix + _CHUNK], chunk[name]))
+
+    def judged(spread: Spread | None) -> list[Case]:
+        cases: list[Case] = []
+        for name in compared:
+            reference = full[name]
+
+            def at(positions: slice, name: str = name) -> float | None:
+                return spread.at(name, positions) if spread is not None else None
+
+            head = slice(0, prefix)
+            cases.append(
+                compare(f"prefill S={prefix}", reference[:, head], prefill[name], at(head))
+            )
+            for j, outputs in enumerate(steps):
+                position = slice(prefix + j, prefix + j + 1)
+                label = f"decode step {j + 1} (position {prefix + j})"
+                cases.append(compare(label, reference[:, position], outputs[name], at(position)))
+            tail = slice(prefix, prefix + _CHUNK)
+            label = f"chunk of {_CHUNK} (positions {prefix}..{prefix + _CHUNK - 1})"
+            cases.append(compare(label, reference[:, tail], chunk[name], at(tail)))
+        return cases
+
+    cases = judged(None)
+    if _missed_tolerance(cases) and meter.available:
+        # The full prefill is the reference of every case: its spread, position by position.
+        original_full = full if runner.role == ORIGINAL else None
+        cases = judged(meter.at(_scenario(full_step), full_step, None, original_full))
     if runner.role == CANDIDATE:
         cases += _non_finite_cases([full, prefill, *steps, chunk])
     context = f"prefill {prefix} + {_DECODE_STEPS} decode steps vs one prefill of {full_length}"
@@ -302,47 +446,97 @@ def _cache_consistency(
 def _decode_equivalence(
     runs: Mapping[str, _CacheRun | None],
     original_cache: CheckResult,
+    plan: Plan,
     compared: Sequence[str],
     presents: Sequence[str],
+    meter: SpreadMeter,
 ) -> CheckResult:
     original, candidate = runs.get(ORIGINAL), runs.get(CANDIDATE)
     if original_cache.skipped or original is None or candidate is None:
         return CheckResult.skip(DECODE, CANDIDATE, "no decode runs to compare")
     if not original_cache.passed:
         return CheckResult.skip(DECODE, CANDIDATE, "original not cache-consistent")
-    cases: list[Case] = []
-    for j, (reference, actual) in enumerate(zip(original.steps, candidate.steps, strict=True)):
-        cases += _compare_outputs(f"decode step {j + 1}", reference, actual, compared, presents)
-    cases += _compare_outputs(
-        f"chunk of {_CHUNK}", original.chunk, candidate.chunk, compared, presents
-    )
+    prefix = plan.cache_prefix
+    full_length = prefix + max(_DECODE_STEPS, _CHUNK)
+
+    def judged(spread: Spread | None) -> list[Case]:
+        cases: list[Case] = []
+        pairs = zip(original.steps, candidate.steps, strict=True)
+        for j, (reference, actual) in enumerate(pairs):
+            cases += _compare_outputs(
+                f"decode step {j + 1}",
+                reference,
+                actual,
+                compared,
+                presents,
+                spread,
+                slice(prefix + j, prefix + j + 1),
+            )
+        cases += _compare_outputs(
+            f"chunk of {_CHUNK}",
+            original.chunk,
+            candidate.chunk,
+            compared,
+            presents,
+            spread,
+            slice(prefix, prefix + _CHUNK),
+        )
+        return cases
+
+    cases = judged(None)
+    if _missed_tolerance(cases) and meter.available:
+        # The original's decode outputs equal its full prefill's at those positions (it is
+        # cache-consistent): that prefill's spread is theirs.
+        full_step = Step.prefill([0], [full_length], full_length)
+        cases = judged(meter.at(_scenario(full_step), full_step))
     return CheckResult.from_cases(DECODE, CANDIDATE, cases, "reference: original")
 
 
-def _batch_consistency(runner: ModelRunner, plan: Plan, compared: Sequence[str]) -> CheckResult:
+def _batch_consistency(
+    runner: ModelRunner, plan: Plan, compared: Sequence[str], meter: SpreadMeter
+) -> CheckResult:
     if runner.signature.attention_mask is None:
         return CheckResult.skip(BATCH, runner.role, "no attention_mask input to express padding")
     if not runner.supports_batch(2):
         return CheckResult.skip(BATCH, runner.role, "static batch dimension")
     lengths = plan.batch_lengths
     padded = lengths[0]
-    cases: list[Case] = []
+    alone_steps = [Step.prefill([row], [n], n) for row, n in enumerate(lengths)]
     try:
         batch = runner.run(Step.prefill([0, 1], lengths, padded))
-        alone = [runner.run(Step.prefill([row], [n], n)) for row, n in enumerate(lengths)]
+        alone = [runner.run(step) for step in alone_steps]
     except RunFailure as error:
         return CheckResult.error(BATCH, runner.role, f"right-padded prefill of 2: {error}")
-    for row, n in enumerate(lengths):
-        for name in compared:
-            label = f"prefill row {row} ({n} of {padded} tokens)"
-            cases.append(compare(label, alone[row][name], batch[name][row : row + 1, :n]))
+
+    def judged(row: int, spread: Spread | None) -> list[Case]:
+        n = lengths[row]
+        return [
+            compare(
+                f"prefill row {row} ({n} of {padded} tokens)",
+                alone[row][name],
+                batch[name][row : row + 1, :n],
+                spread.at(name) if spread is not None else None,
+            )
+            for name in compared
+        ]
+
+    cases: list[Case] = []
+    for row in range(2):
+        these = judged(row, None)
+        if _missed_tolerance(these) and meter.available:
+            mine = alone[row] if runner.role == ORIGINAL else None
+            step = alone_steps[row]
+            these = judged(row, meter.at(_scenario(step), step, None, mine))
+        cases += these
     outputs = [batch, *alone]
     decode_skip = plan.candidate_batch_decode_skip if runner.role == CANDIDATE else ""
     if not runner.signature.has_full_cache:
         decode_skip = "no decode step: no past inputs paired with present outputs"
     if not decode_skip:
         try:
-            decode_cases, decode_outputs = _batch_decode(runner, plan, compared, batch, alone)
+            decode_cases, decode_outputs = _batch_decode(
+                runner, plan, compared, batch, alone, meter
+            )
         except RunFailure as error:
             return CheckResult.error(
                 BATCH, runner.role, f"decode step of 2 after a right-padded prefill: {error}"
@@ -366,30 +560,41 @@ def _batch_decode(
     compared: Sequence[str],
     batch: Mapping[str, np.ndarray],
     alone: Sequence[Mapping[str, np.ndarray]],
+    meter: SpreadMeter,
 ) -> tuple[list[Case], list[dict[str, np.ndarray]]]:
     """One decode step at B=2 after the right-padded prefill, against each row decoded alone."""
     lengths = plan.batch_lengths
     padded = lengths[0]
+    convention = plan.batch_decode_masks[runner.role]
     mask = np.zeros((2, padded + 1), dtype=np.int64)
     for row, n in enumerate(lengths):
         mask[row, :n] = 1
-        mask[row, n if plan.batch_decode_masks[runner.role] == "prefix" else padded] = 1
+        mask[row, n if convention == "prefix" else padded] = 1
     decoded = runner.run(Step((0, 1), mask, 1), runner.next_past(batch))
-    decoded_alone = [
-        runner.run(
-            Step((row,), np.ones((1, n + 1), dtype=np.int64), 1), runner.next_past(alone[row])
-        )
-        for row, n in enumerate(lengths)
+    alone_steps = [
+        Step((row,), np.ones((1, n + 1), dtype=np.int64), 1) for row, n in enumerate(lengths)
     ]
-    cases = [
-        compare(
-            f"decode row {row} ({plan.batch_decode_masks[runner.role]} mask)",
-            decoded_alone[row][name],
-            decoded[name][row : row + 1],
-        )
-        for row in range(2)
-        for name in compared
-    ]
+    decoded_alone = [runner.run(alone_steps[row], runner.next_past(alone[row])) for row in range(2)]
+    cases: list[Case] = []
+    for row, n in enumerate(lengths):
+
+        def judged(spread: Spread | None, row: int = row) -> list[Case]:
+            return [
+                compare(
+                    f"decode row {row} ({convention} mask)",
+                    decoded_alone[row][name],
+                    decoded[name][row : row + 1],
+                    spread.at(name) if spread is not None else None,
+                )
+                for name in compared
+            ]
+
+        these = judged(None)
+        if _missed_tolerance(these) and meter.available:
+            prefill = Step.prefill([row], [n], n)
+            scenario = f"decode after {_scenario(prefill)}"
+            these = judged(meter.after_prefill(scenario, prefill, alone_steps[row]))
+        cases += these
     return cases, [decoded, *decoded_alone]
 
 
@@ -399,9 +604,16 @@ def _compare_outputs(
     actual: Mapping[str, np.ndarray],
     compared: Sequence[str],
     presents: Sequence[str],
+    spread: Spread | None = None,
+    positions: slice | None = None,
 ) -> list[Case]:
-    cases = [compare(f"{label} {name}", reference[name], actual[name]) for name in compared]
-    present_cases = [compare(name, reference[name], actual[name]) for name in presents]
+    def at(name: str) -> float | None:
+        return spread.at(name, positions) if spread is not None else None
+
+    cases = [
+        compare(f"{label} {name}", reference[name], actual[name], at(name)) for name in compared
+    ]
+    present_cases = [compare(name, reference[name], actual[name], at(name)) for name in presents]
     if present_cases:
         worst = max(present_cases, key=lambda case: case.severity)
         cases.append(dataclasses.replace(worst, label=f"{label} presents (worst: {worst.label})"))
@@ -425,10 +637,10 @@ def _non_finite_cases(runs: Sequence[Mapping[str, np.ndarray]]) -> list[Case]:
 
 
 def _original_defect(
-    description: str, original: CheckResult, candidate: CheckResult
+    description: str, original: CheckResult, candidate: CheckResult, cause: str
 ) -> OriginalDefect:
     fixed = None if candidate.skipped else bool(candidate.passed)
-    return OriginalDefect(original.name, description, fixed)
+    return OriginalDefect(original.name, description, fixed, named_cause=bool(cause))
 
 
 def _defect(check: str, result: CheckResult, reference: str, cause: str) -> str:

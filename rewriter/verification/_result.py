@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 from rewriter._json_values import json_float
+from rewriter.verification._spread import SPREAD_FACTOR, allowed_difference
 
 __all__ = ["Case", "CheckResult", "OriginalDefect", "VerificationError", "VerificationResult"]
 
@@ -23,22 +24,48 @@ class VerificationError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """One comparison inside a check, e.g. one prefill length or one decode step."""
+    """One comparison inside a check, e.g. one prefill length or one decode step.
+
+    ``spread`` (whole-model checks): the original's own difference to itself at the same
+    output and feeds (``_spread``); the case may then differ by ``allowed``, the larger of
+    the fixed tolerance and SPREAD_FACTOR x spread. None: the fixed tolerance alone.
+    """
 
     label: str
     max_abs_diff: float
     tolerance: float
     passed: bool
     note: str = ""
+    spread: float | None = None
+
+    @property
+    def allowed(self) -> float:
+        return allowed_difference(self.tolerance, self.spread)
+
+    @property
+    def within_spread(self) -> bool:
+        """Passed only because the original disagrees with itself by as much."""
+        return self.passed and self.max_abs_diff > self.tolerance
 
     @property
     def severity(self) -> float:
-        """How far past its tolerance the case is (> 1 fails); inf for non-finite output."""
+        """How far past what it may differ by the case is (> 1 fails); inf for non-finite
+        output."""
         if not math.isfinite(self.max_abs_diff):
             return math.inf
-        if self.tolerance > 0:
-            return self.max_abs_diff / self.tolerance
+        if self.allowed > 0:
+            return self.max_abs_diff / self.allowed
         return math.inf if self.max_abs_diff > 0 else 0.0
+
+    def judgement(self) -> str:
+        """The numbers a reader needs: ``0.155 within the original's own spread 0.110 x 3``."""
+        if self.spread is not None and self.allowed > self.tolerance:
+            verb = "within" if self.passed else "beyond"
+            return (
+                f"{self.max_abs_diff:.3g} {verb} the original's own spread {self.spread:.3g} "
+                f"x {SPREAD_FACTOR:g} (tolerance {self.tolerance:.3g})"
+            )
+        return f"{self.max_abs_diff:.3g} (tolerance {self.tolerance:.3g})"
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -47,6 +74,9 @@ class Case:
             "max_abs_diff": json_float(self.max_abs_diff),
             "tolerance": self.tolerance,
         }
+        if self.spread is not None:
+            out["spread"] = json_float(self.spread)
+            out["allowed"] = json_float(self.allowed)
         if self.note:
             out["note"] = self.note
         return out
@@ -57,8 +87,8 @@ class CheckResult:
     """One oracle applied to one model.
 
     ``model`` is the model under test: ``"candidate"`` (for the equivalence checks the
-    reference is the original) or ``"original"``. ``max_abs_diff`` and ``tolerance`` come
-    from the worst case, the one with the largest ``max_abs_diff / tolerance``.
+    reference is the original) or ``"original"``. ``max_abs_diff``, ``tolerance`` and
+    ``spread`` come from the worst case, the one with the largest ``max_abs_diff / allowed``.
     """
 
     name: str
@@ -68,10 +98,20 @@ class CheckResult:
     tolerance: float | None = None
     detail: str = ""
     cases: list[Case] = dataclasses.field(default_factory=list)
+    spread: float | None = None
 
     @property
     def skipped(self) -> bool:
         return self.passed is None
+
+    @property
+    def within_spread(self) -> bool:
+        """Passed, but some case only within the original's own spread, not the tolerance."""
+        return bool(self.passed) and any(case.within_spread for case in self.cases)
+
+    @property
+    def worst(self) -> Case | None:
+        return max(self.cases, key=lambda case: case.severity) if self.cases else None
 
     @classmethod
     def from_cases(cls, name: str, model: str, cases: list[Case], context: str = "") -> CheckResult:
@@ -91,6 +131,7 @@ class CheckResult:
             tolerance=worst.tolerance,
             detail=detail,
             cases=cases,
+            spread=worst.spread,
         )
 
     @classmethod
@@ -113,6 +154,9 @@ class CheckResult:
             "model": self.model,
             "detail": self.detail,
         }
+        if self.spread is not None:
+            out["spread"] = json_float(self.spread)
+            out["within_spread"] = self.within_spread
         if self.skipped:
             out["skipped"] = True
         if self.cases:
@@ -122,7 +166,10 @@ class CheckResult:
     def summary(self) -> str:
         status = {True: "PASS", False: "FAIL", None: "SKIP"}[self.passed]
         line = f"{status} {self.name} [{self.model}]"
-        if self.max_abs_diff is not None and not self.skipped:
+        worst = self.worst
+        if worst is not None and worst.spread is not None and worst.allowed > worst.tolerance:
+            line += f" max_abs_diff={worst.judgement()}"
+        elif self.max_abs_diff is not None and not self.skipped:
             line += f" max_abs_diff={self.max_abs_diff:.3g}"
             if self.tolerance is not None:
                 line += f" tolerance={self.tolerance:.3g}"
@@ -138,6 +185,9 @@ class OriginalDefect:
     check: str
     description: str
     fixed_by_rewrite: bool | None  # None: the candidate's check did not run
+    # The verifier read the cause in the original's graph (upper-left is_causal, a 3-D mask):
+    # only such a defect may excuse a candidate that fails the same check (verdict_gates).
+    named_cause: bool = False
 
     @property
     def status(self) -> str:
@@ -173,6 +223,16 @@ class VerificationResult:
     # Defects of the original found by the layer proofs, one line each naming its layers
     # (`defects` are those of the whole-model check).
     layer_defects: list[str] = dataclasses.field(default_factory=list)
+    # The original's own spread (_spread): the twin's setting, SPREAD_FACTOR, the spread of
+    # every scenario where it was measured (only where a comparison missed its tolerance).
+    spread: dict[str, Any] | None = None
+    # What a passed verdict rests on, in words (set by verify(mode=...)).
+    rests_on: str = ""
+
+    @property
+    def within_spread(self) -> bool:
+        """Some whole-model check held only within the original's own spread."""
+        return any(check.within_spread for check in self.checks)
 
     @property
     def original_defects(self) -> list[str]:
@@ -189,6 +249,8 @@ class VerificationResult:
             "original_defects": self.original_defects,
             "defects": [defect.to_dict() for defect in self.defects],
             "failed_because": list(self.gates),
+            "rests_on": self.rests_on,
+            "spread": self.spread,
         } | self._proofs_dict()
 
     def summary(self) -> str:
@@ -201,8 +263,13 @@ class VerificationResult:
         lines += [f"DEFECT original: {defect}" for defect in self.original_defects]
         lines += [f"DEFECT original: {defect}" for defect in self.layer_defects]
         lines += [f"failed because: {gate}" for gate in self.gates]
-        lines.append(f"verdict: {'PASSED' if self.passed else 'FAILED'}")
+        lines.append(self.verdict_line())
         return "\n".join(lines)
+
+    def verdict_line(self) -> str:
+        if not self.passed:
+            return "verdict: FAILED"
+        return f"verdict: PASSED ({self.rests_on})" if self.rests_on else "verdict: PASSED"
 
     def _proofs_dict(self) -> dict[str, Any]:
         if self.mode is None:

@@ -64,11 +64,22 @@ def execution_providers(provider: str) -> list[str]:
 
 
 def load_model(
-    source: ModelSource, role: str, provider: str, shared_weights: SharedWeights | None = None
+    source: ModelSource,
+    role: str,
+    provider: str,
+    shared_weights: SharedWeights | None = None,
+    *,
+    optimized: bool = True,
 ) -> LoadedModel:
+    """One session for ``source``. ``optimized=False``: graph optimizations disabled, the
+    graph run as written (the original's twin that measures its spread, ``_spread``)."""
     providers = execution_providers(provider)
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimized
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
     # Every run failure is caught and reported as a check result carrying ORT's message;
     # ORT's own error log would print the same message again, with a C++ signature.
     options.log_severity_level = 4

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from rewriter.verification._result import Case
+from rewriter.verification._spread import allowed_difference
 
 __all__ = ["RELATIVE_TOLERANCE", "compare", "tolerance_for"]
 
@@ -35,8 +36,14 @@ def tolerance_for(reference: np.ndarray) -> float:
     return rtol * max(1.0, scale)
 
 
-def compare(label: str, reference: np.ndarray, actual: np.ndarray) -> Case:
-    """Compare two arrays of one output; any NaN/inf in either one fails the case."""
+def compare(
+    label: str, reference: np.ndarray, actual: np.ndarray, spread: float | None = None
+) -> Case:
+    """Compare two arrays of one output; any NaN/inf in either one fails the case.
+
+    ``spread``: the reference model's own difference to itself at these feeds
+    (``_spread``); the case then passes within ``max(tolerance, SPREAD_FACTOR x spread)``.
+    """
     tolerance = tolerance_for(reference)
     if reference.shape != actual.shape:
         return Case(label, np.inf, tolerance, False, f"shape {actual.shape} != {reference.shape}")
@@ -47,4 +54,5 @@ def compare(label: str, reference: np.ndarray, actual: np.ndarray) -> Case:
     if reference.size == 0:
         return Case(label, 0.0, tolerance, True)
     diff = float(np.max(np.abs(actual.astype(np.float64) - reference.astype(np.float64))))
-    return Case(label, diff, tolerance, diff <= tolerance)
+    allowed = allowed_difference(tolerance, spread)
+    return Case(label, diff, tolerance, diff <= allowed, spread=spread)

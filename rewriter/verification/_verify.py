@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 
 from rewriter.verification._checks import (
     CANDIDATE,
@@ -12,13 +13,20 @@ from rewriter.verification._checks import (
     PREFILL,
     ModelRunner,
     Plan,
+    SpreadMeter,
     run_checks,
 )
 from rewriter.verification._feeds import DecoderSignature, FeedSynthesizer
 from rewriter.verification._graph_facts import read_graph_facts
-from rewriter.verification._result import CheckResult, VerificationError, VerificationResult
+from rewriter.verification._result import (
+    CheckResult,
+    OriginalDefect,
+    VerificationError,
+    VerificationResult,
+)
 from rewriter.verification._session import ModelSource, execution_providers, load_model
 from rewriter.verification._shared_weights import SharedWeights
+from rewriter.verification._spread import TWIN_SETTING
 
 __all__ = ["verdict_gates", "verify"]
 
@@ -79,29 +87,45 @@ def verify(
             capacity=plan.capacity,
             seed=seed,
         )
+
+        def open_twin() -> ModelRunner:
+            # The original again, graph optimizations disabled: its own spread (_spread).
+            report(f"loading the original again ({TWIN_SETTING}) to measure its own spread")
+            twin = load_model(original, "original", provider, shared_weights, optimized=False)
+            stack.callback(twin.close)
+            return ModelRunner(twin, original_signature, feeder)
+
+        original_runner = ModelRunner(original_model, original_signature, feeder)
+        meter = SpreadMeter(original_runner, open_twin)
         checks, defects = run_checks(
-            ModelRunner(original_model, original_signature, feeder),
+            original_runner,
             ModelRunner(candidate_model, candidate_signature, feeder),
             plan,
             original_facts,
             report,
+            meter,
         )
-    gates = verdict_gates(checks)
-    result = VerificationResult(passed=not gates, checks=checks, defects=defects, gates=gates)
+    gates = verdict_gates(checks, defects)
+    result = VerificationResult(
+        passed=not gates, checks=checks, defects=defects, gates=gates, spread=meter.to_dict()
+    )
     report(f"verdict: {'passed' if result.passed else 'failed'}")
     return result
 
 
-def verdict_gates(checks: list[CheckResult]) -> list[str]:
+def verdict_gates(checks: list[CheckResult], defects: Sequence[OriginalDefect] = ()) -> list[str]:
     """Why the candidate is worse than the original, if it is: prefill equivalence did not
-    hold, a candidate output was not finite, or the candidate fails a check that the
-    original passes (or one with no original counterpart). A check that both fail is the
-    original's defect, inherited, not the rewrite's fault: a no-op or a partial rewrite of a
-    defective original passes."""
+    hold, a candidate output was not finite, ONNX Runtime refused to run the candidate, or
+    the candidate fails a check that the original passes (or one with no original
+    counterpart). A candidate that fails a check the original fails too is excused only
+    when the original's failure is a defect whose cause the verifier named in its graph and
+    the candidate differs there by no more than the original: a partial rewrite of a
+    defective original then passes, and a rewrite that breaks differently does not."""
     gates = []
     if not any(check.name == PREFILL and check.passed for check in checks):
         gates.append("prefill equivalence with the original does not hold")
     original = {check.name: check for check in checks if check.model == ORIGINAL}
+    named = {defect.check for defect in defects if defect.named_cause}
     for check in checks:
         if check.model != CANDIDATE or check.passed is not False or check.name == PREFILL:
             continue
@@ -111,7 +135,32 @@ def verdict_gates(checks: list[CheckResult]) -> list[str]:
             gates.append(f"{check.name}: the candidate differs from the original")
         elif original[check.name].passed is not False:
             gates.append(f"{check.name}: the candidate fails where the original passes")
+        elif check.detail.startswith("error: ") and _error_kind(check) != _error_kind(
+            original[check.name]
+        ):
+            # An error is worse than any difference, unless it is the original's own error,
+            # inherited where the rewrite left a failing node alone (the same message, at
+            # the same or another node of that defect).
+            reason = check.detail[len("error: ") :]
+            gates.append(f"{check.name}: ONNX Runtime cannot run the candidate: {reason}")
+        elif check.name not in named:
+            gates.append(
+                f"{check.name}: the candidate fails it, and the original's failure has no "
+                "cause the verifier could name"
+            )
+        elif (check.max_abs_diff or 0.0) > (original[check.name].max_abs_diff or 0.0):
+            gates.append(
+                f"{check.name}: the candidate differs by {check.max_abs_diff:.3g}, more than "
+                f"the defective original ({original[check.name].max_abs_diff:.3g})"
+            )
     return gates
+
+
+def _error_kind(check: CheckResult) -> str:
+    """ONNX Runtime's error text without the node it names; "" when the check did not error."""
+    if not check.detail.startswith("error: "):
+        return ""
+    return re.sub(r"Name:'[^']*'", "Name:'*'", check.detail)
 
 
 def _ignore(_message: str) -> None:
