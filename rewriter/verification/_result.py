@@ -59,7 +59,7 @@ class Case:
 
     def judgement(self) -> str:
         """The numbers a reader needs: ``0.155 within the original's own spread 0.110 x 3``."""
-        if self.spread is not None and self.allowed > self.tolerance:
+        if self.spread is not None and self.max_abs_diff > self.tolerance:
             verb = "within" if self.passed else "beyond"
             return (
                 f"{self.max_abs_diff:.3g} {verb} the original's own spread {self.spread:.3g} "
@@ -167,7 +167,7 @@ class CheckResult:
         status = {True: "PASS", False: "FAIL", None: "SKIP"}[self.passed]
         line = f"{status} {self.name} [{self.model}]"
         worst = self.worst
-        if worst is not None and worst.spread is not None and worst.allowed > worst.tolerance:
+        if worst is not None and worst.spread is not None and worst.max_abs_diff > worst.tolerance:
             line += f" max_abs_diff={worst.judgement()}"
         elif self.max_abs_diff is not None and not self.skipped:
             line += f" max_abs_diff={self.max_abs_diff:.3g}"
