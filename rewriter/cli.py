@@ -20,6 +20,7 @@ from rewriter import __version__
 from rewriter._error_text import first_line
 from rewriter._paths import same_file
 from rewriter.forms import FormRejectedError
+from rewriter.metadata import record_verification
 from rewriter.model_io import (
     InputError,
     Interrupted,
@@ -260,6 +261,8 @@ def _rewrite_command(args: argparse.Namespace) -> int:
             except VerificationError as error:
                 raise InputError(f"verification could not run: {error}") from None
             report.verification = result.to_dict()
+            if result.passed:
+                record_verification(staged, report.verification)
             if not result.passed:
                 _write_report(args.report, report.to_dict())
                 print(report.summary(), file=sys.stderr)

@@ -10,7 +10,10 @@ the code it checks.
 from __future__ import annotations
 
 import json
+import os
 from typing import TYPE_CHECKING
+
+import onnx
 
 from rewriter import __version__
 
@@ -27,8 +30,10 @@ __all__ = [
     "PROBED_ON_KEY",
     "REWRITES_KEY",
     "SPEED_KEY",
+    "VERIFICATION_KEY",
     "VERSION_KEY",
     "record_metadata",
+    "record_verification",
 ]
 
 METADATA_PREFIX = "kvshare_gqa_rewriter."
@@ -40,6 +45,8 @@ PROBED_ON_KEY = METADATA_PREFIX + "probed_on"
 FORCED_KEY = METADATA_PREFIX + "forced"
 # --speed auto: per layer kind, the forms chosen and the median ms per call they rest on.
 SPEED_KEY = METADATA_PREFIX + "speed"
+# What the verifier proved before the file was written: the verdict and what it rests on.
+VERIFICATION_KEY = METADATA_PREFIX + "verification"
 
 
 def record_metadata(model: ir.Model, report: RewriteReport, probed_on: str | None) -> None:
@@ -77,3 +84,30 @@ def _speed_summary(speed: dict) -> dict:
             for table in speed["layers"]
         ],
     }
+
+
+def record_verification(path: str | os.PathLike[str], verification: dict) -> None:
+    """Add the verdict to the model file at ``path`` (a staged output, before it is
+    published): the verdict is known only after the verifier ran the written file. Only the
+    graph's protobuf is rewritten; external data stays where it is, untouched."""
+    model = onnx.load(os.fspath(path), load_external_data=False)
+    summary = {
+        "passed": verification.get("passed"),
+        "rests_on": verification.get("rests_on", ""),
+        "within_spread": [
+            {
+                "check": check["name"],
+                "model": check["model"],
+                "max_abs_diff": check["max_abs_diff"],
+                "spread": check.get("spread"),
+            }
+            for check in verification.get("checks", [])
+            if check.get("within_spread")
+        ],
+    }
+    onnx.helper.set_model_props(
+        model,
+        {prop.key: prop.value for prop in model.metadata_props}
+        | {VERIFICATION_KEY: json.dumps(summary, sort_keys=True)},
+    )
+    onnx.save(model, os.fspath(path))

@@ -5,6 +5,7 @@ refused, and a well-conditioned model is judged by the fixed tolerances as befor
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 
 from rewriter.cli import main
 from rewriter.fixtures.gemma4_like import build_decoder, tiny_config
+from rewriter.metadata import VERIFICATION_KEY
 from rewriter.pipeline import rewrite
 from rewriter.verification import VerificationResult, _modes, verify
 from rewriter.verification._spread import SPREAD_FACTOR, Spread, allowed_difference
@@ -107,10 +109,17 @@ def test_ill_conditioned_model_proven_layer_by_layer_is_written(tmp_path: Path, 
     assert "within the original's own spread" in console
     assert f"x {SPREAD_FACTOR:g}" in console
     verdict = console.strip().splitlines()[-2]
-    assert verdict == (
-        "verdict: PASSED (7 of 7 layers proven, nothing else changed; whole model within "
-        "the original's own spread: rests on the layer proofs)"
+    rests_on = (
+        "7 of 7 layers proven, nothing else changed; whole model within the original's own "
+        "spread: rests on the layer proofs"
     )
+    assert verdict == f"verdict: PASSED ({rests_on})"
+    # The written model says the same.
+    recorded = json.loads(ir.load(out).metadata_props[VERIFICATION_KEY])
+    assert recorded["passed"] is True
+    assert recorded["rests_on"] == rests_on
+    assert {entry["check"] for entry in recorded["within_spread"]} >= {"cache_consistency"}
+    assert all(entry["spread"] > 0 for entry in recorded["within_spread"])
 
 
 @pytest.mark.parametrize(
