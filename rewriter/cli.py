@@ -13,12 +13,14 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx_ir as ir
 
 from rewriter import __version__
 from rewriter._error_text import first_line
 from rewriter._paths import same_file
+from rewriter.console import verification_console
 from rewriter.forms import FormRejectedError
 from rewriter.metadata import record_verification
 from rewriter.model_io import (
@@ -33,6 +35,10 @@ from rewriter.model_io import (
 )
 from rewriter.pipeline import rewrite
 from rewriter.probe import FORMS, ProbeError, probe
+from rewriter.report import RewriteReport
+
+if TYPE_CHECKING:
+    from rewriter.verification import VerificationResult
 
 __all__ = ["main"]
 
@@ -84,7 +90,9 @@ def _rewrite_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("input", type=Path, help="model to rewrite (never modified)")
     parser.add_argument("output", type=Path, help="where to write the rewritten model")
-    parser.add_argument("--report", type=Path, help="write the JSON report here")
+    parser.add_argument(
+        "--report", type=Path, help="write the JSON report here ('-': to standard output)"
+    )
     parser.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime proof")
     _add_verify_mode(parser)
     parser.add_argument(
@@ -129,10 +137,19 @@ def _rewrite_parser() -> argparse.ArgumentParser:
         "--in-place", action="store_true", help="allow OUTPUT to be INPUT (atomic replace)"
     )
     _add_provider(parser)
-    parser.add_argument("--quiet", action="store_true", help="print errors only")
-    parser.add_argument("--debug", action="store_true", help="tracebacks on errors")
+    _add_output_options(parser)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
+
+
+def _add_output_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", action="store_true", help="print errors only")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="print every check and case of the verification, and every step of its progress",
+    )
+    parser.add_argument("--debug", action="store_true", help="tracebacks on errors")
 
 
 def _verify_parser() -> argparse.ArgumentParser:
@@ -151,11 +168,12 @@ def _verify_parser() -> argparse.ArgumentParser:
         "and CANDIDATE are the prefill graphs, these the decode graphs, verified as a pair "
         "(the decode graph fed the prefill graph's cache)",
     )
-    parser.add_argument("--report", type=Path, help="write the JSON report here")
+    parser.add_argument(
+        "--report", type=Path, help="write the JSON report here ('-': to standard output)"
+    )
     _add_verify_mode(parser)
     _add_provider(parser)
-    parser.add_argument("--quiet", action="store_true")
-    parser.add_argument("--debug", action="store_true")
+    _add_output_options(parser)
     return parser
 
 
@@ -241,6 +259,8 @@ def _rewrite_command(args: argparse.Namespace) -> int:
         speed=args.speed,
         progress=None if args.quiet else _rewrite_progress,
     )
+    console = _Console(args)
+    result = None
     with staged_output(model, args.output, source=args.input) as staged:
         if args.no_verify:
             report.verification = {"skipped": "--no-verify"}
@@ -249,13 +269,12 @@ def _rewrite_command(args: argparse.Namespace) -> int:
             # verifier cannot feed must still come out as an unchanged copy.
             report.verification = {"skipped": _NOTHING_REWRITTEN}
         else:
-            progress = None if args.quiet else _progress
             try:
                 result = verify(
                     args.input,
                     staged,
                     provider=args.provider,
-                    progress=progress,
+                    progress=console.progress,
                     mode=args.verify_mode,
                 )
             except VerificationError as error:
@@ -265,23 +284,56 @@ def _rewrite_command(args: argparse.Namespace) -> int:
                 record_verification(staged, report.verification)
             if not result.passed:
                 _write_report(args.report, report.to_dict())
-                print(report.summary(), file=sys.stderr)
-                print("verification FAILED; nothing written:", file=sys.stderr)
-                print(result.summary(), file=sys.stderr)
+                console.failed(report, result)
                 raise _VerificationFailed
     try:
         _write_report(args.report, report.to_dict())
-        if not args.quiet:
-            print(report.summary())
-            if report.verification and "checks" in report.verification:
-                print(result.summary())
-            elif report.verification:
-                print(f"verification skipped ({report.verification['skipped']})")
-            print(f"wrote {args.output}")
+        console.done(report, result)
+        console.say(f"wrote {args.output}")
     except Interrupted as interruption:
         interruption.written = args.output
         raise
     return EXIT_OK
+
+
+class _Console:
+    """Where and how much the CLI prints: the default view (``rewriter.console``), every
+    check with ``--verbose``, errors only with ``--quiet``; to standard error when the
+    report goes to standard output (``--report -``)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self._quiet = args.quiet
+        self._verbose = getattr(args, "verbose", False)
+        self._stream = sys.stderr if _to_stdout(args.report) else sys.stdout
+
+    def say(self, text: str) -> None:
+        if not self._quiet:
+            print(text, file=self._stream)
+
+    def progress(self, message: str) -> None:
+        # Sub-steps (indented: a layer's scenarios and cases) only with --verbose.
+        if self._quiet or (message.startswith(" ") and not self._verbose):
+            return
+        print(f"  verifying: {message}", file=sys.stderr, flush=True)
+
+    def done(self, report: RewriteReport, result: VerificationResult | None) -> None:
+        if result is None:
+            self.say(report.summary())
+            if report.verification:
+                self.say(f"verification skipped ({report.verification['skipped']})")
+            return
+        if self._verbose:
+            self.say(report.summary())
+            self.say(result.summary())
+        else:
+            self.say(report.summary(per_rewrite=False))
+            self.say(verification_console(report, result))
+
+    def failed(self, report: RewriteReport, result: VerificationResult) -> None:
+        print(report.summary(per_rewrite=self._verbose), file=sys.stderr)
+        print("verification FAILED; nothing written:", file=sys.stderr)
+        details = result.summary() if self._verbose else verification_console(report, result)
+        print(details, file=sys.stderr)
 
 
 def _verify_command(args: argparse.Namespace) -> int:
@@ -293,18 +345,23 @@ def _verify_command(args: argparse.Namespace) -> int:
         load_model(path)  # clear one-line errors for unreadable files
     if decode:
         return _verify_pair_command(args)
+    console = _Console(args)
     try:
         result = verify(
             args.original,
             args.candidate,
             provider=args.provider,
-            progress=None if args.quiet else _progress,
+            progress=console.progress,
             mode=args.verify_mode,
         )
     except VerificationError as error:
         raise InputError(str(error)) from None
     _write_report(args.report, {"verification": result.to_dict()})
-    print(result.summary(), file=sys.stdout if result.passed else sys.stderr)
+    text = result.summary() if args.verbose else verification_console(RewriteReport(""), result)
+    if not args.quiet or not result.passed:
+        print(
+            text, file=sys.stdout if result.passed and not _to_stdout(args.report) else sys.stderr
+        )
     return EXIT_OK if result.passed else EXIT_VERIFY_FAILED
 
 
@@ -344,17 +401,17 @@ def _probe_command(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _progress(message: str) -> None:
-    print(f"  verifying: {message}", file=sys.stderr, flush=True)
-
-
 def _rewrite_progress(message: str) -> None:
     print(f"  rewriting: {message}", file=sys.stderr, flush=True)
 
 
+def _to_stdout(report: Path | None) -> bool:
+    return report is not None and str(report) == "-"
+
+
 def _check_report_path(report: Path | None, *models: Path) -> None:
     """The report must be writable and must not land on a model file (or its weights)."""
-    if report is None:
+    if report is None or _to_stdout(report):
         return
     check_destination(report)
     for model in models:
@@ -364,6 +421,9 @@ def _check_report_path(report: Path | None, *models: Path) -> None:
 
 def _write_report(path: Path | None, data: dict) -> None:
     if path is None:
+        return
+    if _to_stdout(path):
+        print(json.dumps(data, indent=2), flush=True)
         return
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

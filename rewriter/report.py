@@ -57,14 +57,15 @@ class RewriteReport:
             "verification": self.verification,
         }
 
-    def summary(self) -> str:
-        """A few human-readable lines for the command line."""
+    def summary(self, per_rewrite: bool = True) -> str:
+        """A few human-readable lines for the command line; ``per_rewrite=False`` leaves out
+        the line per rewritten layer (the verification's layer table names each)."""
         candidates = self.rewritten + len(self.skipped)
         lines = [
             f"Attention layers: {candidates}, rewritten: {self.rewritten}, "
             f"skipped: {len(self.skipped)}"
         ]
-        for r in self.rewrites:
+        for r in self.rewrites if per_rewrite else ():
             window = f", local_window_size={r.local_window_size}" if r.local_window_size else ""
             window += ", window slice" if r.window_slice else ""
             if r.speed_form == "gqa":
