@@ -87,7 +87,8 @@ def _layer_lines(report: RewriteReport, result: VerificationResult) -> list[str]
     if not rows:
         return []
     header = ("layer", "kind", "form", "proof", "worst / tolerance")
-    return _table([header, *rows])
+    notes = {layer.note: layer.node for layer in result.layers if layer.note}
+    return _table([header, *rows]) + [f"note: {note}" for note in notes]
 
 
 def _worst(checks: Sequence) -> str:
@@ -96,7 +97,10 @@ def _worst(checks: Sequence) -> str:
         return "-"
     failed = [c for c in candidate if c.passed is False]
     if failed:
-        return f"{failed[0].name}: {failed[0].detail}"
+        first = failed[0]
+        if first.detail.startswith("error: "):
+            return f"{first.name}: {first.detail}"
+        return f"{first.name}: {first.max_abs_diff:.2g} > {first.tolerance:.2g} at {first.detail}"
     worst = max(candidate, key=lambda c: (c.max_abs_diff or 0.0) / (c.tolerance or 1.0))
     return f"{worst.max_abs_diff:.2g} / {worst.tolerance:.2g}"
 

@@ -60,7 +60,9 @@ def test_failed_verification_exits_1_and_writes_nothing(
     assert code == 1
     assert not out.exists()
     assert list(tmp_path.iterdir()) == [report_path]  # no staging leftovers
-    assert "FAIL prefill_equivalence" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "whole model: FAIL prefill " in err
+    assert "failed because: prefill equivalence with the original does not hold" in err
     assert json.loads(report_path.read_text())["verification"]["passed"] is False
 
 

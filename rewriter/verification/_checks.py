@@ -58,6 +58,8 @@ NON_FINITE = "non-finite output"
 _DEFAULT_WINDOW = 8
 _DECODE_STEPS = 3
 _CHUNK = 3
+# Gemma's W=512 needs 2W + 2 = 1026; longer windows are capped there (Plan.for_models).
+_LONGEST_PREFILL = 1026
 
 _UPPER_LEFT_CAUSE = (
     "likely cause: Attention is_causal=1 without past inputs is aligned to the upper left "
@@ -243,6 +245,10 @@ class Plan:
         longest = window + 3
         limits = [rows for rows in (original.rotary_rows, candidate.rotary_rows) if rows]
         note = ""
+        if max(prefill) > _LONGEST_PREFILL:
+            # A prefill's cost grows with S x T: a window of thousands would make this check
+            # minutes long. The layer proofs cross the window's edge at a cost linear in W.
+            limits.append(_LONGEST_PREFILL)
         if limits and max(*prefill, prefix + _DECODE_STEPS, longest + 1) > min(limits):
             # Positions past the rotary cache are outside the model's range: any output is
             # meaningless there, so the lengths shrink instead.
@@ -250,7 +256,12 @@ class Plan:
             prefill = {min(length, cap) for length in prefill}
             prefix = max(1, min(prefix, cap - max(_DECODE_STEPS, _CHUNK)))
             longest = max(2, min(longest, cap - 1))
-            note = f"lengths capped at {cap} positions (rotary cache rows)"
+            why = (
+                "rotary cache rows"
+                if cap != _LONGEST_PREFILL
+                else "the window's edge is proven by the layer proofs"
+            )
+            note = f"lengths capped at {cap} positions ({why})"
         masks = {ORIGINAL: _decode_mask(original), CANDIDATE: _decode_mask(candidate)}
         skip = ""
         appending = "Attention" in set(candidate.cache_writers.values())

@@ -33,7 +33,13 @@ from rewriter.verification._layer_extract import (
     Unprovable,
     pair_layers,
 )
-from rewriter.verification._layer_reference import Scenario, ScenarioData, make_data, scenarios
+from rewriter.verification._layer_reference import (
+    Scenario,
+    ScenarioData,
+    make_data,
+    scenarios,
+    window_note,
+)
 from rewriter.verification._result import Case, CheckResult
 from rewriter.verification._session import execution_providers, short_error
 from rewriter.verification._tolerance import RELATIVE_TOLERANCE
@@ -68,6 +74,8 @@ class LayerProof:
     seconds: float = 0.0
     # Whether the layer's nodes are known (always, with a proof): the graph diff needs them.
     nodes_known: bool = True
+    # What the scenarios could not reach (a window longer than the runs), in words.
+    note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -83,6 +91,8 @@ class LayerProof:
             out["proof_shared_with"] = self.proof_shared_with
         if self.reason:
             out["reason"] = self.reason
+        if self.note:
+            out["note"] = self.note
         return out
 
     def summary(self) -> str:
@@ -102,6 +112,8 @@ class LayerProof:
             line += f" max_abs_diff={worst.max_abs_diff:.3g} tolerance={worst.tolerance:.3g}"
         if self.proof_shared_with:
             line += f" [same subgraphs as {self.proof_shared_with}]"
+        if self.note:
+            line += f" ({self.note})"
         return line
 
 
@@ -190,7 +202,13 @@ def _prove(
 ) -> LayerProof:
     start = time.perf_counter()
     config = pair.config
-    proof = LayerProof(pair.original_node, pair.node, passed=False, config=config.describe())
+    proof = LayerProof(
+        pair.original_node,
+        pair.node,
+        passed=False,
+        config=config.describe(),
+        note=window_note(config),
+    )
     try:
         candidate = _session(pair.candidate_bytes, providers)
     except Exception as error:

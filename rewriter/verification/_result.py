@@ -58,14 +58,20 @@ class Case:
         return math.inf if self.max_abs_diff > 0 else 0.0
 
     def judgement(self) -> str:
-        """The numbers a reader needs: ``0.155 within the original's own spread 0.110 x 3``."""
-        if self.spread is not None and self.max_abs_diff > self.tolerance:
+        """The numbers a reader needs: ``0.155 within the original's own spread 0.11 x 3``."""
+        plain = f"{self.max_abs_diff:.3g} (tolerance {self.tolerance:.3g})"
+        if self.spread is None or self.max_abs_diff <= self.tolerance:
+            return plain
+        if self.allowed > self.tolerance:
             verb = "within" if self.passed else "beyond"
             return (
                 f"{self.max_abs_diff:.3g} {verb} the original's own spread {self.spread:.3g} "
                 f"x {SPREAD_FACTOR:g} (tolerance {self.tolerance:.3g})"
             )
-        return f"{self.max_abs_diff:.3g} (tolerance {self.tolerance:.3g})"
+        return (
+            f"{self.max_abs_diff:.3g} (tolerance {self.tolerance:.3g}; the original's own "
+            f"spread {self.spread:.3g})"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
