@@ -232,6 +232,18 @@ def infer_head_size(
     return sizes.pop()
 
 
+def check_top_level(context, attention: ir.Node) -> None:
+    """Only the main graph is rewritten: a layer inside an If/Loop body (or a function) cannot
+    be cut out and proven on its own, and a rewrite there would change the whole If/Loop node
+    in the verifier's graph diff; better left as it is, with the reason, than refused later."""
+    if context.graph_or_function is not context.model.graph:
+        raise MatchFailureError(
+            "inside a subgraph (an If/Loop body or a function): left as it is, since its "
+            "layer could not be proven on its own",
+            attention,
+        )
+
+
 def check_not_chosen(attention: ir.Node) -> None:
     """An Attention a speed choice wrote (rules._speed_choice) was chosen over GQA."""
     form = attention.metadata_props.get(SPEED_FORM_KEY)
@@ -324,14 +336,17 @@ class AttentionToGQARule(pattern.RewriteRuleClassBase):
 
     def check(self, context, **bindings) -> pattern.MatchResult | bool:
         attention = context.root
-        return self._record(attention, lambda: self._plan_for(context, attention, **bindings))
+        return self._record(
+            context, attention, lambda: self._plan_for(context, attention, **bindings)
+        )
 
     def _record(
-        self, attention: ir.Node, plan_for: Callable[[], Any]
+        self, context, attention: ir.Node, plan_for: Callable[[], Any]
     ) -> pattern.MatchResult | bool:
         """A plan for rewrite(), or the reason `attention` is skipped (and what is at fault)."""
         label = node_label(attention)
         try:
+            check_top_level(context, attention)
             check_not_chosen(attention)
             plan = plan_for()
         except MatchFailureError as failure:

@@ -238,7 +238,9 @@ class HFAttentionToGQA(AttentionToGQARule):
             # Not this export style: the 3-D rules own the skip reason.
             return pattern.MatchResult().fail("query/key/value are not 4-D", attention)
         # The pattern's root is what follows the Attention, not the Attention itself.
-        return self._record(attention, lambda: self._plan_for(context, attention, **bindings))
+        return self._record(
+            context, attention, lambda: self._plan_for(context, attention, **bindings)
+        )
 
     def _plan_for(
         self,

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 import pytest
 
@@ -112,3 +113,54 @@ def test_report_dash_writes_the_json_to_standard_output(tmp_path: Path) -> None:
     assert report["rewritten"] == 3 and report["verification"]["passed"] is True
     assert "verdict: PASSED" in result.stderr
     assert not (Path.cwd() / "-").exists()
+
+
+def _attention_inside_an_if(path: Path) -> str:
+    """p2_tiny with its first KV-shared Attention moved into both branches of an If."""
+    model = ir.load(FIXTURES / "p2_tiny.onnx")
+    attention = next(node for node in model.graph if node.op_type == "Attention")
+    output = attention.outputs[0]
+
+    def branch(name: str) -> ir.Graph:
+        inner = ir.node(
+            "Attention",
+            list(attention.inputs),
+            attributes={key: attr.value for key, attr in attention.attributes.items()},
+            name=f"{attention.name}_{name}",
+        )
+        inner.outputs[0].name = f"{output.name}_{name}"
+        return ir.Graph([], [inner.outputs[0]], nodes=[inner], name=name)
+
+    condition = ir.Value(name="branch_condition", const_value=ir.tensor(np.array(True)))
+    condition.shape, condition.dtype = condition.const_value.shape, condition.const_value.dtype
+    model.graph.register_initializer(condition)
+    layer_if = ir.node(
+        "If",
+        [condition],
+        attributes={"then_branch": branch("then"), "else_branch": branch("else")},
+        name="layer_if",
+    )
+    model.graph.insert_after(attention, layer_if)
+    output.replace_all_uses_with(layer_if.outputs[0])
+    model.graph.remove(attention, safe=True)
+    layer_if.outputs[0].name = output.name
+    ir.save(model, path)
+    return attention.name
+
+
+def test_an_attention_inside_an_if_is_left_alone_with_its_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Rewriting it and then refusing to write would leave --no-verify as the only way out."""
+    source, out = tmp_path / "if.onnx", tmp_path / "out.onnx"
+    name = _attention_inside_an_if(source)
+    report_path = tmp_path / "report.json"
+    assert cli.main([str(source), str(out), "--report", str(report_path), "--speed", "off"]) == 0
+    report = json.loads(report_path.read_text())
+    skipped = {entry["node"]: entry["reason"] for entry in report["skipped"]}
+    assert set(skipped) == {f"{name}_then", f"{name}_else"}
+    assert all(reason.startswith("inside a subgraph") for reason in skipped.values())
+    assert report["rewritten"] == 2 and report["verification"]["passed"] is True
+    branches = next(n for n in ir.load(out).graph if n.op_type == "If").attributes
+    for key in ("then_branch", "else_branch"):
+        assert [n.op_type for n in branches[key].as_graph()] == ["Attention"]
