@@ -122,7 +122,15 @@ def _whole_model_line(result: VerificationResult) -> str:
     if result.graph_diff is not None:
         verdict = {True: "nothing else changed", False: "CHANGED outside the layers"}
         parts.append(verdict.get(result.graph_diff.passed, "graph outside the layers not compared"))
-    return "whole model: " + "; ".join(parts) if parts else ""
+    if not parts:
+        return ""
+    lengths = (result.model or {}).get("lengths", "")
+    title = (
+        "whole model (wiring, short lengths)"
+        if lengths.startswith("confirmation")
+        else "whole model"
+    )
+    return f"{title}: " + "; ".join(parts)
 
 
 def _defect_block(result: VerificationResult) -> list[str]:

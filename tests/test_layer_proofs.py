@@ -14,6 +14,7 @@ import onnx_ir as ir
 import pytest
 
 from rewriter.cli import main
+from rewriter.fixtures.gemma4_like import build_decoder, tiny_config
 from rewriter.pipeline import rewrite
 from rewriter.verification import VerificationResult, _modes, verify
 from rewriter.verification._layer_proofs import prove_layers
@@ -268,6 +269,39 @@ def test_auto_skips_the_model_check_when_it_does_not_fit(monkeypatch) -> None:
     assert estimate["estimated_bytes"] > estimate["original_weight_bytes"] > 0
     assert any(m.startswith("layer 1/3") for m in messages)
     assert messages[-1] == "verdict: passed"
+
+
+def test_auto_measures_what_the_original_session_takes_before_going_on(monkeypatch) -> None:
+    """The estimate lets the check start; the original's loaded session, measured, decides
+    whether the candidate's and the twin's fit too."""
+    from rewriter.verification import _verify
+
+    readings = iter([1 << 30, (1 << 30) + (3 << 30)])  # the session took 3 GiB
+    monkeypatch.setattr(_verify, "resident_bytes", lambda: next(readings))
+    monkeypatch.setattr(_modes, "available_memory", lambda: 6 << 30)
+    candidate, _ = _rewritten(FIXTURES / "p2_tiny.onnx")
+    result = verify(FIXTURES / "p2_tiny.onnx", candidate)
+    assert result.model is not None and result.model["ran"] is False
+    reason = result.model["reason"]
+    assert reason.startswith("does not fit: the original's session took 3.22 GB (measured)")
+    assert result.passed and result.checks == []
+    assert result.rests_on.endswith("whole-model check not run")
+
+
+def test_auto_confirms_the_wiring_at_short_lengths_when_every_layer_is_proven() -> None:
+    config = tiny_config(mask_style="p2", sliding_window=16)
+    original = build_decoder(config)
+    candidate, _ = rewrite(ir.from_proto(original))
+    auto = verify(original, candidate)
+    assert auto.passed and auto.model["lengths"] == "confirmation (a window of 8)"
+    full = verify(original, candidate, mode="all")
+    assert full.passed and full.model["lengths"] == "full"
+
+    def longest(result: VerificationResult) -> str:
+        prefill = next(c for c in result.checks if c.name == "prefill_equivalence")
+        return prefill.cases[-1].label
+
+    assert longest(auto).startswith("S=18 ") and longest(full).startswith("S=34 ")
 
 
 def test_model_mode_runs_only_the_whole_model_checks() -> None:

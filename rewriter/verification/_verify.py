@@ -28,7 +28,24 @@ from rewriter.verification._session import ModelSource, execution_providers, loa
 from rewriter.verification._shared_weights import SharedWeights
 from rewriter.verification._spread import TWIN_SETTING
 
-__all__ = ["verdict_gates", "verify"]
+__all__ = ["ModelCheckSkipped", "resident_bytes", "verdict_gates", "verify"]
+
+
+class ModelCheckSkipped(Exception):
+    """The whole-model check stopped before running: the rest would not fit in memory."""
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory (VmRSS); None where /proc is unreadable."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
 
 # Token ids when neither model states its vocabulary: 0 and 1 exist in any vocabulary.
 _FALLBACK_VOCAB = 2
@@ -42,10 +59,16 @@ def verify(
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
     shared_weights: SharedWeights | None = None,
+    confirmation: bool = False,
+    memory_gate: Callable[[int], str] | None = None,
 ) -> VerificationResult:
     """Run ``original`` and ``candidate`` on ONNX Runtime and decide whether they compute the
     same thing (SPEC section 6). Defects of the original are reported, not held against the
     candidate. ``shared_weights``: one copy of the weights for both sessions.
+    ``confirmation``: short lengths (``Plan.for_models``), where layer proofs carry the rest.
+    ``memory_gate``: called with the bytes the original's session took once it is loaded;
+    a non-empty answer (why the rest would not fit) stops the check there
+    (``ModelCheckSkipped``).
 
     Raises:
         VerificationError: an input cannot be fed, a model does not load on ONNX Runtime, or
@@ -55,8 +78,14 @@ def verify(
     execution_providers(provider)  # fail before the expensive part
     with contextlib.ExitStack() as stack:
         report("loading the original model")
+        before = resident_bytes()
         original_model = load_model(original, "original", provider, shared_weights)
         stack.callback(original_model.close)
+        if memory_gate is not None and before is not None:
+            after = resident_bytes()
+            why = memory_gate(max(0, (after or before) - before))
+            if why:
+                raise ModelCheckSkipped(why)
         report("loading the candidate model")
         candidate_model = load_model(candidate, "candidate", provider, shared_weights)
         stack.callback(candidate_model.close)
@@ -71,7 +100,7 @@ def verify(
             )
         original_facts = read_graph_facts(original_model.model)
         candidate_facts = read_graph_facts(candidate_model.model)
-        plan = Plan.for_models(original_facts, candidate_facts)
+        plan = Plan.for_models(original_facts, candidate_facts, confirmation=confirmation)
         vocab_sizes = [
             size
             for size in (
