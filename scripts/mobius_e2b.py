@@ -86,6 +86,8 @@ E2B: dict[str, Any] = {
     "max_position_embeddings": 32768,
     "tie_word_embeddings": False,
     "pad_token_id": 0,
+    "bos_token_id": 2,  # Gemma's ids; only genai_config.json reads them
+    "eos_token_id": 1,
 }
 SLIDING_PER_FULL = 4  # E2B's pattern: 4 sliding layers, then 1 full, repeating
 ATTENTION_LOGIT_STD = 3.0  # what the q/k norm weights aim the attention logits at
@@ -163,7 +165,12 @@ def _structure(path: Path) -> dict[str, Any]:
 
 
 def _sizes(out: Path) -> dict[str, int]:
-    return {item.name: item.stat().st_size for item in sorted(out.iterdir()) if item.is_file()}
+    """The files the build wrote (OUT also gathers what later runs put there, e.g. a rewrite)."""
+    return {
+        item.name: item.stat().st_size
+        for item in sorted(out.iterdir())
+        if item.name.startswith("model.onnx") or item.name == "genai_config.json"
+    }
 
 
 def build(out: Path, ep: str, mobius_src: Path | None, seed: int, package: bool) -> dict[str, Any]:
@@ -279,6 +286,9 @@ def check(out: Path, threads: int = 2) -> dict[str, Any]:
     logits = second["logits"]
     if not np.all(np.isfinite(first["logits"])) or not np.all(np.isfinite(logits)):
         raise SystemExit("check failed: non-finite logits")
+    # The decode step against one prefill of the same 9 tokens: the export's own consistency.
+    whole = session.run(["logits"], feeds(np.concatenate([prompt, token], axis=1), {}, 0))[0]
+    decode_vs_prefill = float(np.abs(whole[:, -1] - logits[:, -1]).max())
     return {
         "onnxruntime": ort.__version__,
         "threads": threads,
@@ -296,6 +306,7 @@ def check(out: Path, threads: int = 2) -> dict[str, Any]:
             "logits_shape": list(logits.shape),
             "last_logits_abs_max": round(float(np.abs(logits).max()), 3),
             "last_logits_std": round(float(logits.std()), 3),
+            "vs_prefill_of_9_max_abs_diff": decode_vs_prefill,
         },
     }
 
