@@ -3,7 +3,8 @@
 What it builds: mobius's own Gemma 4 text model (`gemma4_text`, the `Gemma4CausalLMModel` of
 onnxruntime/mobius), from a `Gemma4Config` made here in code (mobius main's
 `Gemma4Config.from_transformers` fails on transformers 5.25's `Gemma4TextConfig`), exported by
-mobius's own `build_from_module` for the execution provider you name, fp32:
+mobius's own `build_from_module` (task "gemma4-text-generation", the one mobius's `build` picks
+for gemma4_text) for the execution provider you name, fp32:
 
 - 35 layers, 4 sliding + 1 full repeating (layers 4, 9, ..., 34 full); the last 20 KV-shared
   (`num_kv_shared_layers=20`: layers 15-34 borrow the K/V of layer 13, the last own-cache sliding
@@ -14,8 +15,9 @@ mobius's own `build_from_module` for the execution provider you name, fp32:
 - per-layer embeddings as Gemma 4 E2B has them (256 per layer, gated into every layer), their
   vocabulary cut to the model's;
 - vocabulary 2048 and MLP width 1024 (doubled in the KV-shared layers, `use_double_wide_mlp` as
-  E2B has it), so the weights are about 2.4 GB of fp32 instead of E2B's ~20 GB: attention is at
-  real size, the rest is cut to fit a shared machine.
+  E2B has it), so the random weights are 2.42 GB of fp32 (2.52 GB of external data with
+  mobius's rotary tables) instead of E2B's ~20 GB: attention is at real size, the rest is cut
+  to fit a shared machine.
 
 Random weights, seeded, drawn like the corpus's mobius exports (../shared/corpus/mobius-78437cd*):
 every matrix normal with std 1/sqrt(its input width) (the lm head 2/sqrt(hidden)), every norm
@@ -27,19 +29,24 @@ Written to OUT (default bench/cache/mobius-e2b-EP, git-ignored; never commit it)
 commit, build time, sizes, attention node counts, which layers are KV-shared and from where,
 input and output names). With `--package` it writes the onnxruntime-genai package instead
 (mobius's `export_package`: the same model files plus `genai_config.json`).
-When onnxruntime is importable it then loads the model on the CPU provider and runs one prefill
-of 8 tokens and one decode step (`--check-only` does just that for an existing OUT).
+When onnxruntime is importable it then loads the model on the CPU provider, runs one prefill
+of 8 tokens and one decode step, and compares that step with one prefill of the 9 tokens
+(`--check-only` does just that for an existing OUT, also from the project's venv). The same seed
+gives byte-identical files.
 
 It runs in its own virtual environment with mobius installed (not the project's: mobius needs
-torch and pins its own onnx-ir/onnxscript), from the repository root::
+torch and transformers), from the repository root::
 
     python3 -m venv bench/cache/mobius-venv && . bench/cache/mobius-venv/bin/activate
     pip install torch==2.13.0 && pip install -e MOBIUS_SRC onnxruntime==1.32.0
     python scripts/mobius_e2b.py --mobius-src MOBIUS_SRC --ep default   # or --ep cpu
+    pip install onnxruntime-genai==0.18.0   # only to run a --package build with the runtime
 
 (install torch first: it is the CPU wheel; letting mobius's requirements pull torch would fetch a
 CUDA build of several GB). MOBIUS_SRC is a checkout of onnxruntime/mobius (built and measured
-at main 78437cd), e.g. `git -C MIRROR archive HEAD | tar -x -C bench/cache/mobius-src`.
+at main 78437cd), e.g. `git -C MIRROR archive HEAD -- . ':!testdata' | tar -x -C
+bench/cache/mobius-src` (the snapshot lacks some testdata blobs; pass `--mobius-commit 78437cd`
+so build_info.json records what a plain copy cannot).
 """
 
 from __future__ import annotations
