@@ -38,6 +38,7 @@ from onnxscript.rewriter._context import TapeBuilder
 from rewriter.rules._naming import name_after
 
 __all__ = [
+    "DEFECTIVE_EXPORT_REASON",
     "EXPORT_FREE_FORMS",
     "PHASE_FORMS",
     "SPEED_FORM_KEY",
@@ -52,6 +53,12 @@ __all__ = [
 PHASE_FORMS = ("gqa", "attention-bnsh", "export", "fold")
 # Forms that read nothing of the export's Attention or mask: a defective export may get them.
 EXPORT_FREE_FORMS = frozenset({"gqa", "fold"})
+
+# Why a speed choice never keeps an is_causal=1 KV-shared export (SPEC.md section 2, P1 (a)).
+DEFECTIVE_EXPORT_REASON = (
+    "not timed: the export's is_causal=1 without past inputs is aligned to the upper left, "
+    "wrong in decode; GroupQueryAttention is the correctness fix"
+)
 
 # Node metadata on the Attention nodes a speed choice writes: a later run leaves them alone
 # instead of "rewriting" what was chosen over GQA (rules._attention_rule.check_not_chosen).
@@ -74,6 +81,9 @@ class SpeedChoice:
                 raise ValueError(f"a phase form is one of {PHASE_FORMS}, got {phase!r}")
         if self.prefill == "fold":
             raise ValueError("the fold is a decode form (one query token per row)")
+        if self.decode == "fold" and self.prefill != "gqa":
+            # It reads the lengths and window slice built for GQA's prefill.
+            raise ValueError("the fold decodes behind GQA's prefill, not " + self.prefill)
 
     @property
     def export_free(self) -> bool:

@@ -43,6 +43,7 @@ from rewriter.rules._log import RewriteLog
 from rewriter.rules._mask_patterns import MaskForm, match_mask
 from rewriter.rules._shape_evidence import HeadSizeEvidence, ShapeFacts
 from rewriter.rules._speed_choice import (
+    DEFECTIVE_EXPORT_REASON,
     SPEED_LAYER_KEY,
     SpeedChoice,
     attention_bnsh,
@@ -52,13 +53,6 @@ from rewriter.rules._speed_choice import (
 )
 
 __all__ = ["KVSharedAttentionToGQA"]
-
-
-# Why a speed choice never keeps an is_causal=1 KV-shared export (SPEC.md section 2, P1 (a)).
-_UPPER_LEFT_FIX = (
-    "not timed: the export's is_causal=1 without past inputs is aligned to the upper left, "
-    "wrong in decode; GroupQueryAttention is the correctness fix"
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,11 +140,11 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
             speed = self.choose_speed(kind)
             if not export_is_correct and not speed.export_free:
                 # A defective export is never kept, in any phase, whatever was measured.
-                speed = SpeedChoice(reason=_UPPER_LEFT_FIX)
+                speed = SpeedChoice(reason=DEFECTIVE_EXPORT_REASON)
             if speed.decode == speed.prefill == "export":
                 raise MatchFailureError(speed.reason, attention)
         elif self.choose_speed is not None and not export_is_correct:
-            speed = SpeedChoice(reason=_UPPER_LEFT_FIX)
+            speed = SpeedChoice(reason=DEFECTIVE_EXPORT_REASON)
         return _Plan(
             borrowed_key,
             borrowed_value,
