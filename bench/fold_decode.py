@@ -94,10 +94,8 @@ def _fold_model(case: LayerCase) -> onnx.ModelProto:
     return model
 
 
-def _rewritten(case: LayerCase, choice: SpeedChoice) -> onnx.ModelProto:
-    """What the rewrite writes for the P2 one-layer export of `case` under `choice`."""
-    from rewriter.pipeline import rewrite
-
+def _export(case: LayerCase, dtype: str) -> ir.Model:
+    """The P2 one-layer export of `case` (rewriter.probe._one_layer)."""
     layer = OneLayer(
         num_heads=case.num_heads,
         kv_num_heads=case.kv_num_heads,
@@ -105,9 +103,17 @@ def _rewritten(case: LayerCase, choice: SpeedChoice) -> onnx.ModelProto:
         window=case.window,
         mask_style="p2",
         scale=1.0,
+        dtype=dtype,
     )
+    return kv_shared_layer(layer)
+
+
+def _rewritten(case: LayerCase, choice: SpeedChoice, dtype: str) -> onnx.ModelProto:
+    """What the rewrite writes for the P2 one-layer export of `case` under `choice`."""
+    from rewriter.pipeline import rewrite
+
     model, report = rewrite(
-        kv_shared_layer(layer),
+        _export(case, dtype),
         layers="shared",
         choose_form=always_past,
         choose_speed=lambda _: choice,
@@ -116,23 +122,30 @@ def _rewritten(case: LayerCase, choice: SpeedChoice) -> onnx.ModelProto:
     return ir.to_proto(model)
 
 
-def _model(case: LayerCase, form: str) -> onnx.ModelProto:
+def _model(case: LayerCase, form: str, dtype: str = "float32") -> onnx.ModelProto:
+    if form == "rewrite-gqa":
+        return _rewritten(case, SpeedChoice(), dtype)
+    if form == "rewrite-fold":
+        return _rewritten(case, SpeedChoice("fold", "gqa"), dtype)
+    if dtype != "float32":  # the hand-built forms are float32; the export is the export
+        assert form == "original", f"{form} is built in float32 only"
+        return ir.to_proto(_export(case, dtype))
     if form == "fold":
         return _fold_model(case)
-    if form == "rewrite-gqa":
-        return _rewritten(case, SpeedChoice())
-    if form == "rewrite-fold":
-        return _rewritten(case, SpeedChoice("fold", "gqa"))
     return build_form(case, form)
 
 
-def _feeds(case: LayerCase, form: str) -> dict[str, np.ndarray]:
+def _feeds(case: LayerCase, form: str, dtype: str = "float32") -> dict[str, np.ndarray]:
     """The same query and cache for every form (one seed), the lengths as each reads them."""
-    feeds = case.feeds("gqa" if form.startswith(("gqa", "rewrite")) else form, _rng())
+    export_inputs = form.startswith(("gqa", "rewrite")) or dtype != "float32"
+    feeds = case.feeds("gqa" if export_inputs else form, _rng())
     if form == "fold":
         group = case.num_heads // case.kv_num_heads
         feeds["bias"] = np.ascontiguousarray(np.repeat(case.bias(), group, axis=2))
-    return feeds
+    return {
+        name: value.astype(dtype) if value.dtype == np.float32 else value
+        for name, value in feeds.items()
+    }
 
 
 def _rng() -> np.random.Generator:
@@ -151,14 +164,18 @@ def copy_bandwidth(megabytes: int = 256, repeats: int = 20) -> float:
     return source.nbytes / best
 
 
-def _read_bytes(case: LayerCase) -> int:
+def _read_bytes(case: LayerCase, dtype: str = "float32") -> int:
     """K and V bytes a decode step must read once: the window's keys, or all T."""
     keys = case.total_length if case.window is None else min(case.window, case.total_length)
-    return 2 * case.kv_num_heads * keys * case.head_size * 4
+    return 2 * case.kv_num_heads * keys * case.head_size * np.dtype(dtype).itemsize
 
 
 def measure(
-    cases: Sequence[LayerCase], repeats: int, bandwidth: float, forms: Sequence[str] = FOLD_FORMS
+    cases: Sequence[LayerCase],
+    repeats: int,
+    bandwidth: float,
+    forms: Sequence[str] = FOLD_FORMS,
+    dtype: str = "float32",
 ) -> list[dict]:
     options = quiet_session_options(threads=1)
     results = []
@@ -166,11 +183,13 @@ def measure(
         sessions, feeds = {}, {}
         for form in forms:
             sessions[form] = ort.InferenceSession(
-                _model(case, form).SerializeToString(), options, providers=["CPUExecutionProvider"]
+                _model(case, form, dtype).SerializeToString(),
+                options,
+                providers=["CPUExecutionProvider"],
             )
-            feeds[form] = _feeds(case, form)
+            feeds[form] = _feeds(case, form, dtype)
         outputs = {form: sessions[form].run(["output"], feeds[form])[0] for form in forms}
-        reference = outputs["original"]
+        reference = outputs["original"].astype(np.float64)
         scale = max(1.0, float(np.abs(reference).max()))
         timings = interleaved(
             {form: _call(sessions[form], feeds[form]) for form in forms},
@@ -178,7 +197,7 @@ def measure(
             warmup=2,
             clock=time.thread_time,
         )
-        floor_ms = _read_bytes(case) / bandwidth * 1e3
+        floor_ms = _read_bytes(case, dtype) / bandwidth * 1e3
         rows = {}
         for form in forms:
             samples = np.array(timings[form].samples)
@@ -201,7 +220,8 @@ def measure(
                 "head_size": case.head_size,
                 "window": case.window,
                 "total_length": case.total_length,
-                "kv_bytes_read_once": _read_bytes(case),
+                "dtype": dtype,
+                "kv_bytes_read_once": _read_bytes(case, dtype),
                 "floor_ms": floor_ms,
                 "forms": rows,
             }
@@ -258,10 +278,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny shapes, seconds")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "float16"),
+        default="float32",
+        help="float16: only the export and what the rewrite writes (original, rewrite-*)",
+    )
     args = parser.parse_args(argv)
     bandwidth = copy_bandwidth(16 if args.quick else 256)
     print(f"best one-thread copy rate: {bandwidth / 1e9:.2f} GB/s", flush=True)
-    results = measure(cases(args.quick), args.repeats, bandwidth)
+    forms = FOLD_FORMS if args.dtype == "float32" else ("original", "rewrite-gqa", "rewrite-fold")
+    results = measure(cases(args.quick), args.repeats, bandwidth, forms, args.dtype)
     print(markdown(results))
     if args.json:
         record = {
