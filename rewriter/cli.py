@@ -120,11 +120,13 @@ def _rewrite_parser() -> argparse.ArgumentParser:
         "--speed",
         choices=("auto", "off"),
         default="auto",
-        help="auto (default): time each layer kind whose export is correct as GQA, as the "
-        "export's Attention and (KV-shared) as Attention reading the cache in place, in "
-        "prefill and decode on the provider, and give it the fastest (one per phase behind "
-        "an If on S == 1 where measured faster); seconds per layer kind. off: every layer "
-        "that qualifies becomes GroupQueryAttention, as rewriter.rewrite() does by default",
+        help="auto (default): float32 KV-shared layers on CPU get If(S == 1: fold, else: "
+        "gqa), measured once and fixed (nothing timed); every other layer kind whose export "
+        "is correct is timed as GQA, as the export's Attention and (KV-shared) as Attention "
+        "reading the cache in place, in prefill and decode on the provider, and gets the "
+        "fastest (one per phase behind an If on S == 1 where measured faster); seconds per "
+        "timed layer kind. off: every layer that qualifies becomes GroupQueryAttention, as "
+        "rewriter.rewrite() does by default",
     )
     parser.add_argument(
         "--no-window-slice",

@@ -61,10 +61,12 @@ class AttentionToGQAPass(ir.passes.InPlacePass):
     window_slice: sliding KV-shared layers read only the keys their window reaches (the
         borrowed cache sliced once per source and step; CPU GQA reads every key it gets).
     speed: "off" (default) makes every KV-shared layer that qualifies GroupQueryAttention;
-        "auto" times, per KV-shared layer kind whose export is correct, GQA, the export's
-        Attention and Attention reading the cache in place, in prefill and decode, on
-        `provider`, and gives the layer the fastest (one per phase behind an If on S == 1
-        where that is measured faster still; rewriter.speed). Not with a forced form.
+        "auto" gives float32 KV-shared layers on CPU If(S == 1: fold, else: gqa) (fixed,
+        measured once: rewriter.speed.FOLD_ON_CPU) and times, per other layer kind whose
+        export is correct, GQA, the export's Attention and Attention reading the cache in
+        place, in prefill and decode, on `provider`, and gives the layer the fastest (one per
+        phase behind an If on S == 1 where that is measured faster still; rewriter.speed).
+        Not with a forced form.
     choose_form: replaces the probe (tests, or exporters that know their runtime); no
         onnxruntime is imported then.
     choose_speed: replaces the speed probe: LayerKind -> rules.SpeedChoice (tests, or

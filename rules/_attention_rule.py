@@ -77,13 +77,17 @@ class LayerKind:
     softcap: float
     # A layer with its own cache (past inputs, presents out); else a KV-shared layer.
     own_cache: bool = False
+    # False for an export that is wrong in decode (is_causal=1 without past): it may get
+    # only forms that read nothing of it (rules._speed_choice.EXPORT_FREE_FORMS).
+    export_correct: bool = True
 
     def describe(self) -> str:
         window = f"W={self.local_window_size}" if self.local_window_size else "full"
         cache = "own-cache" if self.own_cache else "KV-shared"
+        defect = "" if self.export_correct else " (export wrong in decode)"
         return (
             f"{cache} {self.dtype} N={self.num_heads} Nkv={self.kv_num_heads} "
-            f"D={self.head_size} {window}"
+            f"D={self.head_size} {window}{defect}"
         )
 
 
@@ -109,6 +113,7 @@ def layer_kind_of(
     mask: MaskForm,
     *,
     own_cache: bool = False,
+    export_correct: bool = True,
 ) -> LayerKind:
     """What a layer's speed depends on, from what a rule read off it."""
     return LayerKind(
@@ -120,6 +125,7 @@ def layer_kind_of(
         heads.explicit_scale(head_size),
         heads.softcap,
         own_cache=own_cache,
+        export_correct=export_correct,
     )
 
 
