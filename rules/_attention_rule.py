@@ -352,8 +352,8 @@ class AttentionToGQARule(pattern.RewriteRuleClassBase):
         """A plan for rewrite(), or the reason `attention` is skipped (and what is at fault)."""
         label = node_label(attention)
         try:
+            check_not_chosen(attention)  # first: a speed choice writes its forms inside an If
             check_top_level(context, attention)
-            check_not_chosen(attention)
             plan = plan_for()
         except MatchFailureError as failure:
             self.record.skips[label] = LayerSkip(label, failure.reason)

@@ -189,11 +189,28 @@ def test_cpu_float32_kv_shared_layers_get_the_fold_without_timing() -> None:
         verdict = probe.verdict(layer)
         assert verdict.choice == FOLD_ON_CPU and not verdict.timed and verdict.ms == {}
         assert probe.tables()[-1]["timed"] is False
-    # CUDA keeps what it measures (nothing fixed there), and so do layers with their own cache.
-    own = LayerKind("float32", 8, 1, 256, 512, scale=1.0, softcap=0.0, own_cache=True)
-    assert rewriter_speed.fixed_choice(own, "cpu") is None
+    # CUDA keeps what it measures (nothing fixed there).
     shared = LayerKind("float32", 8, 1, 256, 512, scale=1.0, softcap=0.0)
     assert rewriter_speed.fixed_choice(shared, "cuda") is None
+
+
+def test_cpu_float32_layers_with_their_own_cache_get_a_fixed_choice() -> None:
+    """Measured in every probe run so far (rewriter.speed): full kept, sliding GQA."""
+    sliding = LayerKind("float32", 8, 1, 256, 512, scale=1.0, softcap=0.0, own_cache=True)
+    full = LayerKind("float32", 8, 1, 512, None, scale=1.0, softcap=0.0, own_cache=True)
+    assert rewriter_speed.fixed_choice(sliding, "cpu") == rewriter_speed.OWN_SLIDING_GQA_ON_CPU
+    assert rewriter_speed.fixed_choice(full, "cpu") == rewriter_speed.OWN_FULL_KEPT_ON_CPU
+    verdict = SpeedProbe().verdict(full)
+    assert verdict.choice.label == "export" and not verdict.timed and verdict.ms == {}
+    # Timed where nothing was measured: another provider or dtype; a defective export is
+    # never kept.
+    assert rewriter_speed.fixed_choice(sliding, "cuda") is None
+    fp16 = LayerKind("float16", 8, 1, 256, 512, scale=1.0, softcap=0.0, own_cache=True)
+    assert rewriter_speed.fixed_choice(fp16, "cpu") is None
+    wrong = LayerKind(
+        "float32", 8, 1, 512, None, scale=1.0, softcap=0.0, own_cache=True, export_correct=False
+    )
+    assert rewriter_speed.fixed_choice(wrong, "cpu").label == "gqa"
 
 
 def test_probe_decides_by_the_generation_it_measured() -> None:
