@@ -1,0 +1,127 @@
+"""Hostile inputs, second round (issue 23): each is refused before any work, by name.
+
+Every refusal is exit 2, one stderr line naming the node, value or path, no traceback, and
+the output's directory as it was. The rewrite runs with its defaults (form probe, speed
+probe, verification) but the probes are replaced by ones that fail the test if called: a
+refusal must come before them. Models are the generator's tiny decoder with one defect
+(``hostile_models``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import pytest
+from hostile_models import decoder, with_bad_utf8_name, with_cycle, with_head_count
+
+from rewriter import cli
+from rewriter._input_checks import INT32_MAX
+
+
+def _listing(directory: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.lstat().st_size, p.lstat().st_mtime_ns) for p in sorted(directory.iterdir())}
+
+
+@pytest.fixture
+def no_probes(monkeypatch):
+    """Probing is the expensive part a bad input must never reach."""
+    import rewriter.forms
+    import rewriter.speed
+
+    def probed(*_args, **_kwargs):
+        raise AssertionError("a probe ran before the input was refused")
+
+    monkeypatch.setattr(rewriter.forms.ProbedFormChooser, "__call__", probed)
+    monkeypatch.setattr(rewriter.speed.SpeedProbe, "__call__", probed)
+
+
+def _refused(capsys, source: Path, out: Path, *fragments: str, extra: tuple = ()) -> str:
+    before = _listing(out.parent)
+    code = cli.main([str(source), str(out), *extra])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert _listing(out.parent) == before, "a refused run wrote or removed something"
+    return lines[0]
+
+
+# --- item 1: bad graphs and attributes, refused up front ----------------------------------
+
+
+def _write(tmp_path: Path, model: onnx.ModelProto | bytes) -> Path:
+    source = tmp_path / "in.onnx"
+    source.write_bytes(model if isinstance(model, bytes) else model.SerializeToString())
+    return source
+
+
+def test_cycle_is_refused_naming_a_node_on_it(tmp_path, capsys, no_probes):
+    model, name = with_cycle(decoder())
+    source = _write(tmp_path, model)
+    line = _refused(capsys, source, tmp_path / "out.onnx", "cycle")
+    # The node named is on the cycle: layer 0's first node or one between it and layer 1.
+    assert "/model/layers.0/" in line or "/model/layers.1/" in line, line
+    assert name in line or "/model/layers." in line
+
+
+@pytest.mark.parametrize(
+    ("value", "fragments"),
+    [
+        (4.0, ("q_num_heads is FLOAT", "declares INT")),
+        ("four", ("q_num_heads is STRING", "declares INT")),
+        (-4, ("q_num_heads is -4", "must be positive")),
+        (0, ("q_num_heads is 0", "must be positive")),
+    ],
+    ids=["float", "string", "negative", "zero"],
+)
+def test_mistyped_or_negative_head_count_is_refused(tmp_path, capsys, no_probes, value, fragments):
+    model, name = with_head_count(decoder(), value)
+    source = _write(tmp_path, model)
+    _refused(capsys, source, tmp_path / "out.onnx", name, *fragments)
+
+
+def test_name_that_is_not_utf8_is_refused(tmp_path, capsys, no_probes):
+    source = _write(tmp_path, with_bad_utf8_name(decoder()))
+    _refused(capsys, source, tmp_path / "out.onnx", "not valid UTF-8", "\\xff")
+
+
+@pytest.mark.parametrize("own_cache", ["attention", "gqa"])
+def test_window_beyond_int32_is_refused(tmp_path, capsys, no_probes, own_cache):
+    """A 2^62 window: GroupQueryAttention's local_window_size is a 32-bit int in ORT.
+
+    With Attention everywhere the mask's window is refused (the rewrite could not write it);
+    with GroupQueryAttention layers the input's own local_window_size already does not fit.
+    """
+    window = 2**62
+    source = _write(tmp_path, decoder(sliding_window=window, nonshared_attention=own_cache))
+    what = "sliding window" if own_cache == "attention" else "local_window_size"
+    _refused(capsys, source, tmp_path / "out.onnx", str(window), what, "32-bit")
+
+
+def test_largest_int32_window_is_still_rewritten(tmp_path, capsys):
+    source = _write(tmp_path, decoder(sliding_window=INT32_MAX))
+    out = tmp_path / "out.onnx"
+    code = cli.main([str(source), str(out), "--no-verify", "--quiet", "--speed=off"])
+    assert code == 0, capsys.readouterr().err
+    windows = {
+        attribute.i
+        for node in onnx.load(out).graph.node
+        if node.op_type == "GroupQueryAttention"
+        for attribute in node.attribute
+        if attribute.name == "local_window_size"
+    }
+    assert windows == {INT32_MAX}
+
+
+def test_library_refuses_the_same_inputs(no_probes):
+    import onnx_ir as ir
+
+    import rewriter
+
+    model, _ = with_cycle(decoder())
+    with pytest.raises(ir.passes.PreconditionError, match="cycle"):
+        rewriter.rewrite(model)
