@@ -125,3 +125,17 @@ def test_library_refuses_the_same_inputs(no_probes):
     model, _ = with_cycle(decoder())
     with pytest.raises(ir.passes.PreconditionError, match="cycle"):
         rewriter.rewrite(model)
+
+
+def test_rule_says_a_negative_head_count_is_not_positive():
+    """Called past requires() (the pass's call() alone), the rule's own reason is accurate."""
+    import onnx_ir as ir
+
+    from rewriter.passes import AttentionToGQAPass
+    from rewriter.rules import always_past
+
+    model, name = with_head_count(decoder(), -4)
+    result = AttentionToGQAPass(choose_form=always_past).call(ir.from_proto(model))
+    reasons = {skip["node"]: skip["reason"] for skip in result.report.to_dict()["skipped"]}
+    assert "must be positive" in reasons[name], reasons
+    assert "missing" not in reasons[name]
