@@ -30,7 +30,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from rewriter._error_text import first_line
-from rewriter._paths import same_file
+from rewriter._paths import ExternalDataError, same_file, trust_checked_external_data
 from rewriter.metadata import VERSION_KEY
 
 __all__ = [
@@ -140,7 +140,8 @@ def _check_readable(path: Path, what: str) -> None:
 
 
 def _check_external_data(model: ir.Model, path: Path) -> None:
-    """Every external tensor's file exists, is readable, stays beside the model, is long enough."""
+    """Every external tensor's file is where the model says (in its folder, a regular file),
+    readable and long enough; onnx-ir is then let read those behind symbolic links."""
     for owner, tensor in _all_external_tensors(model):
         if owner is not None:
             # ir.save relocates initializers only; an attribute would keep a stale location.
@@ -148,20 +149,13 @@ def _check_external_data(model: ir.Model, path: Path) -> None:
                 f"{path}: node {owner} keeps a tensor attribute in external data "
                 f"({tensor.location}); only initializers may use external data here"
             )
+    try:
+        trust_checked_external_data(model)
+    except ExternalDataError as error:
+        raise InputError(f"{path}: {error}") from None
+    for tensor in _external_tensors(model):
         where = f"{path}: external data {tensor.location} of tensor {tensor.name}"
-        # onnx-ir refuses locations outside the model's directory, symlinks leading out of it
-        # and hard-linked files when it reads them; say so now, not halfway through a save.
-        check_containment = getattr(tensor, "_check_path_containment", None)
-        if check_containment is not None:
-            try:
-                check_containment()
-            except ValueError as error:
-                raise InputError(f"{where}: refused ({first_line(error)[:200]})") from None
         data_path = Path(tensor.path)
-        if not data_path.exists():
-            raise InputError(f"{where}: file is missing")
-        if not data_path.is_file():
-            raise InputError(f"{where}: not a regular file")
         _check_readable(data_path, f"external data of {path} ")
         offset = tensor.offset or 0
         length = tensor.length if tensor.length is not None else tensor.nbytes

@@ -139,3 +139,115 @@ def test_rule_says_a_negative_head_count_is_not_positive():
     reasons = {skip["node"]: skip["reason"] for skip in result.report.to_dict()["skipped"]}
     assert "must be positive" in reasons[name], reasons
     assert "missing" not in reasons[name]
+
+
+# --- item 3: the Hugging Face hub cache layout --------------------------------------------
+
+FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "p2_tiny.onnx"
+
+
+def _hub_cache(root: Path) -> Path:
+    """A replica of huggingface_hub's cache: the snapshot's files are symbolic links into
+    ../../blobs/, named by content hash. Returns the snapshot's model.onnx (a link)."""
+    import hashlib
+
+    import onnx_ir as ir
+
+    staging = root / "download"
+    staging.mkdir()
+    ir.save(ir.load(FIXTURE), staging / "model.onnx", external_data="model.onnx_data")
+    repo = root / "models--example--tiny-gemma"
+    blobs, snapshot = repo / "blobs", repo / "snapshots" / ("ab" * 20)
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for name in ("model.onnx", "model.onnx_data"):
+        data = (staging / name).read_bytes()
+        blob = blobs / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / name).symlink_to(Path("..", "..", "blobs", blob.name))
+        (staging / name).unlink()
+    staging.rmdir()
+    return snapshot / "model.onnx"
+
+
+def _tree(root: Path) -> dict[str, tuple[bool, int, int]]:
+    return {
+        str(p.relative_to(root)): (p.is_symlink(), p.lstat().st_size, p.lstat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+    }
+
+
+def test_model_from_the_hub_cache_is_rewritten_and_verified(tmp_path, capsys):
+    import onnxruntime as ort
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    model = _hub_cache(cache)
+    # The claim the layout rests on: ONNX Runtime itself loads it.
+    ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    before = _tree(cache)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "model.onnx"
+    code = cli.main([str(model), str(out), "--quiet", "--speed=off", "--verify=layers"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert _tree(cache) == before, "the cache was changed"
+    assert sorted(p.name for p in out_dir.iterdir()) == ["model.onnx", "model.onnx.data"]
+    ops = [node.op_type for node in onnx.load(out, load_external_data=False).graph.node]
+    assert ops.count("Attention") == 0 and ops.count("GroupQueryAttention") == 7
+    code = cli.main(["verify", str(model), str(out), "--quiet", "--verify=all"])
+    assert code == 0, capsys.readouterr().err
+
+
+def test_in_place_on_a_symlink_is_refused(tmp_path, capsys):
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    model = _hub_cache(cache)
+    before = _tree(cache)
+    line = _refused(
+        capsys, model, model, "symbolic link", "--in-place", extra=("--in-place", "--no-verify")
+    )
+    assert str(model.resolve()) in line
+    assert _tree(cache) == before
+
+
+# --- item 4: what is wrong with an external-data location, said as it is -----------------
+
+
+def _with_location(tmp_path: Path, location: str) -> Path:
+    """p2_tiny with its weights in in.onnx.data, every tensor's location then set to `location`."""
+    import onnx_ir as ir
+
+    source = tmp_path / "in.onnx"
+    ir.save(ir.load(FIXTURE), source, external_data="in.onnx.data")
+    proto = onnx.load(source, load_external_data=False)
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save(proto, source)
+    return source
+
+
+@pytest.mark.parametrize(
+    ("location", "prepare", "fragments"),
+    [
+        ("", None, ("location is empty",)),
+        ("weights", lambda d: (d / "weights").mkdir(), ("'weights'", "is a directory")),
+        (".", None, ("names the model's folder",)),
+        ("/etc/hostname", None, ("absolute path",)),
+        ("sub/../../x.data", None, ("leads out of the model's folder",)),
+        ("zeros", lambda d: (d / "zeros").symlink_to("/dev/zero"), ("not a regular file",)),
+        ("gone", lambda d: (d / "gone").symlink_to(d / "nowhere"), ("missing", "link to nothing")),
+    ],
+    ids=["empty", "directory", "dot", "absolute", "dotdot", "device", "dangling-link"],
+)
+def test_external_data_location_is_named_for_what_is_wrong(
+    tmp_path, capsys, location, prepare, fragments
+):
+    source = _with_location(tmp_path, location)
+    if prepare is not None:
+        prepare(tmp_path)
+    line = _refused(capsys, source, tmp_path / "out.onnx", str(source), *fragments)
+    assert "hard link" not in line

@@ -21,6 +21,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from rewriter._error_text import clipped, collapsed
+from rewriter._paths import ExternalDataError, trust_checked_external_data
 from rewriter.providers import PROVIDERS
 from rewriter.verification._result import VerificationError
 
@@ -127,9 +128,16 @@ def short_error(error: BaseException) -> str:
 def _load_ir(path: str, role: str) -> ir.Model:
     try:
         # External tensors stay lazy: only their metadata is read.
-        return ir.load(path)
+        model = ir.load(path)
     except Exception as error:
         raise VerificationError(f"cannot read {role} model {path}: {short_error(error)}") from None
+    try:
+        # The locations the command line accepted (a Hugging Face cache's symbolic links
+        # included) are read here the same way.
+        trust_checked_external_data(model)
+    except ExternalDataError as error:
+        raise VerificationError(f"cannot read {role} model {path}: {error}") from None
+    return model
 
 
 def _needs_file(model: ir.Model) -> bool:
