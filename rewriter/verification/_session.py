@@ -22,6 +22,7 @@ import onnxruntime as ort
 
 from rewriter._error_text import clipped, collapsed
 from rewriter._paths import ExternalDataError, trust_checked_external_data
+from rewriter._scratch import Scratch
 from rewriter.providers import PROVIDERS
 from rewriter.verification._result import VerificationError
 
@@ -44,7 +45,7 @@ class LoadedModel:
     role: str
     session: ort.InferenceSession
     model: ir.Model
-    tempdir: tempfile.TemporaryDirectory[str] | None = None
+    tempdir: Scratch | None = None
 
     def close(self) -> None:
         if self.tempdir is not None:
@@ -73,7 +74,7 @@ def load_model(
     # Every run failure is caught and reported as a check result carrying ORT's message;
     # ORT's own error log would print the same message again, with a C++ signature.
     options.log_severity_level = 4
-    tempdir: tempfile.TemporaryDirectory[str] | None = None
+    tempdir: Scratch | None = None
     try:
         if isinstance(source, (str, os.PathLike)):
             path = os.fspath(source)
@@ -84,7 +85,9 @@ def load_model(
         elif isinstance(source, (ir.Model, onnx.ModelProto)):
             model = source if isinstance(source, ir.Model) else ir.serde.deserialize_model(source)
             if _needs_file(model):
-                tempdir = tempfile.TemporaryDirectory(prefix=f"verify-{role}-")
+                # Locked while this process lives: a kill cannot strand its copy of the
+                # weights (the next verification removes it).
+                tempdir = Scratch(tempfile.gettempdir(), prefix=f"verify-{role}-")
                 path = os.path.join(tempdir.name, "model.onnx")
                 _save_with_external_data(model, path, role)
                 session_input = path
