@@ -20,7 +20,13 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-__all__ = ["ExternalDataError", "same_file", "trust_checked_external_data"]
+__all__ = [
+    "ExternalDataError",
+    "check_external_data",
+    "external_tensors",
+    "same_file",
+    "trust_checked_external_data",
+]
 
 
 class ExternalDataError(ValueError):
@@ -33,6 +39,12 @@ def same_file(a: Path, b: Path) -> bool:
         return os.path.samefile(a, b)
     except OSError:  # either is missing or unreadable: not the same existing file
         return False
+
+
+def check_external_data(model: ir.Model) -> None:
+    """ExternalDataError unless every external initializer's location is one we accept."""
+    for tensor in external_tensors(model):
+        _check_location(tensor)
 
 
 def trust_checked_external_data(model: ir.Model) -> None:
@@ -53,6 +65,13 @@ def _external_initializers(model: ir.Model) -> Iterator[ir.Value]:
         for value in graph.initializers.values():
             if isinstance(value.const_value, ir.ExternalTensor):
                 yield value
+
+
+def external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
+    """The initializers whose bytes are in external data files."""
+    for value in _external_initializers(model):
+        assert isinstance(value.const_value, ir.ExternalTensor)
+        yield value.const_value
 
 
 def _check_location(tensor: ir.ExternalTensor) -> None:

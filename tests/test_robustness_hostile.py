@@ -251,3 +251,44 @@ def test_external_data_location_is_named_for_what_is_wrong(
         prepare(tmp_path)
     line = _refused(capsys, source, tmp_path / "out.onnx", str(source), *fragments)
     assert "hard link" not in line
+
+
+# --- item 6: the library with a proto whose weights were not loaded -----------------------
+
+
+def test_proto_without_its_weights_needs_a_base_dir(tmp_path, monkeypatch):
+    import onnx_ir as ir
+
+    import rewriter
+    from rewriter.rules import always_past
+    from rewriter.verification import VerificationError
+
+    models = tmp_path / "models"
+    models.mkdir()
+    path = models / "in.onnx"
+    ir.save(ir.load(FIXTURE), path, external_data="in.onnx.data")
+    proto = onnx.load(path, load_external_data=False)
+
+    with pytest.raises(ValueError, match="base_dir") as refused:
+        rewriter.rewrite(proto, choose_form=always_past)
+    assert "in.onnx.data" in str(refused.value)
+    with pytest.raises(ValueError, match=r"no_such\.data"):
+        broken = onnx.load(path, load_external_data=False)
+        for tensor in broken.graph.initializer:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = "no_such.data"
+        rewriter.rewrite(broken, base_dir=models, choose_form=always_past)
+
+    model, report = rewriter.rewrite(proto, base_dir=models, choose_form=always_past)
+    assert report.rewritten == 3
+    # The returned proto keeps locations relative to the model's folder: read from another
+    # directory, they name files that are not there, and the verifier says which.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(VerificationError, match="cannot read the candidate model") as unread:
+        rewriter.verify(path, model, mode="layers")
+    assert str(elsewhere / "in.onnx.data") in str(unread.value)
+    monkeypatch.chdir(models)
+    assert rewriter.verify(path, model, mode="layers").passed

@@ -21,7 +21,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from rewriter._error_text import clipped, collapsed
-from rewriter._paths import ExternalDataError, trust_checked_external_data
+from rewriter._paths import ExternalDataError, external_tensors, trust_checked_external_data
 from rewriter._scratch import Scratch
 from rewriter.providers import PROVIDERS
 from rewriter.verification._result import VerificationError
@@ -29,7 +29,14 @@ from rewriter.verification._result import VerificationError
 if TYPE_CHECKING:
     from rewriter.verification._shared_weights import SharedWeights
 
-__all__ = ["LoadedModel", "ModelSource", "execution_providers", "load_model", "short_error"]
+__all__ = [
+    "LoadedModel",
+    "ModelSource",
+    "check_readable",
+    "execution_providers",
+    "load_model",
+    "short_error",
+]
 
 ModelSource = ir.Model | onnx.ModelProto | str | os.PathLike
 
@@ -141,6 +148,30 @@ def _load_ir(path: str, role: str) -> ir.Model:
     except ExternalDataError as error:
         raise VerificationError(f"cannot read {role} model {path}: {error}") from None
     return model
+
+
+def check_readable(model: ir.Model, role: str) -> None:
+    """VerificationError, naming the file, unless every external tensor's file can be read.
+
+    An in-memory model's weights may live elsewhere: a proto loaded without them reads them
+    relative to the current directory, which need not be the model's.
+    """
+    for tensor in external_tensors(model):
+        path = os.path.abspath(tensor.path)
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as error:
+            hint = (
+                " (a model without a base directory reads its external data relative to the "
+                "current directory: pass the model's path, or load it with its weights)"
+                if not tensor.base_dir
+                else ""
+            )
+            raise VerificationError(
+                f"cannot read the {role} model's external data for tensor {tensor.name}: "
+                f"{path}: {error.strerror}{hint}"
+            ) from None
 
 
 def _needs_file(model: ir.Model) -> bool:
