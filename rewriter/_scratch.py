@@ -31,10 +31,18 @@ _LOCK = ".owner.lock"
 
 class Scratch:
     """A new directory in `parent` named ``<prefix>XXXXXXXX<suffix>``, locked until
-    :meth:`cleanup` removes it. Abandoned ones of the same name pattern go first."""
+    :meth:`cleanup` removes it. Abandoned ones go first: those named
+    ``<sweep_prefix>*<suffix>`` (by default the same prefix)."""
 
-    def __init__(self, parent: str | os.PathLike[str], prefix: str, suffix: str = "") -> None:
-        remove_abandoned(parent, prefix, suffix)
+    def __init__(
+        self,
+        parent: str | os.PathLike[str],
+        prefix: str,
+        suffix: str = "",
+        *,
+        sweep_prefix: str | None = None,
+    ) -> None:
+        remove_abandoned(parent, prefix if sweep_prefix is None else sweep_prefix, suffix)
         self.path = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=parent))
         self._lock: int | None = None
         try:

@@ -375,10 +375,10 @@ def _written_by_this_tool(output: Path, data_name: str) -> bool:
 
 
 def _make_staging_directory(output: Path, directory: Path) -> Scratch:
-    """A locked staging directory beside `output`; abandoned ones (a killed writer's) of the
-    same output are removed first (rewriter._scratch)."""
+    """A locked staging directory beside `output`; abandoned ones (a killed writer's, of any
+    output in this directory) are removed first (rewriter._scratch)."""
     try:
-        return Scratch(directory, prefix=f".{output.name}.", suffix=".tmp")
+        return Scratch(directory, prefix=f".{output.name}.", suffix=".tmp", sweep_prefix=".")
     except OSError as error:
         raise OutputError(f"{output}: cannot write in {directory} ({_reason(error)})") from None
 

@@ -75,12 +75,20 @@ def test_sigkill_leftovers_are_removed_by_the_next_run(tmp_path, big_input):
     stranded = _hidden(tmp_path)
     assert stranded and all(name.endswith(".tmp") for name in stranded), stranded
 
-    # A live writer's staging directory of the same OUT must survive the sweep.
-    with Scratch(tmp_path, prefix=f".{out.name}.", suffix=".tmp") as alive:
+    # Another output's abandoned staging directory goes too (its lock file is not held);
+    # a hidden directory without our lock file is not ours and stays.
+    other = tmp_path / ".other.onnx.k1ll3d.tmp"
+    other.mkdir()
+    (other / ".owner.lock").touch()
+    not_ours = tmp_path / ".cache.tmp"
+    not_ours.mkdir()
+    # A live writer's staging directory must survive the sweep (its own sweep, made with
+    # another prefix, leaves the ones the run under test must remove).
+    with Scratch(tmp_path, prefix=".alive.onnx.", suffix=".tmp") as alive:
         result = subprocess.run(_command(big_input, out), capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
-        assert _hidden(tmp_path) == [alive.path.name]
-    assert _hidden(tmp_path) == []
+        assert _hidden(tmp_path) == sorted([alive.path.name, not_ours.name])
+    assert _hidden(tmp_path) == [not_ours.name]
     model = load_model(out)
     assert TOOL_METADATA_KEY in model.metadata_props
     assert model.graph.initializers["unused.big_weight"].const_value.nbytes == _BIG_WEIGHT_BYTES
