@@ -222,10 +222,13 @@ def _contrib_schema_types() -> dict[str, dict[str, ir.AttributeType]]:
     for schema in ort_state.get_all_operator_schema():
         if schema.domain != _MS_DOMAIN:
             continue
-        types[schema.name] = {
-            name: ir.AttributeType(int(attribute.type))
-            for name, attribute in schema.attributes.items()
-        }
+        declared: dict[str, ir.AttributeType] = {}
+        for name, attribute in schema.attributes.items():
+            try:  # ORT's AttrType numbers are AttributeProto's; skip any onnx-ir lacks
+                declared[name] = ir.AttributeType(int(attribute.type))
+            except ValueError:
+                continue
+        types[schema.name] = declared
     return types
 
 
