@@ -22,6 +22,7 @@ import onnx_ir.passes.common as common_passes
 from rewriter import __version__
 from rewriter._cleanup import remove_dead_producers
 from rewriter._error_text import collapsed
+from rewriter._input_checks import check_rewritable
 from rewriter._report_builder import all_nodes, attention_nodes, describe, is_gqa
 from rewriter.metadata import record_metadata
 from rewriter.report import RewriteReport
@@ -118,6 +119,9 @@ class AttentionToGQAPass(ir.passes.InPlacePass):
                 f"the model imports {_MS_DOMAIN} opset {version}; GroupQueryAttention is "
                 f"defined in version {_MS_VERSION}"
             )
+        # Before any probe or rewrite: a model that would fail deep inside them (a cycle, a
+        # mistyped attribute, a window GroupQueryAttention cannot hold) is refused by name.
+        check_rewritable(model)
         self._input_checked = _passes_checker(model) is None
 
     def ensures(self, model: ir.Model) -> None:

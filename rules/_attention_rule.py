@@ -156,9 +156,14 @@ def read_heads(context, attention: ir.Node) -> AttentionHeads:
     attrs = attention.attributes
     num_heads = attrs.get_int("q_num_heads", 0)
     kv_num_heads = attrs.get_int("kv_num_heads", 0)
-    if num_heads <= 0 or kv_num_heads <= 0:
+    if "q_num_heads" not in attrs or "kv_num_heads" not in attrs:
         raise MatchFailureError(
             "q_num_heads/kv_num_heads missing (needed for 3-D inputs)", attention
+        )
+    if num_heads <= 0 or kv_num_heads <= 0:
+        raise MatchFailureError(
+            f"q_num_heads={num_heads}, kv_num_heads={kv_num_heads}: head counts must be positive",
+            attention,
         )
     if num_heads % kv_num_heads:
         raise MatchFailureError(
