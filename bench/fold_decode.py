@@ -28,7 +28,6 @@ import argparse
 import datetime
 import json
 import platform
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -44,6 +43,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from bench.attention_forms import LayerCase, build_form, quiet_session_options
+from bench.provenance import commit
 from bench.timing import interleaved
 from rewriter.probe._one_layer import OneLayer, kv_shared_layer
 from rewriter.rules import SpeedChoice, always_past
@@ -264,15 +264,6 @@ def cases(quick: bool) -> list[LayerCase]:
     ]
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, seconds")
@@ -294,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         record = {
             "command": "python bench/fold_decode.py " + " ".join(argv or sys.argv[1:]),
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "commit": _commit(),
+            "commit": commit(),
             "onnxruntime": ort.__version__,
             "machine": {
                 "cpu": platform.processor() or platform.machine(),

@@ -17,7 +17,6 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.inference import Scenario, measure_latency
+from bench.provenance import commit
 
 __all__ = ["main"]
 
@@ -37,15 +37,6 @@ SCENARIOS = {
     "prefill_s512": Scenario("prefill_s512", 512, 512, 5),
     "prefill_s2048": Scenario("prefill_s2048", 2048, 2048, 3),
 }
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _round_ratios(result: dict) -> dict[str, float]:
@@ -78,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {name: _round_ratios(result) for name, result in results.items()}
     record = {
         "onnxruntime": ort.__version__,
-        "commit": _commit(),
+        "commit": commit(),
         "command": " ".join(["python", "bench/real_export.py", *(argv or sys.argv[1:])]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "load_average_before": load_before,
