@@ -83,7 +83,10 @@ def _layer_lines(report: RewriteReport, result: VerificationResult) -> list[str]
         else:
             proof = "proven" if layer.passed else "FAILED"
             worst = _worst(layer.checks)
-        rows.append((layer.node, kind, forms.get(layer.node, "-"), proof, worst))
+        # A layer without a proof is named by its replacement, which is named after the
+        # Attention it replaced (rules._naming): "<attention>/GroupQueryAttention_3".
+        form = forms.get(layer.node) or forms.get(layer.node.rsplit("/", 1)[0], "-")
+        rows.append((layer.node, kind, form, proof, worst))
     if not rows:
         return []
     header = ("layer", "kind", "form", "proof", "worst / tolerance")
