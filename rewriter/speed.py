@@ -111,8 +111,10 @@ OWN_SLIDING_GQA_ON_CPU = SpeedChoice(
     "gqa",
     "gqa",
     "gqa: fixed CPU choice for float32 sliding layers with their own cache, not timed per "
-    "run (GQA and the export within 15% of each other, either way round, in the runs "
-    "measured; GQA drops the mask chain)",
+    "run (over one generation GQA and the export were within 15% of each other, either way "
+    "round; GQA decodes 10-45% slower than the export with past and present as separate "
+    "tensors but faster with onnxruntime-genai's shared buffer, and prefills in 0.5-0.7x: "
+    "bench/results_1.32_own_cache_fold.json)",
 )
 
 
