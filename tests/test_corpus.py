@@ -45,6 +45,9 @@ MOBIUS = [
         ("cache_consistency", "batch_consistency"),
     ),
     Export("mobius-a80d6ad/p2_all_attention_default_f32.onnx", 4, 4, ("cache_consistency",)),
+    # Third wave: fp16 biases built in float32 and cast (Unsqueeze(Cast(Where(...)))); the
+    # original is consistent (corpus README), so no defect.
+    Export("mobius-78437cd/main_default_f16.onnx", 6, 6, ()),
 ]
 
 
