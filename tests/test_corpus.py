@@ -228,3 +228,20 @@ def test_the_all_attention_export_with_its_own_cache_layers_kept_verifies() -> N
     result = verify(source, model)
     assert result.passed, result.summary()
     assert len(result.layers) == 4 and all(layer.passed for layer in result.layers)
+
+
+def test_single_token_decode_graph_verifies_by_default(tmp_path: Path) -> None:
+    # transformers 5.25's export_for_generation default: decode declares input_ids and
+    # position_ids [1, 1]. The verifier feeds calls of one token, chained through the cache,
+    # and reports no defect for what the graph declares it does not take.
+    source = CORPUS / "hf-exporter-5.25-opset24" / "decode.onnx"
+    code, report, out = _run(tmp_path, source)
+    assert code == 0, report.get("verification", {}).get("failed_because")
+    assert report["rewritten"] == 12 and report["skipped"] == []
+    assert _attention_nodes(out) == []
+    verification = report["verification"]
+    assert verification["passed"] is True and verification["defects"] == []
+    prefill = _check(report, "prefill_equivalence", "candidate")
+    assert prefill["passed"] is True and "declared S=1" in prefill["detail"]
+    for role in ("original", "candidate"):
+        assert _check(report, "cache_consistency", role).get("skipped") is True
