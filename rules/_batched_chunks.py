@@ -38,6 +38,8 @@ from rewriter.rules._naming import name_after
 __all__ = ["OWN_CHUNKS", "QUERY_SEQLENS_INDEX", "SHARED_CHUNKS", "query_seqlens", "shared_if"]
 
 QUERY_SEQLENS_INDEX = 16
+# On the If that replaces a layer (metadata_props), so the verifier lists it as a layer.
+BATCHED_CHUNKS_KEY = "kvshare_gqa_rewriter.batched_chunks"
 # LayerRewrite.batched_chunks: how the layer keeps batched multi-token calls after a past.
 OWN_CHUNKS = "query_seqlens"
 SHARED_CHUNKS = "if(B==1 or S==1 or S==T: past, else: split with query_seqlens)"
@@ -123,6 +125,7 @@ def shared_if(
     total = op.Reshape(op.Cast(total_length, to=ir.DataType.INT64), op.Constant(value_ints=[-1]))
     takes_past = op.Or(op.Or(op.Equal(batch, one), op.Equal(length, one)), op.Equal(length, total))
     result = op.If(takes_past, then_branch=branches["past"], else_branch=branches["split"])
+    result.producer().metadata_props[BATCHED_CHUNKS_KEY] = SHARED_CHUNKS
     if output_type is not None:
         result.type = output_type
     return result

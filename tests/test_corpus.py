@@ -265,6 +265,8 @@ def test_batch2_multi_token_decode_keeps_batched_chunks(tmp_path: Path) -> None:
         batch = _check(report, "batch_consistency", role)
         assert batch["passed"] is True and "chunk of 3 tokens at batch 2" in batch["detail"]
     assert report["verification"]["passed"] is True
+    # Every rewritten layer is accounted for, the If replacements included.
+    assert len(report["verification"]["layers"]) == 12
     onnx.checker.check_model(onnx.load(out), full_check=True)
 
 
