@@ -336,3 +336,17 @@ def test_batch2_chunk_after_a_prefill_matches_the_original(tmp_path: Path) -> No
         assert reference.shape[0] == 2
         case = compare(f"call {step}", reference, actual)
         assert case.passed, case
+
+
+def test_drafter_layers_are_left_with_their_reasons(tmp_path: Path) -> None:
+    # Not rewritten (issue 22 part 4 left open): the sliding bias starts from a Slice of
+    # attention_mask to the borrowed cache's length, and the full layer is non-causal
+    # without a mask. Each skip says so; the file is written unchanged and runs.
+    source = CORPUS / "mobius-78437cd" / "assistant_drafter_f32.onnx"
+    code, report, out = _run(tmp_path, source)
+    assert code == 0 and report["rewritten"] == 0
+    reasons = [skip["reason"] for skip in report["skipped"]]
+    assert len(reasons) == 4
+    assert sum("not derived from a graph input attention_mask" in r for r in reasons) == 3
+    assert sum(r.startswith("no mask and is_causal=0") for r in reasons) == 1
+    assert len(_attention_nodes(out)) == 4
