@@ -120,11 +120,13 @@ def _rewrite_parser() -> argparse.ArgumentParser:
         "--speed",
         choices=("auto", "off"),
         default="auto",
-        help="auto (default): time each layer kind whose export is correct as GQA, as the "
-        "export's Attention and (KV-shared) as Attention reading the cache in place, in "
-        "prefill and decode on the provider, and give it the fastest (one per phase behind "
-        "an If on S == 1 where measured faster); seconds per layer kind. off: every layer "
-        "that qualifies becomes GroupQueryAttention, as rewriter.rewrite() does by default",
+        help="auto (default): float32 KV-shared layers on CPU get If(S == 1: fold, else: "
+        "gqa), measured once and fixed (nothing timed); every other layer kind whose export "
+        "is correct is timed as GQA, as the export's Attention and (KV-shared) as Attention "
+        "reading the cache in place, in prefill and decode on the provider, and gets the "
+        "fastest (one per phase behind an If on S == 1 where measured faster); seconds per "
+        "timed layer kind. off: every layer that qualifies becomes GroupQueryAttention, as "
+        "rewriter.rewrite() does by default",
     )
     parser.add_argument(
         "--no-window-slice",
@@ -243,6 +245,14 @@ def _rewrite_command(args: argparse.Namespace) -> int:
 
     if same_file(args.input, args.output) and not args.in_place:
         raise _UsageError(f"{args.output} is the input; pass --in-place to replace it")
+    if args.in_place and args.output.is_symlink():
+        # Renaming onto the link would replace the link and leave the model it names as it
+        # was; writing through it would change a file elsewhere, such as a Hugging Face
+        # cache blob named after the hash of its bytes (and shared by other snapshots).
+        raise _UsageError(
+            f"{args.output} is a symbolic link to {os.path.realpath(args.output)}; "
+            "--in-place replaces a regular file only: rewrite that file, or choose another OUTPUT"
+        )
     # Refuse an unusable destination before the (possibly long) load, rewrite and probe.
     check_destination(args.output)
     weights = args.output.with_name(external_data_name(args.output))

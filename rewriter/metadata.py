@@ -76,6 +76,9 @@ def _speed_summary(speed: dict) -> dict:
             {
                 "layer": table["layer"],
                 "chosen": table["chosen"],
+                # Why: a fixed choice (timed false, nothing measured) or what was measured.
+                "timed": table.get("timed", True),
+                "reason": table["reason"],
                 "ms": {
                     label: {phase: round(ms, 3) for phase, ms in phases.items()}
                     for label, phases in table["ms"].items()

@@ -12,16 +12,21 @@ state or a complete model, never a half-written one, and the input is never open
 writing. The one window left is a hard kill (SIGKILL, power loss) between the two renames
 while *replacing* an existing model that has external data: the old model file then sits
 beside the new weights.
+
+A hard kill leaves the staging directory behind; it is locked while its writer lives
+(``rewriter._scratch``), and the next write to the same output removes it. Two runs writing
+the same output at once publish one after the other (a ``flock`` on the directory around
+the renames), each re-checking first what it checked before its rewrite, so the model and
+data files that end up there are always one writer's pair.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
-import shutil
 import signal
 import stat
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +35,8 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from rewriter._error_text import first_line
-from rewriter._paths import same_file
+from rewriter._paths import ExternalDataError, same_file, trust_checked_external_data
+from rewriter._scratch import Scratch
 from rewriter.metadata import VERSION_KEY
 
 __all__ = [
@@ -140,7 +146,8 @@ def _check_readable(path: Path, what: str) -> None:
 
 
 def _check_external_data(model: ir.Model, path: Path) -> None:
-    """Every external tensor's file exists, is readable, stays beside the model, is long enough."""
+    """Every external tensor's file is where the model says (in its folder, a regular file),
+    readable and long enough; onnx-ir is then let read those behind symbolic links."""
     for owner, tensor in _all_external_tensors(model):
         if owner is not None:
             # ir.save relocates initializers only; an attribute would keep a stale location.
@@ -148,20 +155,13 @@ def _check_external_data(model: ir.Model, path: Path) -> None:
                 f"{path}: node {owner} keeps a tensor attribute in external data "
                 f"({tensor.location}); only initializers may use external data here"
             )
+    try:
+        trust_checked_external_data(model)
+    except ExternalDataError as error:
+        raise InputError(f"{path}: {error}") from None
+    for tensor in _external_tensors(model):
         where = f"{path}: external data {tensor.location} of tensor {tensor.name}"
-        # onnx-ir refuses locations outside the model's directory, symlinks leading out of it
-        # and hard-linked files when it reads them; say so now, not halfway through a save.
-        check_containment = getattr(tensor, "_check_path_containment", None)
-        if check_containment is not None:
-            try:
-                check_containment()
-            except ValueError as error:
-                raise InputError(f"{where}: refused ({first_line(error)[:200]})") from None
         data_path = Path(tensor.path)
-        if not data_path.exists():
-            raise InputError(f"{where}: file is missing")
-        if not data_path.is_file():
-            raise InputError(f"{where}: not a regular file")
         _check_readable(data_path, f"external data of {path} ")
         offset = tensor.offset or 0
         length = tensor.length if tensor.length is not None else tensor.nbytes
@@ -250,30 +250,52 @@ def staged_output(
         data_name = own_name or external_data_name(output)
     _check_no_clobbering(model, output, data_name, source_path)
 
-    staging: Path | None = None
+    staging: Scratch | None = None
     published = False
     try:
         try:
             with _signals_held():  # a signal here must not leave an untracked directory
                 staging = _make_staging_directory(output, directory)
-            staged = staging / output.name
+            staged = staging.path / output.name
             _save(model, staged, data_name, output)
             yield staged
-            with _signals_held():
+            # One writer at a time publishes into this directory, so a model and its data
+            # are always one writer's pair; the waiting is done before signals are held.
+            with _publishing_in(directory), _signals_held():
+                # What was checked before the (long) rewrite may have changed meanwhile: an
+                # <OUT>.data that is not this tool's may have appeared.
+                _check_no_clobbering(model, output, data_name, source_path)
                 # Data before model: a model file that exists always has its weights beside it.
-                if data_name is not None and (staging / data_name).exists():
-                    os.replace(staging / data_name, directory / data_name)
+                if data_name is not None and (staging.path / data_name).exists():
+                    os.replace(staging.path / data_name, directory / data_name)
                 os.replace(staged, output)
                 published = True
                 _fsync_directory(directory)
         finally:
             if staging is not None:
                 with _signals_held():
-                    shutil.rmtree(staging, ignore_errors=True)
+                    staging.cleanup()
     except Interrupted as interruption:
         if published:
             interruption.written = output
         raise
+
+
+@contextlib.contextmanager
+def _publishing_in(directory: Path) -> Iterator[None]:
+    """An exclusive flock on `directory` itself, between this tool's writers only (advisory;
+    released by the kernel if the holder dies). Where the directory cannot be opened for
+    reading, writers are not serialized: the renames happen as before."""
+    try:
+        descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
 
 
 def check_destination(output: str | os.PathLike[str]) -> None:
@@ -352,9 +374,11 @@ def _written_by_this_tool(output: Path, data_name: str) -> bool:
     )
 
 
-def _make_staging_directory(output: Path, directory: Path) -> Path:
+def _make_staging_directory(output: Path, directory: Path) -> Scratch:
+    """A locked staging directory beside `output`; abandoned ones (a killed writer's, of any
+    output in this directory) are removed first (rewriter._scratch)."""
     try:
-        return Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=directory))
+        return Scratch(directory, prefix=f".{output.name}.", suffix=".tmp", sweep_prefix=".")
     except OSError as error:
         raise OutputError(f"{output}: cannot write in {directory} ({_reason(error)})") from None
 

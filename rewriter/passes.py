@@ -22,6 +22,7 @@ import onnx_ir.passes.common as common_passes
 from rewriter import __version__
 from rewriter._cleanup import remove_dead_producers
 from rewriter._error_text import collapsed
+from rewriter._input_checks import check_rewritable
 from rewriter._report_builder import all_nodes, attention_nodes, describe, is_gqa
 from rewriter.metadata import record_metadata
 from rewriter.report import RewriteReport
@@ -61,10 +62,12 @@ class AttentionToGQAPass(ir.passes.InPlacePass):
     window_slice: sliding KV-shared layers read only the keys their window reaches (the
         borrowed cache sliced once per source and step; CPU GQA reads every key it gets).
     speed: "off" (default) makes every KV-shared layer that qualifies GroupQueryAttention;
-        "auto" times, per KV-shared layer kind whose export is correct, GQA, the export's
-        Attention and Attention reading the cache in place, in prefill and decode, on
-        `provider`, and gives the layer the fastest (one per phase behind an If on S == 1
-        where that is measured faster still; rewriter.speed). Not with a forced form.
+        "auto" gives float32 KV-shared layers on CPU If(S == 1: fold, else: gqa) (fixed,
+        measured once: rewriter.speed.FOLD_ON_CPU) and times, per other layer kind whose
+        export is correct, GQA, the export's Attention and Attention reading the cache in
+        place, in prefill and decode, on `provider`, and gives the layer the fastest (one per
+        phase behind an If on S == 1 where that is measured faster still; rewriter.speed).
+        Not with a forced form.
     choose_form: replaces the probe (tests, or exporters that know their runtime); no
         onnxruntime is imported then.
     choose_speed: replaces the speed probe: LayerKind -> rules.SpeedChoice (tests, or
@@ -116,6 +119,9 @@ class AttentionToGQAPass(ir.passes.InPlacePass):
                 f"the model imports {_MS_DOMAIN} opset {version}; GroupQueryAttention is "
                 f"defined in version {_MS_VERSION}"
             )
+        # Before any probe or rewrite: a model that would fail deep inside them (a cycle, a
+        # mistyped attribute, a window GroupQueryAttention cannot hold) is refused by name.
+        check_rewritable(model)
         self._input_checked = _passes_checker(model) is None
 
     def ensures(self, model: ir.Model) -> None:

@@ -60,7 +60,8 @@ class RewriteReport:
 
     def summary(self, per_rewrite: bool = True) -> str:
         """A few human-readable lines for the command line; ``per_rewrite=False`` leaves out
-        the line per rewritten layer (the verification's layer table names each)."""
+        the line per rewritten layer and per speed choice (the verification's layer table
+        names each layer's form; the report keeps every reason)."""
         candidates = self.rewritten + len(self.skipped)
         lines = [
             f"Attention layers: {candidates}, rewritten: {self.rewritten}, "
@@ -77,7 +78,7 @@ class RewriteReport:
                 lines.append(f"  rewrote {r.node} -> {r.speed_form} (measured fastest)")
         for s in self.skipped:
             lines.append(f"  skipped {s.node}: {s.reason}")
-        for table in (self.speed or {}).get("layers", []):
+        for table in (self.speed or {}).get("layers", []) if per_rewrite else ():
             lines.append(f"  speed: {LayerKind(**table['layer']).describe()}: {table['reason']}")
         lines.extend(f"warning: {w}" for w in self.warnings)
         return "\n".join(lines)

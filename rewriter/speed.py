@@ -31,7 +31,17 @@ on.
 
 Only layers whose export is correct are timed: a P1 layer (``is_causal=1`` without past is
 aligned to the upper left, wrong in decode) or a P2 bias with ``is_causal=1`` always becomes
-GQA, and its Attention can appear in no phase.
+GQA (or the fold in decode, which reads nothing of the export), and its Attention can appear
+in no phase.
+
+Fixed choices, not timed per run (``fixed_choice``): on CPU a float32 KV-shared layer gets
+``If(S == 1: fold, else: gqa)``. The fold reads the borrowed cache once per step instead of
+once per query head, and was measured faster in decode than every other form at every E2B
+layer type and length (onnxruntime 1.32.0, ``bench/fold_decode.py``,
+``bench/results_1.32_fold.json``); prefill stays GQA, the fastest prefill measured. So the
+CLI's default spends no time on a model whose only Attention layers are KV-shared; layers
+with their own cache, other dtypes and other providers are timed as above (CUDA keeps GQA
+until measured on a GPU).
 """
 
 from __future__ import annotations
@@ -56,15 +66,66 @@ from rewriter.probe._one_layer import (
     kv_shared_layer,
     own_cache_layer,
 )
-from rewriter.rules import LayerKind, SpeedChoice
+from rewriter.rules import DEFECTIVE_EXPORT_REASON, LayerKind, SpeedChoice
 from rewriter.verification._session import execution_providers
 
-__all__ = ["SpeedProbe", "SpeedVerdict"]
+__all__ = [
+    "FOLD_ON_CPU",
+    "OWN_FULL_KEPT_ON_CPU",
+    "OWN_SLIDING_GQA_ON_CPU",
+    "SpeedProbe",
+    "SpeedVerdict",
+    "fixed_choice",
+]
 
 _PHASES = ("decode", "prefill")
 # A phase's winner other than GQA must beat it (by the margin) in this share of the rounds.
 _CONSISTENT = 0.8
 _SPIN_PAUSE_SECONDS = 0.05
+
+FOLD_ON_CPU = SpeedChoice(
+    "fold",
+    "gqa",
+    "if(S==1: fold, else: gqa): fixed CPU choice for float32 KV-shared layers, not timed per "
+    "run: the fold reads the cache once per decode step, not once per query head, measured "
+    "faster in decode than GQA, the export and Attention on the BNSH cache at every E2B layer "
+    "type and T (bench/results_1.32_fold.json); GQA is the fastest prefill measured",
+)
+
+
+# Layers with their own cache, float32 on CPU, timed by every speed probe run so far over one
+# generation (prefill 2048 + 256 decode steps at T=4096, E2B size, onnxruntime 1.32.0):
+# the full D=512 kind was kept as exported in each (bench model 12.6 vs 6.1 ms per decode
+# step; mobius E2B export 9026 vs 6240 ms and 24298 vs 18196 ms per generation), while the
+# sliding D=256 kind flipped between runs within 15% (1303 vs 1130, 4966 vs 5069 ms): a
+# per-run choice there follows the machine's noise, so it is fixed to GQA, which also drops
+# the export's mask chain.
+OWN_FULL_KEPT_ON_CPU = SpeedChoice(
+    "export",
+    "export",
+    "kept as exported: fixed CPU choice for float32 full-attention layers with their own "
+    "cache, not timed per run (GQA's decode over its own cache was slower in every run "
+    "measured: 9026 vs 6240 ms and 24298 vs 18196 ms per generation at E2B size)",
+)
+OWN_SLIDING_GQA_ON_CPU = SpeedChoice(
+    "gqa",
+    "gqa",
+    "gqa: fixed CPU choice for float32 sliding layers with their own cache, not timed per "
+    "run (GQA and the export within 15% of each other, either way round, in the runs "
+    "measured; GQA drops the mask chain)",
+)
+
+
+def fixed_choice(layer: LayerKind, provider: str) -> SpeedChoice | None:
+    """The choice for `layer` that no run needs to time, or None: time it."""
+    if provider == "cpu" and not layer.own_cache and layer.dtype == "float32":
+        return FOLD_ON_CPU
+    if provider == "cpu" and layer.own_cache and layer.dtype == "float32" and layer.export_correct:
+        return OWN_SLIDING_GQA_ON_CPU if layer.local_window_size else OWN_FULL_KEPT_ON_CPU
+    if not layer.export_correct:
+        # Only the export-free forms may replace it, and of those only GQA is timed.
+        return SpeedChoice(reason=DEFECTIVE_EXPORT_REASON)
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,10 +136,12 @@ class SpeedVerdict:
     generation_ms: dict[str, float]  # candidate label -> one generation's cost
     failed: dict[str, str]  # candidate label -> why it could not be timed
     phase_winners: dict[str, str]  # phase -> the form that won it
+    timed: bool = True  # False: a fixed choice (fixed_choice), nothing was measured
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "layer": dataclasses.asdict(self.layer),
+            "timed": self.timed,
             "decode": self.choice.decode,
             "prefill": self.choice.prefill,
             "chosen": self.choice.label,
@@ -103,6 +166,7 @@ class SpeedProbe:
         margin: float = 1.1,
         repeats: tuple[int, int] = (15, 3),  # decode, prefill calls after one warm-up
         progress: Callable[[str], None] | None = None,
+        fixed: bool = True,
     ) -> None:
         self.provider = provider
         self.decode_length = decode_length
@@ -112,11 +176,17 @@ class SpeedProbe:
         self.repeats = dict(zip(_PHASES, repeats, strict=True))
         self.verdicts: dict[LayerKind, SpeedVerdict] = {}
         self.progress = progress
+        # False: time every layer kind, even where fixed_choice knows the answer.
+        self.fixed = fixed
 
     def __call__(self, layer: LayerKind) -> SpeedChoice:
         return self.verdict(layer).choice
 
     def verdict(self, layer: LayerKind) -> SpeedVerdict:
+        fixed = fixed_choice(layer, self.provider) if self.fixed else None
+        if layer not in self.verdicts and fixed is not None:
+            phases = {"decode": fixed.decode, "prefill": fixed.prefill}
+            self.verdicts[layer] = SpeedVerdict(layer, fixed, {}, {}, {}, phases, timed=False)
         if layer not in self.verdicts:
             if self.progress is not None:
                 self.progress(f"speed probe: timing {layer.describe()} on {self.provider}")
@@ -173,6 +243,7 @@ class SpeedProbe:
             f"over one prefill of {self.prefill_length} + {self.decode_steps} decode steps at "
             f"T={self.decode_length} on {self.provider}: "
             + ", ".join(f"{label} {cost:.1f} ms" for label, cost in generation.items())
+            + f" (GQA unless another is faster by more than {self.margin - 1:.0%})"
         )
         if chosen == "export":
             reason = f"kept as exported, faster {measured}"

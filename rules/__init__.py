@@ -21,12 +21,13 @@ from rewriter.rules._attention_rule import (
 )
 from rewriter.rules._gqa_inputs import GQAInputs
 from rewriter.rules._log import RewriteLog, RuleLog
-from rewriter.rules._speed_choice import PHASE_FORMS, SpeedChoice
+from rewriter.rules._speed_choice import DEFECTIVE_EXPORT_REASON, PHASE_FORMS, SpeedChoice
 from rewriter.rules.kv_shared_attention import KVSharedAttentionToGQA
 from rewriter.rules.nonshared_attention import NonSharedAttentionToGQA
 from rewriter.rules.rule_set import GQARules, gqa_rules
 
 __all__ = [
+    "DEFECTIVE_EXPORT_REASON",
     "GQA_DTYPES",
     "PHASE_FORMS",
     "FormChooser",

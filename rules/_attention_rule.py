@@ -77,13 +77,17 @@ class LayerKind:
     softcap: float
     # A layer with its own cache (past inputs, presents out); else a KV-shared layer.
     own_cache: bool = False
+    # False for an export that is wrong in decode (is_causal=1 without past): it may get
+    # only forms that read nothing of it (rules._speed_choice.EXPORT_FREE_FORMS).
+    export_correct: bool = True
 
     def describe(self) -> str:
         window = f"W={self.local_window_size}" if self.local_window_size else "full"
         cache = "own-cache" if self.own_cache else "KV-shared"
+        defect = "" if self.export_correct else " (export wrong in decode)"
         return (
             f"{cache} {self.dtype} N={self.num_heads} Nkv={self.kv_num_heads} "
-            f"D={self.head_size} {window}"
+            f"D={self.head_size} {window}{defect}"
         )
 
 
@@ -109,6 +113,7 @@ def layer_kind_of(
     mask: MaskForm,
     *,
     own_cache: bool = False,
+    export_correct: bool = True,
 ) -> LayerKind:
     """What a layer's speed depends on, from what a rule read off it."""
     return LayerKind(
@@ -120,6 +125,7 @@ def layer_kind_of(
         heads.explicit_scale(head_size),
         heads.softcap,
         own_cache=own_cache,
+        export_correct=export_correct,
     )
 
 
@@ -150,9 +156,14 @@ def read_heads(context, attention: ir.Node) -> AttentionHeads:
     attrs = attention.attributes
     num_heads = attrs.get_int("q_num_heads", 0)
     kv_num_heads = attrs.get_int("kv_num_heads", 0)
-    if num_heads <= 0 or kv_num_heads <= 0:
+    if "q_num_heads" not in attrs or "kv_num_heads" not in attrs:
         raise MatchFailureError(
             "q_num_heads/kv_num_heads missing (needed for 3-D inputs)", attention
+        )
+    if num_heads <= 0 or kv_num_heads <= 0:
+        raise MatchFailureError(
+            f"q_num_heads={num_heads}, kv_num_heads={kv_num_heads}: head counts must be positive",
+            attention,
         )
     if num_heads % kv_num_heads:
         raise MatchFailureError(
@@ -346,8 +357,8 @@ class AttentionToGQARule(pattern.RewriteRuleClassBase):
         """A plan for rewrite(), or the reason `attention` is skipped (and what is at fault)."""
         label = node_label(attention)
         try:
+            check_not_chosen(attention)  # first: a speed choice writes its forms inside an If
             check_top_level(context, attention)
-            check_not_chosen(attention)
             plan = plan_for()
         except MatchFailureError as failure:
             self.record.skips[label] = LayerSkip(label, failure.reason)

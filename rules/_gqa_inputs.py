@@ -248,6 +248,52 @@ class GraphInputs:
             sliced_total,
         )
 
+    def fold_bias(
+        self,
+        op,
+        lengths: tuple[ir.Value, ir.Value],
+        local_window_size: int | None,
+        group: int,
+        dtype: ir.DataType,
+    ) -> ir.Value:
+        """The additive mask [B, 1, G, T] of a folded decode step (rules._speed_choice.fold)
+        over a cache of T keys, from GQA's lengths over that cache (`lengths` = (seqlens_k,
+        total_sequence_length), sliced by the window slice where it applies).
+
+        GQA's right-padding convention: the one query of row b sits at key slot seqlens_k[b],
+        so key j is visible iff 0 <= seqlens_k[b] - j (< W on a sliding layer). The G rows of
+        the folded query axis are G query heads of the same token: the same row of the mask,
+        repeated (ONNX Runtime's Attention wants the mask's query axis equal to Q's, measured
+        on 1.32.0: it does not broadcast a 1 there). A finite large negative, as for
+        --exact-padding: -inf gives NaN in fp16 where a row has no visible key.
+        """
+        seqlens_k, total = lengths
+
+        def build() -> ir.Value:
+            int32 = ir.DataType.INT32
+            zero = op.Constant(value=ir.tensor(np.array(0, dtype=np.int32)))
+            one = op.Constant(value=ir.tensor(np.array(1, dtype=np.int32)))
+            key_slots = op.Range(zero, op.Squeeze(op.Cast(total, to=int32)), one)  # [T]
+            distance = op.Sub(
+                op.Unsqueeze(op.Cast(seqlens_k, to=int32), op.Constant(value_ints=[1])),
+                op.Unsqueeze(key_slots, op.Constant(value_ints=[0])),
+            )  # [B, T]
+            visible = op.GreaterOrEqual(distance, zero)
+            if local_window_size is not None:
+                window = op.Constant(value=ir.tensor(np.array(local_window_size, np.int32)))
+                visible = op.And(visible, op.Less(distance, window))
+            zero_bias = op.Constant(value=ir.tensor(np.zeros((), dtype=dtype.numpy())))
+            negative = op.Constant(
+                value=ir.tensor(np.array(_EXACT_PADDING_NEGATIVE[dtype], dtype=dtype.numpy()))
+            )
+            bias = op.Where(visible, zero_bias, negative)
+            bias_B11T = op.Unsqueeze(bias, op.Constant(value_ints=[1, 2]))
+            return op.Expand(bias_B11T, op.Constant(value_ints=[1, 1, group, 1]))
+
+        return self.cached(
+            op, ("fold_bias", seqlens_k, total, local_window_size, group, dtype), build
+        )
+
     def empty_kv(self, op, attention_mask: ir.Value, hidden: int, dtype: ir.DataType) -> ir.Value:
         # Empty key/value must carry the real batch size: ORT checks it against the query.
         def build() -> ir.Value:

@@ -12,9 +12,19 @@ Forms of a phase:
 * ``gqa``: what the rule writes anyway (SPEC.md section 3, with the window slice);
 * ``attention-bnsh``: the export's ``Attention`` and mask on 4-D inputs: the query reshaped
   to [B, N, S, D], the borrowed cache read as it is (no Transpose+Reshape copy of T keys);
-* ``export``: the export's own ``Attention`` node, unchanged.
+* ``export``: the export's own ``Attention`` node, unchanged;
+* ``fold`` (decode only): the query heads that share a KV head folded into the query-length
+  axis, Q [B, 1, N*D] read as [B, Nkv, N/Nkv, D], one ``Attention`` on 4-D inputs over the
+  borrowed BNSH cache in place. In decode every query head of a row sees the same keys, so
+  this is one product per KV head instead of N/Nkv: ONNX Runtime's CPU kernels (GQA and
+  Attention alike) loop over query heads and stream the cache once per head. Its mask is
+  built from GQA's lengths (``GraphInputs.fold_bias``), not from the export's mask, so it
+  computes what GQA computes and may replace a defective export too.
 
 Only a correct export (a P2 bias with ``is_causal=0``) may keep its Attention in any phase.
+The fold is causal only because its query is one token: it never runs a prefill (a layer
+whose attention is not causal across the query, every query seeing the same keys, could fold
+at any S; no export pattern the rules know has one).
 """
 
 from __future__ import annotations
@@ -28,16 +38,27 @@ from onnxscript.rewriter._context import TapeBuilder
 from rewriter.rules._naming import name_after
 
 __all__ = [
+    "DEFECTIVE_EXPORT_REASON",
+    "EXPORT_FREE_FORMS",
     "PHASE_FORMS",
     "SPEED_FORM_KEY",
     "SPEED_LAYER_KEY",
     "SpeedChoice",
     "attention_bnsh",
     "export_attention",
+    "fold",
     "phase_if",
 ]
 
-PHASE_FORMS = ("gqa", "attention-bnsh", "export")
+PHASE_FORMS = ("gqa", "attention-bnsh", "export", "fold")
+# Forms that read nothing of the export's Attention or mask: a defective export may get them.
+EXPORT_FREE_FORMS = frozenset({"gqa", "fold"})
+
+# Why a speed choice never keeps an is_causal=1 KV-shared export (SPEC.md section 2, P1 (a)).
+DEFECTIVE_EXPORT_REASON = (
+    "not timed: the export's is_causal=1 without past inputs is aligned to the upper left, "
+    "wrong in decode; GroupQueryAttention is the correctness fix"
+)
 
 # Node metadata on the Attention nodes a speed choice writes: a later run leaves them alone
 # instead of "rewriting" what was chosen over GQA (rules._attention_rule.check_not_chosen).
@@ -58,6 +79,16 @@ class SpeedChoice:
         for phase in (self.decode, self.prefill):
             if phase not in PHASE_FORMS:
                 raise ValueError(f"a phase form is one of {PHASE_FORMS}, got {phase!r}")
+        if self.prefill == "fold":
+            raise ValueError("the fold is a decode form (one query token per row)")
+        if self.decode == "fold" and self.prefill != "gqa":
+            # It reads the lengths and window slice built for GQA's prefill.
+            raise ValueError("the fold decodes behind GQA's prefill, not " + self.prefill)
+
+    @property
+    def export_free(self) -> bool:
+        """Whether no phase reads the export's Attention or its mask."""
+        return {self.decode, self.prefill} <= EXPORT_FREE_FORMS
 
     @property
     def label(self) -> str:
@@ -94,6 +125,34 @@ def attention_bnsh(
     output_BNSD.producer().metadata_props[SPEED_FORM_KEY] = "attention-bnsh"
     output_BSND = op.Transpose(output_BNSD, perm=[0, 2, 1, 3])
     return op.Reshape(output_BSND, op.Constant(value_ints=[0, 0, num_heads * head_size]))
+
+
+def fold(
+    op,
+    query_BSD: ir.Value,
+    caches_BNSH: tuple[ir.Value, ir.Value],
+    bias_BKGT: ir.Value,
+    *,
+    num_heads: int,
+    kv_num_heads: int,
+    head_size: int,
+    scale: float,
+    softcap: float,
+) -> ir.Value:
+    """One decode step (S == 1) with the G = N/Nkv query heads of each KV head as the query
+    axis: Q [B, 1, N*D] -> [B, Nkv, G, D] (query head h reads KV head h // G, as in GQA),
+    ``Attention`` over the cache [B, Nkv, T, D] as it is, with `bias_BKGT` [B, 1, G, T]
+    (``GraphInputs.fold_bias``), and the output [B, Nkv, G, D] -> [B, 1, N*D]. Both reshapes
+    are free; no transpose is needed because S is 1."""
+    group = num_heads // kv_num_heads
+    query_BKGD = op.Reshape(query_BSD, op.Constant(value_ints=[0, kv_num_heads, group, head_size]))
+    attributes: dict[str, object] = {"scale": scale, "is_causal": 0}
+    if softcap:
+        attributes["softcap"] = softcap
+    # 4-D inputs carry their head counts: q heads = kv heads = Nkv, sequence = G.
+    output_BKGD = op.Attention(query_BKGD, *caches_BNSH, bias_BKGT, **attributes)
+    output_BKGD.producer().metadata_props[SPEED_FORM_KEY] = "fold"
+    return op.Reshape(output_BKGD, op.Constant(value_ints=[0, 1, num_heads * head_size]))
 
 
 def export_attention(op, attention: ir.Node) -> ir.Value:

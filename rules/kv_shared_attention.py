@@ -43,21 +43,16 @@ from rewriter.rules._log import RewriteLog
 from rewriter.rules._mask_patterns import MaskForm, match_mask
 from rewriter.rules._shape_evidence import HeadSizeEvidence, ShapeFacts
 from rewriter.rules._speed_choice import (
+    DEFECTIVE_EXPORT_REASON,
     SPEED_LAYER_KEY,
     SpeedChoice,
     attention_bnsh,
     export_attention,
+    fold,
     phase_if,
 )
 
 __all__ = ["KVSharedAttentionToGQA"]
-
-
-# Why a speed choice never keeps an is_causal=1 KV-shared export (SPEC.md section 2, P1 (a)).
-_UPPER_LEFT_FIX = (
-    "not timed: the export's is_causal=1 without past inputs is aligned to the upper left, "
-    "wrong in decode; GroupQueryAttention is the correctness fix"
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,13 +133,18 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
             )
         speed = SpeedChoice()
         export_is_correct = not attention.attributes.get_int("is_causal", 0)
-        if self.choose_speed is not None and not export_is_correct:
-            speed = SpeedChoice(reason=_UPPER_LEFT_FIX)
-        elif self.choose_speed is not None and decision.form == "past":
-            kind = layer_kind_of(dtype, heads, head_size, mask_form)
+        if self.choose_speed is not None and decision.form == "past":
+            kind = layer_kind_of(
+                dtype, heads, head_size, mask_form, export_correct=export_is_correct
+            )
             speed = self.choose_speed(kind)
+            if not export_is_correct and not speed.export_free:
+                # A defective export is never kept, in any phase, whatever was measured.
+                speed = SpeedChoice(reason=DEFECTIVE_EXPORT_REASON)
             if speed.decode == speed.prefill == "export":
                 raise MatchFailureError(speed.reason, attention)
+        elif self.choose_speed is not None and not export_is_correct:
+            speed = SpeedChoice(reason=DEFECTIVE_EXPORT_REASON)
         return _Plan(
             borrowed_key,
             borrowed_value,
@@ -163,7 +163,8 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
         speed = plan.speed
         window_slice = False
         gqa_call: tuple[list[ir.Value | None], dict[str, object]] | None = None
-        if "gqa" in (speed.decode, speed.prefill):
+        if {"gqa", "fold"} & {speed.decode, speed.prefill}:
+            # The fold reads what GQA reads: the (window-sliced) cache and its lengths.
             gqa_inputs, attributes, window_slice = self._gqa_call(
                 op, plan, query_BSD, key_BSD, value_BSD
             )
@@ -188,6 +189,9 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
                     plan.head_size,
                     scale,
                 )
+            if form == "fold":
+                assert gqa_call is not None
+                return self._fold(op, builder, plan, query_BSD, gqa_call[0])
             return export_attention(builder, attention)
 
         if speed.decode == speed.prefill:
@@ -219,6 +223,43 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
             result.producer().metadata_props[SPEED_LAYER_KEY] = speed.label
         (result,) = self._finish(op, attention, [result], [output], record)
         return result
+
+    def _fold(
+        self, op, builder, plan: _Plan, query_BSD: ir.Value, gqa_inputs: list[ir.Value | None]
+    ) -> ir.Value:
+        """The fold (rules._speed_choice.fold) over the cache GQA's `past` form reads.
+
+        Its mask is built once per graph (with `op`, outside any If branch) from the lengths
+        GQA reads: seqlens_k over the window-sliced cache by default, so it means what GQA
+        means (right padding); with --exact-padding, GQA's finite bias from the export's own
+        mask (every key slot valid, the query at slot T - 1), expanded over the folded axis.
+        """
+        assert plan.form == "past", "the fold reads the past form's cache"
+        heads = plan.heads
+        group = heads.num_heads // heads.kv_num_heads
+        inputs = self.inputs.of(plan.graph)
+        past_key, past_value, seqlens_k, total_length = gqa_inputs[3:7]
+        assert None not in (past_key, past_value, seqlens_k, total_length)
+        if self.inputs.exact_padding:
+            exact_bias = gqa_inputs[10]
+            assert exact_bias is not None
+            # [B, 1, S, T] is [B, 1, 1, T] only in decode: expanded in the decode branch.
+            bias = builder.Expand(exact_bias, builder.Constant(value_ints=[1, 1, group, 1]))
+        else:
+            bias = inputs.fold_bias(
+                op, (seqlens_k, total_length), plan.mask.local_window_size, group, plan.dtype
+            )
+        return fold(
+            builder,
+            query_BSD,
+            (past_key, past_value),
+            bias,
+            num_heads=heads.num_heads,
+            kv_num_heads=heads.kv_num_heads,
+            head_size=plan.head_size,
+            scale=heads.explicit_scale(plan.head_size),
+            softcap=heads.softcap,
+        )
 
     def _gqa_call(
         self, op, plan: _Plan, query_BSD: ir.Value, key_BSD: ir.Value, value_BSD: ir.Value

@@ -19,6 +19,7 @@ import pytest
 from conftest import CORPUS
 
 from rewriter import cli
+from rewriter.speed import FOLD_ON_CPU, OWN_FULL_KEPT_ON_CPU, OWN_SLIDING_GQA_ON_CPU
 
 pytestmark = pytest.mark.corpus
 
@@ -127,20 +128,40 @@ def test_mobius_exports_under_the_default_speed_choice(tmp_path: Path, export: E
         for t in report["speed"]["layers"]
     }
     for table in chosen.values():
-        assert {"gqa", "export"} <= set(table["ms"]) and table["chosen"] in table["ms"]
+        if table["timed"]:
+            assert {"gqa", "export"} <= set(table["ms"]) and table["chosen"] in table["ms"]
+        elif table["chosen"] == FOLD_ON_CPU.label:
+            # The fixed CPU choice for float32 KV-shared layers (rewriter.speed.fixed_choice).
+            assert table["reason"] == FOLD_ON_CPU.reason and table["ms"] == {}
+            assert table["layer"]["dtype"] == "float32" and not table["layer"]["own_cache"]
+        elif table["layer"]["own_cache"] and table["layer"]["export_correct"]:
+            # The fixed CPU choice for float32 layers with their own cache: full ones kept,
+            # sliding ones GQA (rewriter.speed.fixed_choice).
+            fixed = (
+                OWN_SLIDING_GQA_ON_CPU
+                if table["layer"]["local_window_size"]
+                else OWN_FULL_KEPT_ON_CPU
+            )
+            assert table["layer"]["dtype"] == "float32" and table["ms"] == {}
+            assert (table["chosen"], table["reason"]) == (fixed.label, fixed.reason)
+        else:  # a defective export that the fold does not serve: GQA, never timed
+            assert table["chosen"] == "gqa" and not table["layer"]["export_correct"]
     for record in report["rewrites"]:
         own = record["rule"].startswith("NonShared")
         key = (record["dtype"], record["head_size"], record["local_window_size"], own)
         if record["speed_reason"].startswith("not timed: "):
-            assert "correctness fix" in record["speed_reason"] and key not in chosen
+            assert "correctness fix" in record["speed_reason"]
             assert record["speed_form"] == "gqa"
+            assert key not in chosen or not chosen[key]["timed"]
         else:
             assert record["speed_form"] == chosen[key]["chosen"]
     for skip in report["skipped"]:
-        assert skip["reason"].startswith("kept as exported, faster over one prefill")
+        assert skip["reason"] == OWN_FULL_KEPT_ON_CPU.reason or skip["reason"].startswith(
+            "kept as exported, faster over one prefill"
+        )
     if export.original_defects == ("cache_consistency", "batch_consistency"):
-        # P1: both defects are fixed only by GQA, so no layer is timed or kept.
-        assert report["skipped"] == [] and chosen == {}
+        # P1: both defects are fixed by GQA and the fold alike, so no layer is timed or kept.
+        assert report["skipped"] == [] and not any(t["timed"] for t in chosen.values())
     verification = report["verification"]
     assert verification["passed"] is True
     assert all(layer["passed"] and not layer.get("reason") for layer in verification["layers"])
@@ -219,7 +240,8 @@ def test_the_all_attention_export_with_its_own_cache_layers_kept_verifies() -> N
     source = CORPUS / "mobius-a80d6ad/p2_all_attention_default_f32.onnx"
 
     def keep_own_cache(kind) -> SpeedChoice:
-        assert kind.own_cache, "the KV-shared layers here are is_causal=1: never timed"
+        # The KV-shared layers here are is_causal=1: asked as such, and never kept.
+        assert kind.own_cache or not kind.export_correct
         return SpeedChoice("export", "export", "kept as exported, faster: test")
 
     model, report = rewrite(ir.load(source), choose_speed=keep_own_cache)

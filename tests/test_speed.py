@@ -12,8 +12,10 @@ import pytest
 from onnxscript.rewriter import pattern
 
 from rewriter import cli, rewrite
+from rewriter import speed as rewriter_speed
 from rewriter.metadata import SPEED_KEY
 from rewriter.rules import (
+    DEFECTIVE_EXPORT_REASON,
     KVSharedAttentionToGQA,
     LayerKind,
     RewriteLog,
@@ -21,7 +23,7 @@ from rewriter.rules import (
     SpeedChoice,
     always_past,
 )
-from rewriter.speed import SpeedProbe
+from rewriter.speed import FOLD_ON_CPU, SpeedProbe
 from rewriter.verification import verify
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
@@ -53,12 +55,36 @@ def test_a_correct_export_is_kept_where_the_keeper_says_so() -> None:
 
 
 @pytest.mark.parametrize("name", ["p1_tiny", "p2_causal_tiny"])
-def test_a_defective_export_is_rewritten_whatever_the_timing(name: str) -> None:
-    # is_causal=1 without past is wrong in decode: keeping it would keep the bug.
-    def keep(kind: LayerKind) -> SpeedChoice:
-        raise AssertionError("a defective export must not even be timed")
+@pytest.mark.parametrize(
+    "kept", [("export", "export"), ("export", "gqa"), ("attention-bnsh", "gqa")]
+)
+def test_a_defective_export_is_rewritten_whatever_the_timing(
+    name: str, kept: tuple[str, str]
+) -> None:
+    # is_causal=1 without past is wrong in decode: keeping it in any phase would keep the bug.
+    asked: list[LayerKind] = []
 
-    assert len(_apply(keep, name).rewrites) == 3
+    def keep(kind: LayerKind) -> SpeedChoice:
+        asked.append(kind)
+        return SpeedChoice(*kept, "measured faster: test")
+
+    logged = _apply(keep, name)
+    assert len(logged.rewrites) == 3 and not logged.skips
+    assert asked and not any(kind.export_correct for kind in asked)
+    assert {r.speed_form for r in logged.rewrites} == {"gqa"}
+    assert {r.speed_reason for r in logged.rewrites} == {DEFECTIVE_EXPORT_REASON}
+    # Never timed: the probe's answer for such a layer is fixed.
+    for kind in asked:
+        cuda = SpeedProbe("cuda").verdict(kind)
+        assert not cuda.timed and cuda.choice.label == "gqa"
+
+
+@pytest.mark.parametrize("name", ["p1_tiny", "p2_causal_tiny", "p2_tiny"])
+def test_the_fold_replaces_a_defective_export_too(name: str) -> None:
+    # The fold reads nothing of the export (its mask comes from GQA's lengths).
+    logged = _apply(lambda _: SpeedChoice("fold", "gqa", "test"), name)
+    assert len(logged.rewrites) == 3
+    assert {r.speed_form for r in logged.rewrites} == {"if(S==1: fold, else: gqa)"}
 
 
 # Every form a speed choice can write, as a fixed choice: (decode form, prefill form).
@@ -68,6 +94,7 @@ CHOICES = [
     ("gqa", "attention-bnsh"),
     ("export", "gqa"),
     ("gqa", "export"),
+    ("fold", "gqa"),
 ]
 
 
@@ -143,8 +170,53 @@ def test_a_second_run_leaves_what_a_speed_choice_wrote(decode: str, prefill: str
     assert ir.to_proto(again).SerializeToString() == before
 
 
+def test_the_fold_is_a_decode_form_only() -> None:
+    with pytest.raises(ValueError, match="decode form"):
+        SpeedChoice("fold", "fold")
+    with pytest.raises(ValueError, match="decode form"):
+        SpeedChoice("gqa", "fold")
+    with pytest.raises(ValueError, match="behind GQA's prefill"):
+        SpeedChoice("fold", "attention-bnsh")
+
+
+def test_cpu_float32_kv_shared_layers_get_the_fold_without_timing() -> None:
+    # Measured once (bench/results_1.32_fold.json), fixed in code: no per-run timing.
+    probe = SpeedProbe()
+    for window, export_correct in ((512, True), (None, True), (512, False)):
+        layer = LayerKind(
+            "float32", 8, 1, 256, window, scale=1.0, softcap=0.0, export_correct=export_correct
+        )
+        verdict = probe.verdict(layer)
+        assert verdict.choice == FOLD_ON_CPU and not verdict.timed and verdict.ms == {}
+        assert probe.tables()[-1]["timed"] is False
+    # CUDA keeps what it measures (nothing fixed there).
+    shared = LayerKind("float32", 8, 1, 256, 512, scale=1.0, softcap=0.0)
+    assert rewriter_speed.fixed_choice(shared, "cuda") is None
+
+
+def test_cpu_float32_layers_with_their_own_cache_get_a_fixed_choice() -> None:
+    """Measured in every probe run so far (rewriter.speed): full kept, sliding GQA."""
+    sliding = LayerKind("float32", 8, 1, 256, 512, scale=1.0, softcap=0.0, own_cache=True)
+    full = LayerKind("float32", 8, 1, 512, None, scale=1.0, softcap=0.0, own_cache=True)
+    assert rewriter_speed.fixed_choice(sliding, "cpu") == rewriter_speed.OWN_SLIDING_GQA_ON_CPU
+    assert rewriter_speed.fixed_choice(full, "cpu") == rewriter_speed.OWN_FULL_KEPT_ON_CPU
+    verdict = SpeedProbe().verdict(full)
+    assert verdict.choice.label == "export" and not verdict.timed and verdict.ms == {}
+    # Timed where nothing was measured: another provider or dtype; a defective export is
+    # never kept.
+    assert rewriter_speed.fixed_choice(sliding, "cuda") is None
+    fp16 = LayerKind("float16", 8, 1, 256, 512, scale=1.0, softcap=0.0, own_cache=True)
+    assert rewriter_speed.fixed_choice(fp16, "cpu") is None
+    wrong = LayerKind(
+        "float32", 8, 1, 512, None, scale=1.0, softcap=0.0, own_cache=True, export_correct=False
+    )
+    assert rewriter_speed.fixed_choice(wrong, "cpu").label == "gqa"
+
+
 def test_probe_decides_by_the_generation_it_measured() -> None:
-    probe = SpeedProbe(decode_length=256, prefill_length=64, decode_steps=32, repeats=(5, 2))
+    probe = SpeedProbe(
+        decode_length=256, prefill_length=64, decode_steps=32, repeats=(5, 2), fixed=False
+    )
     layer = LayerKind("float32", 4, 1, 16, None, scale=1.0, softcap=0.0)
     choice = probe(layer)
     verdict = probe.verdict(layer)
@@ -188,8 +260,10 @@ def test_cli_reports_the_timings_its_choices_rest_on(tmp_path: Path) -> None:
     assert set(verdicts) == {(8, 4), (16, None)}
     kept = {skip["reason"] for skip in report["skipped"]}
     for entry in verdicts.values():
-        assert (entry["reason"] in kept) == (entry["chosen"] == "export")
-        assert entry["chosen"] in entry["ms"]
+        # float32 KV-shared layers on CPU: the fixed choice, nothing timed.
+        assert entry["timed"] is False and entry["ms"] == {}
+        assert entry["chosen"] == FOLD_ON_CPU.label and entry["reason"] == FOLD_ON_CPU.reason
+        assert entry["reason"] not in kept
     forms = {r["speed_form"] for r in report["rewrites"]}
     assert forms <= {entry["chosen"] for entry in verdicts.values()}
     assert report["rewritten"] + len(report["skipped"]) == 3
@@ -238,7 +312,8 @@ def test_a_layer_with_its_own_cache_is_kept_where_gqa_is_slower() -> None:
 @pytest.mark.parametrize("name", ["p1_tiny", "p1_attention_full_tiny"])
 def test_a_correctness_fix_is_the_stated_reason_not_a_timing(name: str) -> None:
     def choose(kind: LayerKind) -> SpeedChoice:
-        raise AssertionError("a defective export must not be timed")
+        assert not kind.export_correct  # every KV-shared layer of these exports is P1
+        return SpeedChoice("export", "export", "kept as exported, faster: test")
 
     _, report = rewrite(
         ir.load(FIXTURES / f"{name}.onnx"), choose_form=always_past, choose_speed=choose

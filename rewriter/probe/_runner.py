@@ -24,6 +24,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from rewriter._error_text import clipped, collapsed
+from rewriter._scratch import Scratch
 from rewriter.probe._forms import DTYPES, GQA_NODE_NAME, OUTPUT, form_model
 from rewriter.probe._one_layer import CACHE_KEY, CACHE_VALUE
 from rewriter.probe._reference import attention_reference
@@ -164,7 +165,9 @@ def _run_form(provider: str, form: str, dtype: str, head_size: int, windowed: bo
         local_window_size=window,
     )
     provider_name = ort_provider(provider)
-    with tempfile.TemporaryDirectory(prefix="gqa-probe-") as profile_dir:
+    # Locked while this process lives: a kill cannot strand it (the next probe removes it).
+    with Scratch(tempfile.gettempdir(), prefix="gqa-probe-") as scratch:
+        profile_dir = scratch.name
         options = ort.SessionOptions()
         options.log_severity_level = 4  # failures are recorded from the exceptions instead
         # Profiling is the one record of which provider ran the GQA node: an unsupported

@@ -153,18 +153,28 @@ class SpreadMeter:
         return self._memo[scenario]
 
     def after_prefill(self, scenario: str, prefill: Step, step: Step) -> Spread | None:
-        """The spread of one decode ``step`` fed the original's cache after ``prefill``."""
+        """The spread of one decode ``step`` after ``prefill``, each model fed the cache of its
+        own prefill: the request run twice, so the spread includes what rounding did to the
+        cache (fed one cache, both would agree on it and the spread would miss that part)."""
         if not self.available:
             return None
         if scenario not in self._memo:
-            try:
-                past = self._original.next_past(self._original.run(prefill))
-            except RunFailure as error:
-                self.failures.append(f"{scenario}: {error}")
-                self._memo[scenario] = None
-            else:
-                self._memo[scenario] = self._measure(scenario, step, past, None)
+            self._memo[scenario] = self._measure_request(scenario, prefill, step)
         return self._memo[scenario]
+
+    def _measure_request(self, scenario: str, prefill: Step, step: Step) -> Spread | None:
+        twin = self.twin()
+        if twin is None:
+            return None
+        try:
+            outputs = [
+                runner.run(step, runner.next_past(runner.run(prefill)))
+                for runner in (self._original, twin)
+            ]
+        except RunFailure as error:
+            self.failures.append(f"{scenario}: {error}")
+            return None
+        return self._record(scenario, Spread(*outputs), outputs[0])
 
     def _measure(
         self,
@@ -184,7 +194,9 @@ class SpreadMeter:
         except RunFailure as error:
             self.failures.append(f"{scenario}: {error}")
             return None
-        spread = Spread(reference, twins)
+        return self._record(scenario, Spread(reference, twins), reference)
+
+    def _record(self, scenario: str, spread: Spread, reference: Mapping[str, np.ndarray]) -> Spread:
         values = [spread.at(name) for name in reference]
         self.measured[scenario] = max((v for v in values if v is not None), default=0.0)
         return spread

@@ -26,7 +26,12 @@ from rewriter.verification._graph_diff import GRAPH_DIFF, diff_outside_layers
 from rewriter.verification._graph_facts import read_graph_facts
 from rewriter.verification._layer_proofs import prove_layers
 from rewriter.verification._result import CheckResult, VerificationError, VerificationResult
-from rewriter.verification._session import ModelSource, _load_ir, execution_providers
+from rewriter.verification._session import (
+    ModelSource,
+    _load_ir,
+    check_readable,
+    execution_providers,
+)
 from rewriter.verification._shared_weights import MIN_SHARED_BYTES, SharedWeights
 from rewriter.verification._verify import ModelCheckSkipped
 from rewriter.verification._verify import verify as verify_model
@@ -165,6 +170,8 @@ def verify(
     execution_providers(provider)
     original_ir = _as_ir(original, "original")
     candidate_ir = _as_ir(candidate, "candidate")
+    check_readable(original_ir, "original")
+    check_readable(candidate_ir, "candidate")
 
     layers, graph_diff, defects, layer_defects, gates = [], None, [], [], []
     unproven: list[str] = []

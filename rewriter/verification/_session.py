@@ -21,13 +21,22 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from rewriter._error_text import clipped, collapsed
+from rewriter._paths import ExternalDataError, external_tensors, trust_checked_external_data
+from rewriter._scratch import Scratch
 from rewriter.providers import PROVIDERS
 from rewriter.verification._result import VerificationError
 
 if TYPE_CHECKING:
     from rewriter.verification._shared_weights import SharedWeights
 
-__all__ = ["LoadedModel", "ModelSource", "execution_providers", "load_model", "short_error"]
+__all__ = [
+    "LoadedModel",
+    "ModelSource",
+    "check_readable",
+    "execution_providers",
+    "load_model",
+    "short_error",
+]
 
 ModelSource = ir.Model | onnx.ModelProto | str | os.PathLike
 
@@ -43,7 +52,7 @@ class LoadedModel:
     role: str
     session: ort.InferenceSession
     model: ir.Model
-    tempdir: tempfile.TemporaryDirectory[str] | None = None
+    tempdir: Scratch | None = None
 
     def close(self) -> None:
         if self.tempdir is not None:
@@ -83,7 +92,7 @@ def load_model(
     # Every run failure is caught and reported as a check result carrying ORT's message;
     # ORT's own error log would print the same message again, with a C++ signature.
     options.log_severity_level = 4
-    tempdir: tempfile.TemporaryDirectory[str] | None = None
+    tempdir: Scratch | None = None
     try:
         if isinstance(source, (str, os.PathLike)):
             path = os.fspath(source)
@@ -94,7 +103,9 @@ def load_model(
         elif isinstance(source, (ir.Model, onnx.ModelProto)):
             model = source if isinstance(source, ir.Model) else ir.serde.deserialize_model(source)
             if _needs_file(model):
-                tempdir = tempfile.TemporaryDirectory(prefix=f"verify-{role}-")
+                # Locked while this process lives: a kill cannot strand its copy of the
+                # weights (the next verification removes it).
+                tempdir = Scratch(tempfile.gettempdir(), prefix=f"verify-{role}-")
                 path = os.path.join(tempdir.name, "model.onnx")
                 _save_with_external_data(model, path, role)
                 session_input = path
@@ -138,9 +149,40 @@ def short_error(error: BaseException) -> str:
 def _load_ir(path: str, role: str) -> ir.Model:
     try:
         # External tensors stay lazy: only their metadata is read.
-        return ir.load(path)
+        model = ir.load(path)
     except Exception as error:
         raise VerificationError(f"cannot read {role} model {path}: {short_error(error)}") from None
+    try:
+        # The locations the command line accepted (a Hugging Face cache's symbolic links
+        # included) are read here the same way.
+        trust_checked_external_data(model)
+    except ExternalDataError as error:
+        raise VerificationError(f"cannot read {role} model {path}: {error}") from None
+    return model
+
+
+def check_readable(model: ir.Model, role: str) -> None:
+    """VerificationError, naming the file, unless every external tensor's file can be read.
+
+    An in-memory model's weights may live elsewhere: a proto loaded without them reads them
+    relative to the current directory, which need not be the model's.
+    """
+    for tensor in external_tensors(model):
+        path = os.path.abspath(tensor.path)
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as error:
+            hint = (
+                " (a model without a base directory reads its external data relative to the "
+                "current directory: pass the model's path, or load it with its weights)"
+                if not tensor.base_dir
+                else ""
+            )
+            raise VerificationError(
+                f"cannot read the {role} model's external data for tensor {tensor.name}: "
+                f"{path}: {error.strerror}{hint}"
+            ) from None
 
 
 def _needs_file(model: ir.Model) -> bool:

@@ -1,0 +1,128 @@
+"""The fold (rules._speed_choice.fold) behind ``If(S == 1: fold, else: gqa)``: each layer's
+proof covers it, a corrupted fold fails its own layer's proof, and the CLI's default on CPU
+writes it without timing anything."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from rewriter import cli, rewrite
+from rewriter.metadata import SPEED_KEY
+from rewriter.rules import SpeedChoice, always_past
+from rewriter.rules._speed_choice import SPEED_FORM_KEY
+from rewriter.speed import FOLD_ON_CPU
+from rewriter.verification import verify
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+FOLD = SpeedChoice("fold", "gqa", "test")
+# Every scenario of a layer proof (rewriter.verification._layer_reference.scenarios).
+_SCENARIOS = {"prefill", "decode", "chunk", "batch_prefill", "batch_decode"}
+
+
+def _folded(name: str, **options) -> ir.Model:
+    model, report = rewrite(
+        ir.load(FIXTURES / f"{name}.onnx"),
+        choose_form=always_past,
+        choose_speed=lambda _: FOLD,
+        **options,
+    )
+    assert report.rewritten == 3
+    assert {r.speed_form for r in report.rewrites} == {FOLD.label}
+    return model
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("p2_tiny", {}),
+        ("p1_tiny", {}),
+        ("p1_tiny_fp16", {}),
+        ("p2_causal_tiny", {}),
+        ("p2_tiny", {"exact_padding": True}),
+        ("p1_tiny", {"exact_padding": True}),
+        ("p2_tiny", {"window_slice": False}),
+    ],
+)
+def test_each_folded_layer_is_proven_in_every_scenario(name: str, options: dict) -> None:
+    result = verify(ir.load(FIXTURES / f"{name}.onnx"), _folded(name, **options), mode="layers")
+    assert result.passed, result.summary()
+    assert len(result.layers) == 3
+    for layer in result.layers:
+        assert not layer.reason
+        ran = {c.name for c in layer.checks if c.model == "candidate" and c.passed is True}
+        assert ran == _SCENARIOS, layer.summary()
+        decode = next(c for c in layer.checks if c.model == "candidate" and c.name == "decode")
+        # Decode lengths around the window: W - 1, W, W + 1 (and 2W + 1).
+        window = 4  # the fixtures' W; a full layer is proven at the model's largest W
+        labels = {case.label for case in decode.cases}
+        for total in (window - 1, window, window + 1):
+            assert f"decode T={total} output" in labels
+
+
+def _fold_attention(model: ir.Model, layer: int = 0) -> ir.Node:
+    phase_ifs = [n for n in model.graph if n.op_type == "If"]
+    branch = phase_ifs[layer].attributes["then_branch"].as_graph()
+    (attention,) = [n for n in branch if n.op_type == "Attention"]
+    assert attention.metadata_props[SPEED_FORM_KEY] == "fold"
+    return attention
+
+
+def test_a_fold_with_its_scale_doubled_fails_its_layer_proof() -> None:
+    model = _folded("p2_tiny")
+    attention = _fold_attention(model, layer=2)  # the full-attention layer
+    scale = attention.attributes["scale"].as_float()
+    attention.attributes["scale"] = ir.AttrFloat32("scale", 2 * scale)
+    result = verify(ir.load(FIXTURES / "p2_tiny.onnx"), model, mode="layers")
+    assert not result.passed
+    failed = {layer.node for layer in result.layers if not layer.passed}
+    assert failed == {"/model/layers.6/Attention_162"}
+    (layer,) = [layer for layer in result.layers if not layer.passed]
+    wrong = {c.name for c in layer.checks if c.model == "candidate" and c.passed is False}
+    # Only the decode scenarios run the fold; the prefill branch is GQA, untouched.
+    assert wrong == {"decode", "batch_decode"}
+
+
+@pytest.mark.parametrize("shift", [-1, 1])
+def test_a_fold_whose_window_is_off_by_one_fails_its_layer_proofs(shift: int) -> None:
+    model = _folded("p2_tiny")
+    # The fold's mask: key j visible iff seqlens_k - j < W (GraphInputs.fold_bias).
+    (less,) = [n for n in model.graph if n.op_type == "Less" and n.name.startswith("node_")]
+    window = less.inputs[1]
+    constant = window.producer()
+    assert constant is not None and constant.op_type == "Constant"
+    assert int(constant.attributes["value"].as_tensor().numpy()) == 4
+    constant.attributes["value"] = ir.AttrTensor(
+        "value", ir.tensor(np.array(4 + shift, dtype=np.int32))
+    )
+    result = verify(ir.load(FIXTURES / "p2_tiny.onnx"), model, mode="layers")
+    assert not result.passed
+    failed = {layer.node for layer in result.layers if not layer.passed}
+    # The two sliding layers share the mask; the full layer has no window.
+    assert failed == {"/model/layers.4/Attention_120", "/model/layers.5/Attention_136"}
+    for layer in result.layers:
+        if layer.node in failed:
+            wrong = {c.name for c in layer.checks if c.model == "candidate" and not c.passed}
+            assert wrong and wrong <= {"decode", "batch_decode"}
+
+
+def test_the_cli_default_folds_kv_shared_layers_on_cpu_without_timing(tmp_path: Path) -> None:
+    out, report_path = tmp_path / "out.onnx", tmp_path / "r.json"
+    argv = [str(FIXTURES / "p1_tiny.onnx"), str(out), "--quiet", "--report", str(report_path)]
+    assert cli.main(argv) == 0
+    report = json.loads(report_path.read_text())
+    # Which form each layer got, and why.
+    assert {r["speed_form"] for r in report["rewrites"]} == {FOLD_ON_CPU.label}
+    assert {r["speed_reason"] for r in report["rewrites"]} == {FOLD_ON_CPU.reason}
+    assert report["verification"]["passed"] is True
+    assert all(not entry["timed"] for entry in report["speed"]["layers"])
+    metadata = {p.key: p.value for p in onnx.load(out).metadata_props}
+    recorded = json.loads(metadata[SPEED_KEY])["layers"]
+    assert {(e["chosen"], e["timed"], e["reason"]) for e in recorded} == {
+        (FOLD_ON_CPU.label, False, FOLD_ON_CPU.reason)
+    }
