@@ -17,7 +17,8 @@ class PaddingContract:
     RIGHT_PADDING_ONLY = "right-padding-only"  # narrowed: left padding/holes no longer exact
     EXACT = "exact"  # --exact-padding: the mask is passed to GQA as attention_bias
     # The graph has no attention_mask (HF exporter): no padding to honour; lengths come from
-    # the cache, and batched multi-token calls after a past are refused by GQA.
+    # the cache (rows of one length only; batched multi-token calls after a past run where
+    # the graph's shapes allow them, rules._batched_chunks).
     BATCH_1_ONLY = "batch-1-only"
 
 

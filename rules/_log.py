@@ -32,6 +32,10 @@ class LayerRewrite:
     speed_form: str = "gqa"
     # With a speed choice: what it rests on, or why the layer was not timed (a correctness fix).
     speed_reason: str = ""
+    # How a batched call of several tokens after a past, which the graph's shapes allow and
+    # GQA refuses by default, still runs (rules._batched_chunks); "" where the graph's shapes
+    # rule that call out.
+    batched_chunks: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,10 @@ this call's queries). The masks then combine three terms:
 
 P1 (boolean, causality left to ``is_causal=1``): sliding ``And(window, padding)``; full
 ``Expand(padding, Concat(B, S, T))``. P2 (float additive bias, ``is_causal`` 0 or 1):
-``Unsqueeze(Where(And(padding, causal [, window]), 0, large_negative), [1])``.
+``Unsqueeze(Where(And(padding, causal [, window]), 0, large_negative), [1])``. A P2 bias may
+pass through a Cast to a float type anywhere after its Where (mobius builds fp16 biases in
+fp32 and casts them: ``Unsqueeze(Cast(to=FLOAT16)(Where(...)), [1])``); a Cast changes only the
+bias's dtype, and the rewrite rebuilds the bias from the boolean condition in the query's dtype.
 
 Each mask shape is an onnxscript pattern; operand order of the commutative And is covered by
 matching every commuted variant, and spelled-out alternatives (Greater(W, d) for Less(d, W),
@@ -37,6 +40,10 @@ __all__ = ["MaskForm", "match_mask"]
 # Anything at or below this is "minus infinity" for a softmax bias in fp16 and fp32.
 _LARGE_NEGATIVE = -1.0e4
 _INT64_MAX_ISH = 2**31 - 1  # Slice ends at or beyond this mean "to the end"
+# A Cast to one of these keeps 0 as 0 and a large negative large and negative (or -inf).
+_FLOAT_TYPES = frozenset(
+    {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,10 +101,24 @@ def _causal(op, query_positions, key_positions):
     )
 
 
-def _bias(op, allowed, zero, large_negative, unsqueeze_last: bool):
+def _optional_cast(op, value, to, tag: str):
+    # A Cast between the Where and the Attention changes only the bias's dtype (check()
+    # accepts float targets only). The matcher cannot put an OrValue at a pattern's root, so
+    # a Cast as the last op is _P2Mask.cast_last instead.
+    return pattern.OrValue([op.Cast(value, to=to), value], tag_var=tag)
+
+
+def _bias(op, allowed, zero, large_negative, unsqueeze_last: bool, cast_to, cast_last: bool):
     if unsqueeze_last:
-        return op.Unsqueeze(op.Where(allowed, zero, large_negative), [1])
-    return op.Where(op.Unsqueeze(allowed, [1]), zero, large_negative)
+        where = _optional_cast(
+            op, op.Where(allowed, zero, large_negative), cast_to, "cast_before_unsqueeze"
+        )
+        bias = op.Unsqueeze(where, [1])
+    else:
+        bias = op.Where(op.Unsqueeze(allowed, [1]), zero, large_negative)
+    if cast_last:
+        return op.Cast(bias, to=cast_to)
+    return bias
 
 
 class _MaskPattern(pattern.PatternBase):
@@ -119,6 +140,7 @@ class _MaskPattern(pattern.PatternBase):
         window: ir.Value | None = None,
         zero: ir.Value | None = None,
         large_negative: ir.Value | None = None,
+        cast_to: ir.Attr | None = None,
         **_,
     ) -> pattern.MatchResult:
         result = pattern.MatchResult()
@@ -152,6 +174,10 @@ class _MaskPattern(pattern.PatternBase):
                 return result.fail(
                     "bias for masked keys is not a large negative constant", large_negative
                 )
+        if cast_to is not None and ir.DataType(cast_to.as_int()) not in _FLOAT_TYPES:
+            return result.fail(
+                f"bias is cast to {ir.DataType(cast_to.as_int()).name}, not a float type", None
+            )
         return result
 
 
@@ -193,11 +219,13 @@ class _P1Full(_MaskPattern):
 
 
 class _P2Mask(_MaskPattern):
-    """P2 biases come as Unsqueeze(Where(m)) or Where(Unsqueeze(m)); a pattern has one root."""
+    """P2 biases come as Unsqueeze(Where(m)) or Where(Unsqueeze(m)), either one optionally
+    cast last; a pattern has one root, so each root is its own instance."""
 
-    def __init__(self, unsqueeze_last: bool) -> None:
+    def __init__(self, unsqueeze_last: bool, cast_last: bool = False) -> None:
         super().__init__()
         self.unsqueeze_last = unsqueeze_last
+        self.cast_last = cast_last
 
 
 class _P2Sliding(_P2Mask):
@@ -215,6 +243,7 @@ class _P2Sliding(_P2Mask):
         window,
         zero,
         large_negative,
+        cast_to,
     ):
         q, k = _positions(op, counted_mask, cumsum_axis, query_start, query_end, slice_axes)
         padding = _padding(op, attention_mask)
@@ -228,7 +257,9 @@ class _P2Sliding(_P2Mask):
             ],
             tag_var="and_grouping",
         )
-        return _bias(op, allowed, zero, large_negative, self.unsqueeze_last)
+        return _bias(
+            op, allowed, zero, large_negative, self.unsqueeze_last, cast_to, self.cast_last
+        )
 
 
 class _P2Full(_P2Mask):
@@ -245,10 +276,13 @@ class _P2Full(_P2Mask):
         slice_axes,
         zero,
         large_negative,
+        cast_to,
     ):
         q, k = _positions(op, counted_mask, cumsum_axis, query_start, query_end, slice_axes)
         allowed = op.And(_padding(op, attention_mask), _causal(op, q, k))
-        return _bias(op, allowed, zero, large_negative, self.unsqueeze_last)
+        return _bias(
+            op, allowed, zero, large_negative, self.unsqueeze_last, cast_to, self.cast_last
+        )
 
 
 # --- T and S as the exports compute them -------------------------------------------------
@@ -359,10 +393,12 @@ _MASK_PATTERNS: tuple[tuple[_MaskPattern, SubPattern], ...] = tuple(
     for p in (
         _P1Sliding(),
         _P1Full(),
-        _P2Sliding(unsqueeze_last=True),
-        _P2Sliding(unsqueeze_last=False),
-        _P2Full(unsqueeze_last=True),
-        _P2Full(unsqueeze_last=False),
+        *(
+            p2(unsqueeze_last=unsqueeze_last, cast_last=cast_last)
+            for p2 in (_P2Sliding, _P2Full)
+            for cast_last in (False, True)
+            for unsqueeze_last in (True, False)
+        ),
     )
 )
 
@@ -396,10 +432,11 @@ def _mask_form(mask_pattern: _MaskPattern, bindings: dict, mask: ir.Value) -> Ma
 
 
 def _where_condition(bias: ir.Value) -> ir.Value:
-    """The boolean input of the Where that builds a P2 bias (before or after its Unsqueeze)."""
+    """The boolean input of the Where that builds a P2 bias (through its Unsqueeze and Casts)."""
     node = bias.producer()
     assert node is not None
-    if node.op_type == "Unsqueeze":
+    while node.op_type in ("Unsqueeze", "Cast"):
         node = node.inputs[0].producer()
         assert node is not None
+    assert node.op_type == "Where"
     return node.inputs[0]

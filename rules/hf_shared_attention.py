@@ -43,7 +43,10 @@ the repeat, ``scale`` copied, ``local_window_size = W``, no presents. Its [B, S,
 replaces ``output_BSH``; the query is merged to [B, S, N*D] from its BSND input. Lengths come
 from attention_mask when the mask reads it (``GQAInputs``), else from the cache: every row
 then has T valid keys, ``total_sequence_length = T = Shape(cache)[2]``, ``seqlens_k = T - 1``
-(no padding exists without attention_mask; the exports fix batch at 1: "batch-1-only").
+(no padding exists without attention_mask: "batch-1-only", rows of one length). Where the
+graph's shapes take several rows of several tokens after a past, which GQA refuses by
+default, ``rules._batched_chunks`` keeps them: ``query_seqlens`` for the native form, an
+``If`` to the split form for shared layers.
 
 Source layers (``--layers all``) whose cache is ``Concat(past, Transpose(new_BSND), axis=2)``
 (prefill: ``Transpose(new_BSND)``) become GQA's native form instead: this call's K/V merged to
@@ -127,6 +130,13 @@ from rewriter.rules._attention_rule import (
     gqa_attributes,
     node_label,
 )
+from rewriter.rules._batched_chunks import (
+    OWN_CHUNKS,
+    SHARED_CHUNKS,
+    query_seqlens,
+    shared_if,
+    with_query_seqlens,
+)
 from rewriter.rules._failure import MatchFailureError
 from rewriter.rules._gqa_inputs import GQAInputs
 from rewriter.rules._log import RewriteLog, RuleLog
@@ -178,6 +188,8 @@ class _Plan:
     appended: tuple[AppendedCache, AppendedCache] | None = None
     # The key cache when the mask's key positions are shifted (a trimmed sliding cache).
     trimmed: TrimmedCache | None = None
+    # The graph takes B > 1 and S > 1 after a past (rules._batched_chunks).
+    batched_chunks: bool = False
 
 
 class HFAttentionToGQA(AttentionToGQARule):
@@ -334,6 +346,20 @@ class HFAttentionToGQA(AttentionToGQARule):
             attrs["scale"].as_float() if "scale" in attrs else None,
             attrs.get_float("softcap", 0.0),
         )
+        # Without attention_mask every row holds T keys, so the split form's cut at T - S
+        # is every row's; with one (padding) or a trimmed cache it is not, and GQA keeps
+        # refusing those calls there (the warning says so).
+        batched_chunks = (
+            mask_form.attention_mask is None
+            and trimmed is None
+            and _takes_batched_chunks(query_BNSD, key, appended, shared)
+        )
+        if batched_chunks and shared and decision.form != "past":
+            raise MatchFailureError(
+                f"form {decision.form} refuses batched calls of several tokens after a past, "
+                "which this graph takes; only the past form has a split fallback",
+                attention,
+            )
         return _Plan(
             attention,
             key,
@@ -347,6 +373,7 @@ class HFAttentionToGQA(AttentionToGQARule):
             context.graph_or_function,
             appended,
             trimmed[0] if trimmed is not None else None,
+            batched_chunks,
         )
 
     def rewrite(self, op, query_BNSD, output, **bindings):
@@ -375,8 +402,23 @@ class HFAttentionToGQA(AttentionToGQARule):
             source=(plan.key.cache_BNSH.name or ""),
             dtype=dtype_name(plan.dtype),
             head_size=plan.head_size,
+            batched_chunks=(
+                (OWN_CHUNKS if plan.appended is not None else SHARED_CHUNKS)
+                if plan.batched_chunks
+                else ""
+            ),
         )
         attributes = gqa_attributes(plan.heads, plan.head_size, plan.mask, exact_padding=False)
+        if plan.batched_chunks and plan.appended is None:
+            (result,) = self._finish(
+                op,
+                plan.attention,
+                [self._shared_if(op, plan, query_BSH, attributes, reshape_output)],
+                [reshape_output],
+                record,
+            )
+            self.record.replaced_nodes.append(reshape_output.producer())
+            return result
         results = (
             self._emit(
                 op, plan.attention, [query_BSH, *inputs], attributes, [reshape_output], record, 1
@@ -392,6 +434,29 @@ class HFAttentionToGQA(AttentionToGQARule):
         assert reshape is not None
         self.record.replaced_nodes.append(reshape)
         return results[0]
+
+    def _shared_if(
+        self, op, plan: _Plan, query_BSH: ir.Value, attributes: dict, output: ir.Value
+    ) -> ir.Value:
+        """The past form where GQA takes it, the split form with query_seqlens otherwise."""
+        empty, _, _, _, seqlens_k, total = self._past_inputs(op, plan)
+        assert empty is not None and seqlens_k is not None and total is not None
+
+        def gqa(builder, inputs: list[ir.Value | None], num_outputs: int) -> ir.Value:
+            return self._gqa_node(builder, inputs, attributes, num_outputs)[0]
+
+        return shared_if(
+            op,
+            query_BSH,
+            (plan.key.cache_BNSH, plan.value.cache_BNSH),
+            seqlens_k,
+            total,
+            empty,
+            plan.heads.kv_num_heads * plan.head_size,
+            gqa,
+            output_type=output.type,
+            name=output.name or node_label(plan.attention),
+        )
 
     def _merged_shape(self, op, heads: int, plan: _Plan) -> ir.Value:
         hidden = heads * plan.head_size
@@ -432,7 +497,12 @@ class HFAttentionToGQA(AttentionToGQARule):
             lengths = self._lengths(op, plan, key.cache_BNTD)
         else:
             lengths = self.inputs.of(plan.graph).appended_lengths(op, key.past_BNPD, key.new_BSND)
-        return [new_key, new_value, key.past_BNPD, value.past_BNPD, *lengths]
+        inputs = [new_key, new_value, key.past_BNPD, value.past_BNPD, *lengths]
+        if plan.batched_chunks:
+            # The query input is prepended by the caller: index 0 is GQA's query.
+            full = with_query_seqlens([None, *inputs], query_seqlens(op, lengths[0], new_key))
+            return full[1:]
+        return inputs
 
     def _emit_with_presents(self, op, plan, inputs, attributes, reshape_output, record):
         results = self._emit(op, plan.attention, inputs, attributes, [reshape_output], record, 3)
@@ -534,6 +604,22 @@ def _past_length_source(length: ir.Value) -> ir.Value | None:
     if not _values.is_graph_input(source) or source.shape is None or source.shape.rank() != 4:
         return None
     return source
+
+
+def _takes_batched_chunks(
+    query_BNSD: ir.Value,
+    key: RepeatedCache,
+    appended: tuple[AppendedCache, AppendedCache] | None,
+    shared: bool,
+) -> bool:
+    """Whether the graph's declared shapes let a call have B > 1 and S > 1 after a past: a
+    static batch or S of 1 (transformers' default export) or no past rules it out."""
+    if any(_static_dim(query_BNSD, axis) == 1 for axis in (0, 2)):
+        return False
+    if not shared:
+        return appended is not None and appended[0].past_BNPD is not None
+    found = match_appended_cache(key.cache_BNSH)
+    return isinstance(found, AppendedCache) and found.past_BNPD is not None
 
 
 def _static_dim(value: ir.Value, axis: int) -> int | None:
@@ -739,19 +825,28 @@ def hf_rules(
 
 BATCH_1_ONLY = "batch-1-only"  # rewriter.report.PaddingContract.BATCH_1_ONLY
 
-_BATCH_1_WARNING = (
+_NO_MASK_WARNING = (
     "the graph has no attention_mask input (Hugging Face exporter): the rewritten layers "
-    "take seqlens_k/total_sequence_length from the cache length, which is exact for "
-    "unpadded batch-1 calls, the only ones this export accepts (padding contract "
-    "batch-1-only); GroupQueryAttention would also refuse a batched call of several tokens "
-    "after a past"
+    "take seqlens_k/total_sequence_length from the cache length, which is exact for calls "
+    "without padding, the only ones the graph can express (padding contract batch-1-only: "
+    "several rows run only if none is padded); "
+)
+_CHUNKS_KEPT = (
+    "batched calls of several tokens after a past, which this graph's shapes allow, run as "
+    "in the original: GroupQueryAttention gets query_seqlens (onnxruntime >= 1.32.0 loads "
+    "it) and KV-shared layers take the split form for those calls only"
+)
+_CHUNKS_RULED_OUT = (
+    "GroupQueryAttention's limit (several tokens after a past need batch 1) costs nothing "
+    "here: this graph's declared shapes fix batch or S at 1, or it has no past"
 )
 
 
 def hf_padding_contract(rewrites: list[LayerRewrite]) -> tuple[str, str] | None:
     """("batch-1-only", warning) when a rewritten layer had no attention_mask to read."""
     if any(r.mask_style.endswith(NO_ATTENTION_MASK_STYLE_SUFFIX) for r in rewrites):
-        return BATCH_1_ONLY, _BATCH_1_WARNING
+        kept = any(r.batched_chunks for r in rewrites)
+        return BATCH_1_ONLY, _NO_MASK_WARNING + (_CHUNKS_KEPT if kept else _CHUNKS_RULED_OUT)
     return None
 
 

@@ -46,6 +46,9 @@ MOBIUS = [
         ("cache_consistency", "batch_consistency"),
     ),
     Export("mobius-a80d6ad/p2_all_attention_default_f32.onnx", 4, 4, ("cache_consistency",)),
+    # Third wave: fp16 biases built in float32 and cast (Unsqueeze(Cast(Where(...)))); the
+    # original is consistent (corpus README), so no defect.
+    Export("mobius-78437cd/main_default_f16.onnx", 6, 6, ()),
 ]
 
 
@@ -247,3 +250,125 @@ def test_the_all_attention_export_with_its_own_cache_layers_kept_verifies() -> N
     result = verify(source, model)
     assert result.passed, result.summary()
     assert len(result.layers) == 4 and all(layer.passed for layer in result.layers)
+
+
+def test_single_token_decode_graph_verifies_by_default(tmp_path: Path) -> None:
+    # transformers 5.25's export_for_generation default: decode declares input_ids and
+    # position_ids [1, 1]. The verifier feeds calls of one token, chained through the cache,
+    # and reports no defect for what the graph declares it does not take.
+    source = CORPUS / "hf-exporter-5.25-opset24" / "decode.onnx"
+    code, report, out = _run(tmp_path, source)
+    assert code == 0, report.get("verification", {}).get("failed_because")
+    assert report["rewritten"] == 12 and report["skipped"] == []
+    assert _attention_nodes(out) == []
+    verification = report["verification"]
+    assert verification["passed"] is True and verification["defects"] == []
+    prefill = _check(report, "prefill_equivalence", "candidate")
+    assert prefill["passed"] is True and "declared S=1" in prefill["detail"]
+    for role in ("original", "candidate"):
+        assert _check(report, "cache_consistency", role).get("skipped") is True
+
+
+BATCH2 = CORPUS / "hf-exporter-5.25-opset24-batch2"
+
+
+def test_batch2_multi_token_decode_keeps_batched_chunks(tmp_path: Path) -> None:
+    # Dynamic batch, several tokens per decode call: GQA refuses B > 1 with S > 1 after a
+    # past unless given query_seqlens (own caches) or the split form (shared layers).
+    code, report, out = _run(tmp_path, BATCH2 / "decode.onnx")
+    assert code == 0, report.get("verification", {}).get("failed_because")
+    assert report["rewritten"] == 12 and report["skipped"] == []
+    chunks = [r["batched_chunks"] for r in report["rewrites"]]
+    assert chunks.count("query_seqlens") == 6
+    assert chunks.count("if(B==1 or S==1 or S==T: past, else: split with query_seqlens)") == 6
+    assert not any("the only ones this export accepts" in w for w in report["warnings"])
+    assert any("run as in the original" in w for w in report["warnings"])
+    for role in ("original", "candidate"):
+        batch = _check(report, "batch_consistency", role)
+        assert batch["passed"] is True and "chunk of 3 tokens at batch 2" in batch["detail"]
+    assert report["verification"]["passed"] is True
+    # Every rewritten layer is accounted for, the If replacements included.
+    assert len(report["verification"]["layers"]) == 12
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+
+
+def test_batch2_verifier_refuses_a_rewrite_that_drops_batched_chunks(
+    tmp_path: Path, monkeypatch
+) -> None:
+    # What the rewrite did before: the past form everywhere. ORT refuses the batch-2 chunk
+    # the original runs, and the verifier must say so.
+    from rewriter.rules import hf_shared_attention
+
+    monkeypatch.setattr(hf_shared_attention, "_takes_batched_chunks", lambda *_: False)
+    code, report, _ = _run(tmp_path, BATCH2 / "decode.onnx")
+    assert code != 0
+    assert _check(report, "batch_consistency", "original")["passed"] is True
+    candidate = _check(report, "batch_consistency", "candidate")
+    assert candidate["passed"] is False and "batch_size must be 1" in candidate["detail"]
+    assert any("batch_consistency" in why for why in report["verification"]["failed_because"])
+
+
+def test_batch2_chunk_after_a_prefill_matches_the_original(tmp_path: Path) -> None:
+    # The corpus README's case: B=2, a 5-token prefill (prefill graph), then 3 new tokens
+    # (decode graph), then more chunks past the window (16), chained through each pair's
+    # own presents.
+    import numpy as np
+    import onnxruntime as ort
+
+    from rewriter.verification._tolerance import compare
+
+    pairs = {"original": (BATCH2 / "prefill.onnx", BATCH2 / "decode.onnx")}
+    for graph in ("prefill", "decode"):
+        out = tmp_path / f"{graph}.onnx"
+        assert cli.main([str(BATCH2 / f"{graph}.onnx"), str(out), "--quiet", "--no-verify"]) == 0
+    pairs["rewritten"] = (tmp_path / "prefill.onnx", tmp_path / "decode.onnx")
+    tokens = np.random.default_rng(0).integers(0, 256, (2, 32))
+    logits: dict[str, list[np.ndarray]] = {}
+    for label, (prefill_path, decode_path) in pairs.items():
+        prefill = ort.InferenceSession(str(prefill_path), providers=["CPUExecutionProvider"])
+        decode = ort.InferenceSession(str(decode_path), providers=["CPUExecutionProvider"])
+        start, runs = 0, []
+        session = prefill
+        outputs: dict[str, np.ndarray] = {}
+        for length in (5, 3, 1, 4, 3, 3, 3, 3):
+            feeds: dict[str, np.ndarray] = {
+                "input_ids": tokens[:, start : start + length],
+                "position_ids": np.tile(np.arange(start, start + length), (2, 1)),
+            }
+            for graph_input in session.get_inputs():
+                name = graph_input.name
+                if name.endswith("_sliding_window_tensor"):
+                    feeds[name] = np.array(16, dtype=np.int64)
+                elif name.startswith("input.cache.layers."):
+                    feeds[name] = outputs[name.replace("input.", "output.", 1)]
+            names = [o.name for o in session.get_outputs()]
+            result = dict(zip(names, session.run(names, feeds), strict=True))
+            outputs = {
+                name if name.startswith("output.") else f"output.{name}": value
+                for name, value in result.items()
+            }
+            runs.append(result["logits"])
+            start += length
+            session = decode
+        logits[label] = runs
+    assert start == 25  # past the window of 16
+    for step, (reference, actual) in enumerate(
+        zip(logits["original"], logits["rewritten"], strict=True)
+    ):
+        assert reference.shape[0] == 2
+        case = compare(f"call {step}", reference, actual)
+        assert case.passed, case
+
+
+def test_drafter_layers_are_left_with_their_reasons(tmp_path: Path) -> None:
+    # Not rewritten (issue 22 part 4 left open): the sliding bias starts from a Slice of
+    # attention_mask to the borrowed cache's length, and the full layer is non-causal
+    # without a mask. Each skip says so; the file is written unchanged and runs.
+    source = CORPUS / "mobius-78437cd" / "assistant_drafter_f32.onnx"
+    code, report, out = _run(tmp_path, source)
+    assert code == 0 and report["rewritten"] == 0
+    reasons = [skip["reason"] for skip in report["skipped"]]
+    assert len(reasons) == 4
+    assert sum("not derived from a graph input attention_mask" in r for r in reasons) == 3
+    assert sum(r.startswith("no mask and is_causal=0") for r in reasons) == 1
+    assert len(_attention_nodes(out)) == 4

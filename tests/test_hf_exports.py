@@ -576,3 +576,41 @@ def test_near_miss_new_entries_not_declared_as_many_as_the_queries():
         "node_scaled_dot_product_attention": "cache cat_12 appends entries not declared as "
         "many as the queries (S)"
     }
+
+
+# --- a decode graph that declares S = 1 (transformers' export_for_generation default) -----
+
+
+def test_single_token_decode_graph_verifies_on_what_it_declares(tmp_path):
+    """input_ids/position_ids [1, 1]: the verifier feeds calls of one token chained through
+    the cache (past the window twice), and calls no declared limit a defect."""
+    source = FIXTURES / TRANSFORMERS_PAIR / "decode.onnx"
+    model, _ = _rewrite(source)
+    result = rewriter.verify(source, _save(model, tmp_path / "d.onnx"), mode="model")
+    assert result.passed, result.summary()
+    assert result.defects == []
+    checks = {(c.name, c.model): c for c in result.checks}
+    prefill = checks[("prefill_equivalence", "candidate")]
+    assert prefill.passed is True
+    calls = [c for c in prefill.cases if c.label.startswith("call ")]
+    # Window 8: the chain reaches 2W + 2 = 18 positions, one token per call.
+    assert len({c.label.split(" (")[0] for c in calls}) == 18
+    assert any(c.label.startswith("call 18 (positions 17..17)") for c in calls)
+    for name in ("cache_consistency", "batch_consistency"):
+        for role in ("original", "candidate"):
+            assert checks[(name, role)].skipped
+            assert "error" not in checks[(name, role)].detail
+
+
+def test_single_token_decode_chain_catches_a_wrong_window(tmp_path):
+    source = FIXTURES / TRANSFORMERS_PAIR / "decode.onnx"
+    model, _ = _rewrite(source)
+    for node in model.graph:
+        if node.op_type == "GroupQueryAttention" and "local_window_size" in node.attributes:
+            node.attributes["local_window_size"] = ir.AttrInt64("local_window_size", 7)
+    result = rewriter.verify(source, _save(model, tmp_path / "d.onnx"), mode="model")
+    assert not result.passed
+    prefill = next(c for c in result.checks if c.name == "prefill_equivalence")
+    failed = {c.label.split(" (")[0] for c in prefill.cases if not c.passed}
+    # Position 7 sees key 0 with W=8 only: the first call to differ is the eighth.
+    assert "call 8" in failed and "call 7" not in failed

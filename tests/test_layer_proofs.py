@@ -142,6 +142,52 @@ def test_every_rewritten_layer_is_proven(path: Path) -> None:
             assert check.max_abs_diff > 0 or check.name == "prefill"  # real numbers, not 0 == 0
 
 
+@pytest.mark.parametrize("cast", ["before-unsqueeze", "last"])
+def test_fp16_biases_cast_after_their_where_are_rewritten_and_proven(cast: str) -> None:
+    # mobius main (78437cd) builds fp16 biases in float32 and casts them: every Attention
+    # (own-cache and KV-shared) must still match P2 and be proven in fp16.
+    config = tiny_config(
+        mask_style="p2", dtype="float16", nonshared_attention="attention", p2_bias_cast=cast
+    )
+    original = build_decoder(config)
+    assert any(
+        node.op_type == "Cast" and node.input[0].startswith("/model/mask/")
+        for node in original.graph.node
+    )
+    attention = sum(node.op_type == "Attention" for node in original.graph.node)
+    candidate, report = rewrite(ir.from_proto(original))
+    assert report.skipped == [] and report.rewritten == attention
+    result = verify(original, candidate, mode="layers")
+    assert result.passed, result.summary()
+    assert len(result.layers) == attention
+    for layer in result.layers:
+        for check in layer.checks:
+            if check.model == "candidate":
+                assert check.passed is True
+                assert check.max_abs_diff is not None and check.tolerance is not None
+                assert check.tolerance <= 0.06  # the fixed fp16 tolerance, not widened
+
+
+def test_a_bias_cast_to_a_non_float_type_is_not_a_p2_mask() -> None:
+    config = tiny_config(
+        mask_style="p2", dtype="float16", nonshared_attention="attention", p2_bias_cast="last"
+    )
+    model = ir.from_proto(build_decoder(config))
+    # The bias's last Cast (the one the Attention reads), made an integer cast.
+    casts = [
+        node
+        for node in model.graph
+        if node.op_type == "Cast"
+        and any(user.op_type == "Attention" for user, _ in node.outputs[0].uses())
+    ]
+    assert casts
+    for node in casts:
+        node.attributes["to"] = ir.AttrInt64("to", int(ir.DataType.INT32))
+    _, report = rewrite(model)
+    assert report.rewritten == 0
+    assert all("not a float type" in skip.reason for skip in report.skipped)
+
+
 def test_layers_with_their_own_cache_compare_presents() -> None:
     result, _ = _layers("p2_all_attention_tiny")
     own = [layer for layer in result.layers if layer.config.startswith("own-cache")]

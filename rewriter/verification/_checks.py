@@ -238,6 +238,10 @@ class Plan:
     # Why the candidate's padded decode step is not checked, if it is not.
     candidate_batch_decode_skip: str = ""
     note: str = ""
+    # S when the graphs declare it (a decode graph of [1, 1] input_ids): every call has
+    # exactly this many tokens, so the prefills above become that many tokens at a time,
+    # chained through the cache (_chained_equivalence), and no other length is fed.
+    query_length: int | None = None
 
     @property
     def capacity(self) -> int:
@@ -249,11 +253,18 @@ class Plan:
 
     @classmethod
     def for_models(
-        cls, original: GraphFacts, candidate: GraphFacts, *, confirmation: bool = False
+        cls,
+        original: GraphFacts,
+        candidate: GraphFacts,
+        *,
+        confirmation: bool = False,
+        query_length: int | None = None,
     ) -> Plan:
         """``confirmation``: every rewritten layer is proven on its own, windows included, so
         the whole model only confirms how the layers are wired together: the lengths of a
-        window of 8 whatever the model's (a few seconds at E2B size instead of minutes)."""
+        window of 8 whatever the model's (a few seconds at E2B size instead of minutes).
+        ``query_length``: the S both graphs declare (``DecoderSignature.static_query_length``),
+        None when it is dynamic."""
         windows = original.gqa_windows + candidate.gqa_windows
         window = max(windows) if windows else _DEFAULT_WINDOW
         if confirmation:
@@ -301,6 +312,7 @@ class Plan:
             batch_decode_masks=masks,
             candidate_batch_decode_skip=skip,
             note=note,
+            query_length=query_length,
         )
 
 
@@ -341,16 +353,27 @@ def run_checks(
     checks: list[CheckResult] = []
     defects: list[OriginalDefect] = []
 
-    progress(f"prefill equivalence, S in {list(plan.prefill_lengths)}")
-    checks.append(_prefill_equivalence(original, candidate, plan, compared, presents, meter))
+    if plan.query_length is None:
+        progress(f"prefill equivalence, S in {list(plan.prefill_lengths)}")
+        checks.append(_prefill_equivalence(original, candidate, plan, compared, presents, meter))
+    else:
+        progress(f"prefill equivalence, calls of the declared S={plan.query_length} chained")
+        checks.append(_chained_equivalence(original, candidate, plan, compared, presents, meter))
 
     runs: dict[str, _CacheRun | None] = {}
     cache_checks: dict[str, CheckResult] = {}
     for runner in (candidate, original):
         progress(f"cache consistency on the {runner.role} model")
-        cache_checks[runner.role], runs[runner.role] = _cache_consistency(
-            runner, plan, compared, meter
-        )
+        if plan.query_length is not None:
+            # A declared limit of the graph, not a defect: nothing to compare its calls with.
+            cache_checks[runner.role], runs[runner.role] = (
+                CheckResult.skip(CACHE, runner.role, _declared_query_length(plan)),
+                None,
+            )
+        else:
+            cache_checks[runner.role], runs[runner.role] = _cache_consistency(
+                runner, plan, compared, meter
+            )
         checks.append(cache_checks[runner.role])
     original_cache = cache_checks[ORIGINAL]
     if original_cache.passed is False:
@@ -413,6 +436,61 @@ def _prefill_equivalence(
             these = _compare_outputs(label, reference, actual, compared, presents, spread)
         cases += these
     context = f"reference: original; sliding window {plan.window}"
+    return CheckResult.from_cases(PREFILL, CANDIDATE, cases, context)
+
+
+def _declared_query_length(plan: Plan) -> str:
+    return (
+        f"the graph declares S={plan.query_length} per call: no prefill of another length to "
+        "compare with (a declared limit, not a defect); prefill equivalence chains its calls"
+    )
+
+
+def _chained_equivalence(
+    original: ModelRunner,
+    candidate: ModelRunner,
+    plan: Plan,
+    compared: Sequence[str],
+    presents: Sequence[str],
+    meter: SpreadMeter,
+) -> CheckResult:
+    """Prefill equivalence for a graph that declares S: calls of exactly S tokens from an
+    empty past, each model chained through its own cache, every call compared with the
+    original's, as far as the longest prefill of the plan reaches (past the window twice)."""
+    s = plan.query_length
+    assert s is not None
+    chained = original.signature.has_full_cache and candidate.signature.has_full_cache
+    calls = max(1, max(plan.prefill_lengths) // s) if chained else 1
+    cases: list[Case] = []
+    original_past: dict[str, np.ndarray] | None = None
+    candidate_past: dict[str, np.ndarray] | None = None
+    for call in range(calls):
+        total = (call + 1) * s
+        step = Step((0,), np.ones((1, total), dtype=np.int64), s)
+        try:
+            reference = original.run(step, original_past)
+        except RunFailure as error:
+            return CheckResult.error(
+                PREFILL, CANDIDATE, f"original failed at call {call + 1} of S={s}: {error}"
+            )
+        try:
+            actual = candidate.run(step, candidate_past)
+        except RunFailure as error:
+            return CheckResult.error(PREFILL, CANDIDATE, f"call {call + 1} of S={s}: {error}")
+        label = f"call {call + 1} (positions {total - s}..{total - 1})"
+        these = _compare_outputs(label, reference, actual, compared, presents)
+        if _missed_tolerance(these) and meter.available:
+            scenario = f"call {call + 1} of S={s} chained from an empty past"
+            spread = meter.at(scenario, step, original_past, reference)
+            these = _compare_outputs(label, reference, actual, compared, presents, spread)
+        cases += these
+        if chained:
+            original_past = original.next_past(reference)
+            candidate_past = candidate.next_past(actual)
+    context = (
+        f"reference: original; {calls} call(s) of the declared S={s}, chained from an empty "
+        f"past; sliding window {plan.window}"
+    )
     return CheckResult.from_cases(PREFILL, CANDIDATE, cases, context)
 
 
@@ -482,6 +560,13 @@ def _decode_equivalence(
     meter: SpreadMeter,
 ) -> CheckResult:
     original, candidate = runs.get(ORIGINAL), runs.get(CANDIDATE)
+    if plan.query_length is not None:
+        return CheckResult.skip(
+            DECODE,
+            CANDIDATE,
+            f"the graph declares S={plan.query_length}: its chained calls are compared with "
+            "the original's in prefill equivalence",
+        )
     if original_cache.skipped or original is None or candidate is None:
         return CheckResult.skip(DECODE, CANDIDATE, "no decode runs to compare")
     if not original_cache.passed:
@@ -525,10 +610,17 @@ def _decode_equivalence(
 def _batch_consistency(
     runner: ModelRunner, plan: Plan, compared: Sequence[str], meter: SpreadMeter
 ) -> CheckResult:
-    if runner.signature.attention_mask is None:
-        return CheckResult.skip(BATCH, runner.role, "no attention_mask input to express padding")
     if not runner.supports_batch(2):
-        return CheckResult.skip(BATCH, runner.role, "static batch dimension")
+        return CheckResult.skip(
+            BATCH, runner.role, f"the graph declares batch {runner.signature.batch_dim}"
+        )
+    if plan.query_length is not None:
+        # Rows of two lengths in one call need S to vary; the graph fixes it.
+        return CheckResult.skip(BATCH, runner.role, _declared_query_length(plan))
+    if runner.signature.attention_mask is None:
+        # No padding to express: rows of one length, as a batched generation without a
+        # mask runs them, and a chunk of several tokens after the past.
+        return _unpadded_batch(runner, plan, compared, meter)
     lengths = plan.batch_lengths
     padded = lengths[0]
     alone_steps = [Step.prefill([row], [n], n) for row, n in enumerate(lengths)]
@@ -582,6 +674,79 @@ def _batch_consistency(
     if decode_skip:
         result.detail = f"{result.detail}; {decode_skip}"
     return result
+
+
+def _unpadded_batch(
+    runner: ModelRunner, plan: Plan, compared: Sequence[str], meter: SpreadMeter
+) -> CheckResult:
+    """A batch of 2 rows of one length (prefill, then a chunk of several tokens after that
+    past) against each row run alone: a graph without attention_mask cannot pad, but a
+    dynamic batch takes several rows, and what the original runs the candidate must run."""
+    length = plan.batch_lengths[0]
+    rows = (0, 1)
+    prefill = Step(rows, np.ones((2, length), dtype=np.int64), length)
+    alone_prefills = [Step((row,), np.ones((1, length), dtype=np.int64), length) for row in rows]
+    chained = runner.signature.has_full_cache
+    chunk = Step(rows, np.ones((2, length + _CHUNK), dtype=np.int64), _CHUNK)
+    alone_chunks = [
+        Step((row,), np.ones((1, length + _CHUNK), dtype=np.int64), _CHUNK) for row in rows
+    ]
+    try:
+        batch = runner.run(prefill)
+        alone = [runner.run(step) for step in alone_prefills]
+    except RunFailure as error:
+        return CheckResult.error(BATCH, runner.role, f"prefill of 2 rows of {length}: {error}")
+    pairs: list[tuple[str, Mapping[str, np.ndarray], list[Mapping[str, np.ndarray]], Step]] = [
+        (f"prefill of {length}", batch, alone, prefill)
+    ]
+    if chained:
+        try:
+            batch_chunk = runner.run(chunk, runner.next_past(batch))
+            alone_chunk = [
+                runner.run(step, runner.next_past(alone[row]))
+                for row, step in zip(rows, alone_chunks, strict=True)
+            ]
+        except RunFailure as error:
+            why = f"chunk of {_CHUNK} at batch 2 after a past of {length}: {error}"
+            return CheckResult.error(BATCH, runner.role, why)
+        pairs.append((f"chunk of {_CHUNK} after {length}", batch_chunk, alone_chunk, chunk))
+    cases: list[Case] = []
+    for label, together, separate, step in pairs:
+        for row in rows:
+
+            def judged(
+                spread: Spread | None,
+                row: int = row,
+                label: str = label,
+                together: Mapping[str, np.ndarray] = together,
+                separate: list[Mapping[str, np.ndarray]] = separate,
+            ) -> list[Case]:
+                return [
+                    compare(
+                        f"{label} row {row}",
+                        separate[row][name],
+                        together[name][row : row + 1],
+                        spread.at(name) if spread is not None else None,
+                    )
+                    for name in compared
+                ]
+
+            these = judged(None)
+            if _missed_tolerance(these) and meter.available:
+                one_row = alone_prefills[row]
+                if step is prefill:
+                    these = judged(meter.at(_scenario(one_row), one_row))
+                else:
+                    scenario = f"chunk after {_scenario(one_row)}"
+                    these = judged(meter.after_prefill(scenario, one_row, alone_chunks[row]))
+            cases += these
+    if runner.role == CANDIDATE:
+        outputs = [batch, *alone] + ([batch_chunk, *alone_chunk] if chained else [])
+        cases += _non_finite_cases(outputs)
+    context = f"2 unpadded rows of {length} tokens (no attention_mask to pad with)"
+    if chained:
+        context += f", then a chunk of {_CHUNK} tokens at batch 2 after that past"
+    return CheckResult.from_cases(BATCH, runner.role, context=context, cases=cases)
 
 
 def _batch_decode(

@@ -143,6 +143,15 @@ class DecoderSignature:
     def batch_dim(self) -> Dim:
         return self.input_ids.shape[0] if self.input_ids.shape else None
 
+    @property
+    def static_query_length(self) -> int | None:
+        """S when the graph declares it (transformers' decode graphs take [1, 1]): every call
+        of this graph has exactly that many tokens; None when S is dynamic."""
+        for spec in (self.input_ids, self.position_ids):
+            if spec is not None and spec.shape is not None and isinstance(spec.shape[1], int):
+                return spec.shape[1]
+        return None
+
     @classmethod
     def from_session(cls, session: ort.InferenceSession, role: str) -> DecoderSignature:
         inputs = {arg.name: TensorSpec.from_node_arg(arg) for arg in session.get_inputs()}

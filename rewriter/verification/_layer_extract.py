@@ -36,6 +36,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from rewriter.rules import node_label
+from rewriter.rules._batched_chunks import BATCHED_CHUNKS_KEY
 from rewriter.rules._speed_choice import SPEED_LAYER_KEY
 from rewriter.verification._graph_diff import inputs_deep
 
@@ -175,7 +176,9 @@ def pair_layers(
     original_nodes: set[ir.Node] = set()
     candidate_nodes: set[ir.Node] = set()
     for gqa in candidate.graph:
-        if not (gqa.op_type == "GroupQueryAttention" and gqa.domain == _MS):
+        # An If of rules._batched_chunks replaces its layer as one GQA node would.
+        batched_if = gqa.op_type == "If" and BATCHED_CHUNKS_KEY in gqa.metadata_props
+        if not (gqa.op_type == "GroupQueryAttention" and gqa.domain == _MS) and not batched_if:
             continue
         replaced = produced_by.get(gqa.outputs[0].name or "")
         if replaced is not None and replaced.op_type == gqa.op_type:

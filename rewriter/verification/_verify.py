@@ -100,7 +100,12 @@ def verify(
             )
         original_facts = read_graph_facts(original_model.model)
         candidate_facts = read_graph_facts(candidate_model.model)
-        plan = Plan.for_models(original_facts, candidate_facts, confirmation=confirmation)
+        plan = Plan.for_models(
+            original_facts,
+            candidate_facts,
+            confirmation=confirmation,
+            query_length=_declared_query_length(original_signature, candidate_signature),
+        )
         vocab_sizes = [
             size
             for size in (
@@ -190,6 +195,16 @@ def _error_kind(check: CheckResult) -> str:
     if not check.detail.startswith("error: "):
         return ""
     return re.sub(r"Name:'[^']*'", "Name:'*'", check.detail)
+
+
+def _declared_query_length(*signatures: DecoderSignature) -> int | None:
+    """The S the graphs fix (both feed the same steps, so they must agree)."""
+    declared = {s.static_query_length for s in signatures} - {None}
+    if len(declared) > 1:
+        raise VerificationError(
+            f"the models declare different query lengths {sorted(declared)}: no call fits both"
+        )
+    return next(iter(declared), None)
 
 
 def _ignore(_message: str) -> None:
