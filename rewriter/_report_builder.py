@@ -27,8 +27,11 @@ _GQA_CACHE_WARNING = (
     "no layer of the original model used GroupQueryAttention; now every layer does, so the "
     "model follows GroupQueryAttention's padding convention: attention_mask rows must be "
     "right-padded, and in batched decode each row's new token goes right after its valid "
-    "tokens (a prefix mask, as onnxruntime-genai feeds GQA models) where the original "
-    "appended it after the padding; GroupQueryAttention also refuses a batched call of "
+    "tokens where the original appended it after the padding: GroupQueryAttention reads only "
+    "each row's count of ones, so onnxruntime-genai's batched decode feed (the appended mask, "
+    "e.g. [1,1,1,1,1,1,0,0,0,0,1], with position ids continuing from each row's length; genai "
+    "treats only trailing pad tokens as padding) gives the original's tokens for right-padded "
+    "prompts, and left-padded prompts do not; GroupQueryAttention also refuses a batched call of "
     "several tokens after a past (batch 1 only there); use --exact-padding to keep the "
     "original semantics and cache layout"
 )
