@@ -39,6 +39,7 @@ from rewriter.model_io import (
 from rewriter.package import (
     GenerationFailed,
     PackageResult,
+    PackageSpeed,
     check_package_destination,
     copy_package,
     decoder_path,
@@ -302,7 +303,7 @@ def _package_command(args: argparse.Namespace) -> int:
     config = read_config(args.input)
     model_path = decoder_path(args.input, config)
     original = load_model(model_path)
-    model, report = _rewritten(args, load_model(model_path))
+    model, report = _rewritten(args, load_model(model_path), package=True)
     console = _Console(args)
     with staged_folder(args.output) as staged:
         copy_package(args.input, staged, original, model_path)
@@ -350,8 +351,16 @@ def _package_command(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _rewritten(args: argparse.Namespace, model: ir.Model) -> tuple[ir.Model, RewriteReport]:
-    return rewrite(
+def _rewritten(
+    args: argparse.Namespace, model: ir.Model, *, package: bool = False
+) -> tuple[ir.Model, RewriteReport]:
+    speed_probe, choose_speed = None, None
+    if package and args.speed == "auto" and args.form == "auto":
+        from rewriter.speed import SpeedProbe
+
+        speed_probe = SpeedProbe(args.provider, progress=None if args.quiet else _rewrite_progress)
+        choose_speed = PackageSpeed(speed_probe)
+    model, report = rewrite(
         model,
         layers=args.layers,
         form=args.form,
@@ -360,8 +369,14 @@ def _rewritten(args: argparse.Namespace, model: ir.Model) -> tuple[ir.Model, Rew
         exact_padding=args.exact_padding,
         window_slice=args.window_slice,
         speed=args.speed,
+        choose_speed=choose_speed,
         progress=None if args.quiet else _rewrite_progress,
     )
+    if speed_probe is not None:
+        # What the probe chose for the KV-shared layers (own-cache layers: GENAI_OWN_CACHE,
+        # named in each rewrite's speed_reason).
+        report.speed = {"provider": args.provider, "layers": speed_probe.tables()}
+    return model, report
 
 
 def _write_verified(

@@ -29,6 +29,7 @@ import onnx_ir as ir
 
 from rewriter._paths import external_tensors
 from rewriter.model_io import InputError, OutputError
+from rewriter.rules import LayerKind, SpeedChoice, SpeedChooser
 from rewriter.verification._genai import (
     GenerationRun,
     compare_generations,
@@ -38,9 +39,11 @@ from rewriter.verification._genai import (
 
 __all__ = [
     "CONFIG_NAME",
+    "GENAI_OWN_CACHE",
     "ConfigChange",
     "GenerationFailed",
     "PackageResult",
+    "PackageSpeed",
     "check_package_destination",
     "copy_package",
     "decoder_path",
@@ -51,6 +54,31 @@ __all__ = [
 
 CONFIG_NAME = "genai_config.json"
 _SHARE = "past_present_share_buffer"
+
+
+# genai feeds every layer the same attention_mask; a layer with its own cache kept as Attention
+# appends each decode token after a row's padding while GroupQueryAttention layers put it
+# right after the row's valid tokens, so one model holding both gives wrong tokens in genai's
+# batched decode (measured on the corpus package), and only GroupQueryAttention takes the
+# shared buffer.
+GENAI_OWN_CACHE = SpeedChoice(
+    "gqa",
+    "gqa",
+    "gqa: an onnxruntime-genai package: every layer with its own cache follows one cache "
+    "convention, GroupQueryAttention's (a layer kept as Attention breaks genai's batched "
+    "decode beside GQA layers, and refuses genai's shared past/present buffer)",
+)
+
+
+class PackageSpeed:
+    """--speed auto for a package: layers with their own cache get GQA (GENAI_OWN_CACHE),
+    KV-shared layers what `chooser` (the CLI's speed probe) gives them."""
+
+    def __init__(self, chooser: SpeedChooser) -> None:
+        self.chooser = chooser
+
+    def __call__(self, layer: LayerKind) -> SpeedChoice:
+        return GENAI_OWN_CACHE if layer.own_cache else self.chooser(layer)
 
 
 def is_package(path: Path) -> bool:
@@ -232,8 +260,9 @@ def finish_package(
             "layers with their own cache kept as Attention append each new token after the "
             "padding, while the rewritten layers follow GroupQueryAttention's convention (right "
             "after each row's valid tokens), and genai's batched decode feeds both one mask; "
-            "rerun with --speed off (every layer with its own cache becomes "
-            "GroupQueryAttention, and the shared buffer can be turned on)"
+            "rerun with --layers all (every layer with its own cache becomes "
+            "GroupQueryAttention, and the shared buffer can be turned on) or --exact-padding "
+            "(the rewritten layers keep the original cache layout)"
         )
     return result
 
@@ -292,22 +321,31 @@ def _cache_inputs(config: dict[str, Any], model: ir.Model) -> list[ir.Value]:
 
 def _share_buffer_blockers(config: dict[str, Any], model: ir.Model) -> list[str]:
     """Why genai's shared past/present buffer cannot work: each cache input that feeds
-    something other than GroupQueryAttention's past_key/past_value (inputs 3 and 4)."""
+    something other than GroupQueryAttention's past_key/past_value (inputs 3 and 4), and each
+    ONNX Attention left anywhere (If branches included): with the shared buffer every cache is
+    max-length while the mask is as long as the tokens so far, which Attention refuses."""
     caches = _cache_inputs(config, model)
     if not caches:
         return ["the model has no input the config's past_key_names / past_value_names match"]
     blockers = []
     for value in caches:
         for node, index in value.uses():
-            if not (
-                node.op_type == "GroupQueryAttention"
-                and node.domain == "com.microsoft"
-                and index in (3, 4)
-            ):
+            if not (_is_gqa(node) and index in (3, 4)):
                 blockers.append(
                     f"cache input {value.name} feeds {node.op_type} {node.name}, and only "
                     "GroupQueryAttention takes genai's shared buffer (the report's skipped "
                     "layers say why that layer was kept)"
                 )
                 break
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.op_type == "Attention" and node.domain in ("", "ai.onnx"):
+            blockers.append(
+                f"{node.name} is ONNX Attention (a speed choice's decode fold reads the "
+                "borrowed cache with it), which refuses genai's max-length shared buffer; "
+                "--speed off makes every layer GroupQueryAttention"
+            )
     return blockers
+
+
+def _is_gqa(node: ir.Node) -> bool:
+    return node.op_type == "GroupQueryAttention" and node.domain == "com.microsoft"

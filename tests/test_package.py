@@ -11,12 +11,14 @@ import json
 from pathlib import Path
 
 import onnx
+import onnx_ir as ir
 import pytest
 from conftest import CORPUS
 
 from rewriter import package as package_module
 from rewriter.cli import main
 from rewriter.fixtures.gemma4_like import build_decoder, tiny_config
+from rewriter.package import GENAI_OWN_CACHE
 
 CORPUS_PACKAGE = CORPUS / "mobius-78437cd-genai" / "default_f32"
 
@@ -210,14 +212,47 @@ def test_corpus_package_gets_the_shared_buffer(tmp_path: Path) -> None:
 
 @pytest.mark.genai
 @pytest.mark.corpus
-def test_corpus_package_with_mixed_cache_conventions_is_refused(tmp_path: Path) -> None:
-    """The default speed choice keeps the full-attention layer with its own cache as
-    Attention; genai's batched decode then feeds one mask to two cache conventions and the
-    tokens differ (as the rewrite's right-padding warning says): nothing is written, and the
-    hint names --speed off."""
+def test_corpus_package_under_the_default_speed_choice(tmp_path: Path) -> None:
+    """--speed auto on a package: layers with their own cache become GroupQueryAttention
+    (one cache convention for genai), KV-shared layers decode with the fold, whose Attention
+    refuses the shared buffer: the config keeps false and says why; generation matches."""
     output, report = tmp_path / "out", tmp_path / "report.json"
-    assert _run(CORPUS_PACKAGE, output, "--quiet", "--report", report) == 1
+    assert _run(CORPUS_PACKAGE, output, "--quiet", "--report", report) == 0
+    data = _report(report)
+    own_cache = [r for r in data["rewrites"] if r["rule"].startswith("NonShared")]
+    assert own_cache and all(r["speed_reason"] == GENAI_OWN_CACHE.reason for r in own_cache)
+    after = json.loads((output / "genai_config.json").read_text())
+    assert after["search"]["past_present_share_buffer"] is False
+    assert "refuses genai's max-length shared buffer" in data["package"]["config_kept"][0]
+    runs = data["package"]["generation"]["runs"]
+    assert [(run["batch"], run["passed"]) for run in runs] == [(1, True), (2, True)]
+
+
+@pytest.mark.genai
+def test_mixed_cache_conventions_are_refused(generated_package: Path, tmp_path: Path) -> None:
+    """--layers shared leaves the layers with their own cache as Attention (new token after
+    the padding) beside GroupQueryAttention layers (right after the valid tokens): genai's
+    batched decode feeds both one mask and the tokens differ, as the rewrite's right-padding
+    warning says. Nothing is written, and the hint says what to run instead."""
+    output, report = tmp_path / "out", tmp_path / "report.json"
+    assert _run(generated_package, output, "--layers", "shared", "--quiet", "--report", report) == 1
     assert not output.exists()
     generation = _report(report)["package"]["generation"]
     assert generation["passed"] is False
-    assert "--speed off" in generation["hint"]
+    assert [run["batch"] for run in generation["runs"] if not run["tokens_equal"]] == [2]
+    assert "--layers all" in generation["hint"]
+
+
+def test_config_drops_inputs_the_rewritten_model_no_longer_takes(
+    generated_package: Path,
+) -> None:
+    config = package_module.read_config(generated_package)
+    original = ir.load(generated_package / "model.onnx")
+    rewritten = ir.load(generated_package / "model.onnx")
+    rewritten.graph.inputs[:] = [v for v in rewritten.graph.inputs if v.name != "position_ids"]
+    changes = package_module._drop_missing_inputs(config, original, rewritten)
+    assert [(c.key, c.before, c.after) for c in changes] == [
+        ("model.decoder.inputs.position_ids", "position_ids", None)
+    ]
+    assert "position_ids" not in config["model"]["decoder"]["inputs"]
+    assert "past_key_names" in config["model"]["decoder"]["inputs"]

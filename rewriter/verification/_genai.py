@@ -109,9 +109,9 @@ def generate(package: Path, *, share_buffer: bool | None = None, seed: int = 0) 
     config = json.loads((package / "genai_config.json").read_text())
     max_length = min(MAX_LENGTH, int(config["model"].get("context_length", MAX_LENGTH)))
     # One thread: the proof's numbers do not depend on the machine's load or core count.
-    overlay: dict[str, Any] = {
-        "model": {"decoder": {"session_options": {"intra_op_num_threads": 1}}}
-    }
+    # Fatal-only logging: a failing run raises, and its one line goes into the report.
+    session = {"intra_op_num_threads": 1, "log_severity_level": 4}
+    overlay: dict[str, Any] = {"model": {"decoder": {"session_options": session}}}
     if share_buffer is not None:
         overlay["search"] = {"past_present_share_buffer": share_buffer}
     try:
