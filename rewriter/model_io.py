@@ -45,6 +45,7 @@ __all__ = [
     "Interrupted",
     "OutputError",
     "check_destination",
+    "check_new_folder",
     "external_data_name",
     "has_external_data",
     "load_model",
@@ -289,7 +290,7 @@ def staged_folder(output: str | os.PathLike[str]) -> Iterator[Path]:
     through :func:`staged_output`, copies) is published in one rename, so `output` is
     either absent or complete."""
     output = Path(output)
-    _check_new_folder(output)
+    check_new_folder(output)
     staging: Scratch | None = None
     published = False
     try:
@@ -303,7 +304,7 @@ def staged_folder(output: str | os.PathLike[str]) -> Iterator[Path]:
                 if path.is_file() and not path.is_symlink():
                     _fsync_file(path)
             with _publishing_in(output.parent), _signals_held():
-                _check_new_folder(output)  # it may have appeared during the rewrite
+                check_new_folder(output)  # it may have appeared during the rewrite
                 os.rename(staged, output)
                 published = True
                 _fsync_directory(output.parent)
@@ -317,7 +318,8 @@ def staged_folder(output: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
-def _check_new_folder(output: Path) -> None:
+def check_new_folder(output: Path) -> None:
+    """OutputError (one line) unless `output` is absent and its parent a writable folder."""
     if os.path.lexists(output):
         raise OutputError(f"{output}: exists; the output folder must be new")
     directory = output.parent

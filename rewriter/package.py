@@ -28,7 +28,7 @@ from typing import Any
 import onnx_ir as ir
 
 from rewriter._paths import external_tensors
-from rewriter.model_io import InputError, OutputError
+from rewriter.model_io import InputError, OutputError, check_new_folder
 from rewriter.rules import LayerKind, SpeedChoice, SpeedChooser
 from rewriter.verification._genai import (
     GenerationRun,
@@ -109,24 +109,24 @@ def decoder_path(package: Path, config: dict[str, Any]) -> Path:
 
 def check_package_destination(package: Path, output: Path) -> None:
     """OutputError (one line) for an OUT that exists or lies inside the package."""
-    if os.path.lexists(output):
-        raise OutputError(f"{output}: exists; a package is written to a new folder")
     inside = output.resolve()
     if inside == package.resolve() or package.resolve() in inside.parents:
         raise OutputError(f"{output}: is inside the input package {package}")
+    check_new_folder(output)
 
 
 def copy_package(package: Path, staged: Path, model: ir.Model, model_path: Path) -> None:
     """Copy every file of `package` into `staged` except the decoder model and its weights
-    (the rewrite writes those)."""
+    (the rewrite writes those). Symbolic links are copied as the files they name: a package
+    in a Hugging Face cache links into ../../blobs, which the new folder does not have."""
     skip = {model_path.resolve(), *(Path(t.path).resolve() for t in external_tensors(model))}
     for entry in package.iterdir():
         if entry.resolve() in skip:
             continue
         if entry.is_dir():
-            shutil.copytree(entry, staged / entry.name, symlinks=True)
+            shutil.copytree(entry, staged / entry.name)
         else:
-            shutil.copy2(entry, staged / entry.name, follow_symlinks=False)
+            shutil.copy2(entry, staged / entry.name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,7 +238,8 @@ def finish_package(
                         False,
                         True,
                         "every cache input feeds GroupQueryAttention's past, and genai's greedy "
-                        "generation with the shared buffer gives the original's tokens",
+                        "generation with the shared buffer gives the original's tokens and "
+                        "logits",
                     )
                 )
                 result.generation = runs
@@ -255,7 +256,8 @@ def finish_package(
             f"onnxruntime-genai cannot run the rewritten package: {error}"
         ) from None
     result.generation = compare_generations(reference, candidate, share_buffer=share)
-    if blockers and not result.passed:
+    attention_caches = any(b.startswith("cache input") for b in blockers)
+    if attention_caches and not result.passed:
         result.hint = (
             "layers with their own cache kept as Attention append each new token after the "
             "padding, while the rewritten layers follow GroupQueryAttention's convention (right "

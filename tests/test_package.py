@@ -256,3 +256,15 @@ def test_config_drops_inputs_the_rewritten_model_no_longer_takes(
     ]
     assert "position_ids" not in config["model"]["decoder"]["inputs"]
     assert "past_key_names" in config["model"]["decoder"]["inputs"]
+
+
+def test_linked_files_are_copied_as_files(generated_package: Path, tmp_path: Path) -> None:
+    """A package in a Hugging Face cache links its files into ../../blobs: the new folder
+    gets the bytes, not a link that would point nowhere from there."""
+    blob = tmp_path / "blob"
+    blob.write_text('{"vocab": "from the cache"}')
+    (generated_package / "tokenizer_config.json").symlink_to(blob)
+    output = tmp_path / "out"
+    assert _run(generated_package, output, "--no-verify", "--quiet") == 0
+    copied = output / "tokenizer_config.json"
+    assert not copied.is_symlink() and copied.read_text() == blob.read_text()
