@@ -8,6 +8,9 @@ all-Attention fixture's layout with a genai_config.json written like mobius's.
 from __future__ import annotations
 
 import json
+import math
+import subprocess
+import sys
 from pathlib import Path
 
 import onnx
@@ -268,3 +271,34 @@ def test_linked_files_are_copied_as_files(generated_package: Path, tmp_path: Pat
     assert _run(generated_package, output, "--no-verify", "--quiet") == 0
     copied = output / "tokenizer_config.json"
     assert not copied.is_symlink() and copied.read_text() == blob.read_text()
+
+
+@pytest.mark.genai
+def test_genai_benchmark_runs_and_writes_its_ratios(
+    generated_package: Path, tmp_path: Path
+) -> None:
+    """Structure only: timings on a shared machine prove nothing."""
+    rewritten, results = tmp_path / "rewritten", tmp_path / "genai.json"
+    assert _run(generated_package, rewritten, "--speed", "off", "--quiet") == 0
+    bench = Path(__file__).resolve().parent.parent / "bench" / "genai_bench.py"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(bench),
+            str(generated_package),
+            str(rewritten),
+            *("--prompts", "8", "16", "--new-tokens", "4", "--rounds", "1"),
+            *("--json", str(results)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads(results.read_text())
+    for length in (8, 16):
+        for key in (f"genai_prefill_ratio_l{length}", f"genai_decode_ratio_l{length}"):
+            assert math.isfinite(data[key]) and data[key] > 0, key
+    assert data["packages"]["rewritten"]["past_present_share_buffer"] is True
+    assert data["packages"]["original"]["past_present_share_buffer"] is False
