@@ -334,8 +334,7 @@ def _package_command(args: argparse.Namespace) -> int:
         report.package = package.to_dict()
         if not package.passed:
             _write_report(args.report, report.to_dict())
-            if result is not None:
-                console.failed(report, result)
+            print(report.summary(per_rewrite=args.verbose), file=sys.stderr)
             print("genai generation FAILED; nothing written:", file=sys.stderr)
             print("\n".join(package.lines()), file=sys.stderr)
             raise _VerificationFailed

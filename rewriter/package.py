@@ -263,8 +263,9 @@ def finish_package(
             "padding, while the rewritten layers follow GroupQueryAttention's convention (right "
             "after each row's valid tokens), and genai's batched decode feeds both one mask; "
             "rerun with --layers all (every layer with its own cache becomes "
-            "GroupQueryAttention, and the shared buffer can be turned on) or --exact-padding "
-            "(the rewritten layers keep the original cache layout)"
+            "GroupQueryAttention; with --speed off as well, every layer, and the shared buffer "
+            "can be turned on) or --exact-padding (the rewritten layers keep the original "
+            "cache layout)"
         )
     return result
 
