@@ -24,11 +24,16 @@ _KNOWN_DOMAINS = frozenset(
 )
 
 _GQA_CACHE_WARNING = (
-    "no layer of the original model used GroupQueryAttention; now every layer does, so the "
-    "model follows GroupQueryAttention's padding convention: attention_mask rows must be "
+    "no layer of the original model used GroupQueryAttention; now every layer with its own "
+    "cache does, so the model follows GroupQueryAttention's padding convention: "
+    "attention_mask rows must be "
     "right-padded, and in batched decode each row's new token goes right after its valid "
-    "tokens (a prefix mask, as onnxruntime-genai feeds GQA models) where the original "
-    "appended it after the padding; GroupQueryAttention also refuses a batched call of "
+    "tokens where the original appended it after the padding: GroupQueryAttention reads only "
+    "each row's count of ones, so onnxruntime-genai's batched decode feed (the appended mask, "
+    "e.g. [1,1,1,1,1,1,0,0,0,0,1], with position ids continuing from each row's length; genai "
+    "treats only trailing pad tokens as padding) gives the original's tokens for right-padded "
+    "prompts (leading pad tokens genai reads as tokens, in the original as in the rewrite); "
+    "GroupQueryAttention also refuses a batched call of "
     "several tokens after a past (batch 1 only there); use --exact-padding to keep the "
     "original semantics and cache layout"
 )
@@ -83,7 +88,9 @@ def describe(
         report.padding_contract, warning = hf_contract
         report.warnings.append(warning)
     elif report.padding_contract == PaddingContract.RIGHT_PADDING_ONLY:
-        all_converted = not attention_nodes(model)
+        # A KV-shared layer's decode fold is an Attention without a cache of its own: it reads
+        # the borrowed cache as the GQA layer that owns it wrote it.
+        all_converted = not any(_owns_cache(node) for node in attention_nodes(model))
         report.warnings.append(_GQA_CACHE_WARNING if all_converted else _RIGHT_PADDING_WARNING)
 
 
@@ -128,6 +135,15 @@ def attention_nodes(model: ir.Model) -> list[ir.Node]:
         for node in all_nodes(model)
         if node.op_type == "Attention" and node.domain in ("", "ai.onnx")
     ]
+
+
+def _owns_cache(attention: ir.Node) -> bool:
+    """An ONNX Attention with past inputs or read present outputs (inputs 4-5, outputs 1-2)."""
+    past = any(value is not None for value in attention.inputs[4:6])
+    return past or any(
+        value is not None and (value.is_graph_output() or bool(list(value.uses())))
+        for value in attention.outputs[1:3]
+    )
 
 
 def is_gqa(node: ir.Node) -> bool:

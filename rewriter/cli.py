@@ -1,5 +1,7 @@
 """The command line: ``python -m rewriter IN OUT``, ``... verify A B``, ``... probe``.
 
+IN may be an onnxruntime-genai package folder (``rewriter.package``): OUT is then a new folder.
+
 Exit codes: 0 done (verified, or nothing to do); 1 verification failed (nothing written);
 2 bad usage or input (one line on stderr, nothing written); 3 internal error;
 130/143 interrupted by SIGINT/SIGTERM (the output is then absent, unchanged or complete).
@@ -31,7 +33,19 @@ from rewriter.model_io import (
     external_data_name,
     load_model,
     signals_as_exceptions,
+    staged_folder,
     staged_output,
+)
+from rewriter.package import (
+    GenerationFailed,
+    PackageResult,
+    PackageSpeed,
+    check_package_destination,
+    copy_package,
+    decoder_path,
+    finish_package,
+    is_package,
+    read_config,
 )
 from rewriter.pipeline import rewrite
 from rewriter.probe import FORMS, ProbeError, probe
@@ -88,8 +102,17 @@ def _rewrite_parser() -> argparse.ArgumentParser:
         description="Rewrite KV-shared ONNX Attention layers into GroupQueryAttention and "
         "verify the result on ONNX Runtime. Subcommands: 'verify ORIGINAL CANDIDATE', 'probe'.",
     )
-    parser.add_argument("input", type=Path, help="model to rewrite (never modified)")
-    parser.add_argument("output", type=Path, help="where to write the rewritten model")
+    parser.add_argument(
+        "input",
+        type=Path,
+        help="model to rewrite, or an onnxruntime-genai package folder (with "
+        "genai_config.json); never modified",
+    )
+    parser.add_argument(
+        "output",
+        type=Path,
+        help="where to write the rewritten model (for a package: a new folder)",
+    )
     parser.add_argument(
         "--report", type=Path, help="write the JSON report here ('-': to standard output)"
     )
@@ -241,8 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _rewrite_command(args: argparse.Namespace) -> int:
-    from rewriter.verification import VerificationError, verify
-
+    if is_package(args.input):
+        return _package_command(args)
     if same_file(args.input, args.output) and not args.in_place:
         raise _UsageError(f"{args.output} is the input; pass --in-place to replace it")
     if args.in_place and args.output.is_symlink():
@@ -257,7 +280,85 @@ def _rewrite_command(args: argparse.Namespace) -> int:
     check_destination(args.output)
     weights = args.output.with_name(external_data_name(args.output))
     _check_report_path(args.report, args.input, args.output, weights)
-    model = load_model(args.input)
+    model, report = _rewritten(args, load_model(args.input))
+    console = _Console(args)
+    result = _write_verified(args, model, report, args.input, args.output, console)
+    try:
+        _write_report(args.report, report.to_dict())
+        console.done(report, result)
+        console.say(f"wrote {args.output}")
+    except Interrupted as interruption:
+        interruption.written = args.output
+        raise
+    return EXIT_OK
+
+
+def _package_command(args: argparse.Namespace) -> int:
+    """IN is an onnxruntime-genai package: rewrite its decoder into a new folder OUT, copy
+    the rest, update genai_config.json and prove the package with onnxruntime-genai."""
+    if args.in_place:
+        raise _UsageError(f"{args.input} is a package: it is written to a new folder, not in place")
+    check_package_destination(args.input, args.output)
+    _check_report_path(args.report, args.input, args.output)
+    config = read_config(args.input)
+    model_path = decoder_path(args.input, config)
+    original = load_model(model_path)
+    model, report = _rewritten(args, load_model(model_path), package=True)
+    console = _Console(args)
+    with staged_folder(args.output) as staged:
+        copy_package(args.input, staged, original, model_path)
+        staged_model = staged / model_path.relative_to(args.input)
+        result = _write_verified(args, model, report, model_path, staged_model, console)
+        why_not = None
+        if args.no_verify:
+            why_not = "--no-verify"
+        elif not report.rewrites:
+            why_not = _NOTHING_REWRITTEN
+        try:
+            package = finish_package(
+                args.input,
+                staged,
+                config,
+                original,
+                model,
+                verify=why_not,
+                progress=console.progress,
+            )
+        except GenerationFailed as error:
+            package = PackageResult(skipped=str(error))
+            report.package = package.to_dict()
+            report.package["generation"]["passed"] = False
+            _write_report(args.report, report.to_dict())
+            print(f"verification FAILED; nothing written: {error}", file=sys.stderr)
+            raise _VerificationFailed from None
+        report.package = package.to_dict()
+        if not package.passed:
+            _write_report(args.report, report.to_dict())
+            print(report.summary(per_rewrite=args.verbose), file=sys.stderr)
+            print("genai generation FAILED; nothing written:", file=sys.stderr)
+            print("\n".join(package.lines()), file=sys.stderr)
+            raise _VerificationFailed
+    try:
+        _write_report(args.report, report.to_dict())
+        console.done(report, result)
+        for line in package.lines():
+            console.say(line)
+        console.say(f"wrote {args.output}")
+    except Interrupted as interruption:
+        interruption.written = args.output
+        raise
+    return EXIT_OK
+
+
+def _rewritten(
+    args: argparse.Namespace, model: ir.Model, *, package: bool = False
+) -> tuple[ir.Model, RewriteReport]:
+    speed_probe, choose_speed = None, None
+    if package and args.speed == "auto" and args.form == "auto":
+        from rewriter.speed import SpeedProbe
+
+        speed_probe = SpeedProbe(args.provider, progress=None if args.quiet else _rewrite_progress)
+        choose_speed = PackageSpeed(speed_probe)
     model, report = rewrite(
         model,
         layers=args.layers,
@@ -267,11 +368,30 @@ def _rewrite_command(args: argparse.Namespace) -> int:
         exact_padding=args.exact_padding,
         window_slice=args.window_slice,
         speed=args.speed,
+        choose_speed=choose_speed,
         progress=None if args.quiet else _rewrite_progress,
     )
-    console = _Console(args)
+    if speed_probe is not None:
+        # What the probe chose for the KV-shared layers (own-cache layers: GENAI_OWN_CACHE,
+        # named in each rewrite's speed_reason).
+        report.speed = {"provider": args.provider, "layers": speed_probe.tables()}
+    return model, report
+
+
+def _write_verified(
+    args: argparse.Namespace,
+    model: ir.Model,
+    report: RewriteReport,
+    source: Path,
+    output: Path,
+    console: _Console,
+) -> VerificationResult | None:
+    """Stage `model` at `output`, verify it against `source`, publish it when it passed
+    (_VerificationFailed, nothing written, when it did not); the result, None when not run."""
+    from rewriter.verification import VerificationError, verify
+
     result = None
-    with staged_output(model, args.output, source=args.input) as staged:
+    with staged_output(model, output, source=source) as staged:
         if args.no_verify:
             report.verification = {"skipped": "--no-verify"}
         elif not report.rewrites:
@@ -281,7 +401,7 @@ def _rewrite_command(args: argparse.Namespace) -> int:
         else:
             try:
                 result = verify(
-                    args.input,
+                    source,
                     staged,
                     provider=args.provider,
                     progress=console.progress,
@@ -296,14 +416,7 @@ def _rewrite_command(args: argparse.Namespace) -> int:
                 _write_report(args.report, report.to_dict())
                 console.failed(report, result)
                 raise _VerificationFailed
-    try:
-        _write_report(args.report, report.to_dict())
-        console.done(report, result)
-        console.say(f"wrote {args.output}")
-    except Interrupted as interruption:
-        interruption.written = args.output
-        raise
-    return EXIT_OK
+    return result
 
 
 class _Console:

@@ -45,10 +45,12 @@ __all__ = [
     "Interrupted",
     "OutputError",
     "check_destination",
+    "check_new_folder",
     "external_data_name",
     "has_external_data",
     "load_model",
     "signals_as_exceptions",
+    "staged_folder",
     "staged_output",
 ]
 
@@ -279,6 +281,52 @@ def staged_output(
         if published:
             interruption.written = output
         raise
+
+
+@contextlib.contextmanager
+def staged_folder(output: str | os.PathLike[str]) -> Iterator[Path]:
+    """An empty folder staged beside `output` (a folder that must not exist yet); renamed to
+    `output` on normal exit, removed on any other. What the caller writes into it (models
+    through :func:`staged_output`, copies) is published in one rename, so `output` is
+    either absent or complete."""
+    output = Path(output)
+    check_new_folder(output)
+    staging: Scratch | None = None
+    published = False
+    try:
+        try:
+            with _signals_held():
+                staging = _make_staging_directory(output, output.parent)
+            staged = staging.path / output.name
+            staged.mkdir()
+            yield staged
+            for path in staged.rglob("*"):
+                if path.is_file() and not path.is_symlink():
+                    _fsync_file(path)
+            with _publishing_in(output.parent), _signals_held():
+                check_new_folder(output)  # it may have appeared during the rewrite
+                os.rename(staged, output)
+                published = True
+                _fsync_directory(output.parent)
+        finally:
+            if staging is not None:
+                with _signals_held():
+                    staging.cleanup()
+    except Interrupted as interruption:
+        if published:
+            interruption.written = output
+        raise
+
+
+def check_new_folder(output: Path) -> None:
+    """OutputError (one line) unless `output` is absent and its parent a writable folder."""
+    if os.path.lexists(output):
+        raise OutputError(f"{output}: exists; the output folder must be new")
+    directory = output.parent
+    if not directory.is_dir():
+        raise OutputError(f"{output}: directory {directory} does not exist")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise OutputError(f"{output}: directory {directory} is not writable")
 
 
 @contextlib.contextmanager

@@ -36,6 +36,8 @@ class RewriteReport:
     probe: dict[str, Any] | None = None
     speed: dict[str, Any] | None = None  # --speed auto: the timings each choice rests on
     verification: dict[str, Any] | None = None  # filled by the verifier, or {"skipped": ...}
+    # A genai package (rewriter.package): config changes and the generation proof.
+    package: dict[str, Any] | None = None
 
     @property
     def rewritten(self) -> int:
@@ -56,6 +58,7 @@ class RewriteReport:
             "probe": self.probe,
             "speed": self.speed,
             "verification": self.verification,
+            "package": self.package,
         }
 
     def summary(self, per_rewrite: bool = True) -> str:

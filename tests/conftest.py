@@ -51,19 +51,61 @@ CORPUS = Path(__file__).resolve().parent.parent.parent / "shared" / "corpus"
 _CORPUS_REQUIRED = "KVSHARE_REQUIRE_CORPUS"
 
 
+# .ci/run sets this too: there the generation tests must run (the genai extra installed).
+_GENAI_REQUIRED = "KVSHARE_REQUIRE_GENAI"
+
+
+def _genai_installed() -> bool:
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """A clone without ../shared/corpus runs every other test and says which it left out."""
-    if CORPUS.is_dir():
+    """A clone without ../shared/corpus, or without onnxruntime-genai, runs every other test
+    and says which it left out (the header); CI makes either absence an error."""
+    _deselect(
+        config, items, "corpus", CORPUS.is_dir(), _CORPUS_REQUIRED, f"{CORPUS} does not exist"
+    )
+    _deselect(
+        config,
+        items,
+        "genai",
+        _genai_installed(),
+        _GENAI_REQUIRED,
+        "onnxruntime-genai is not installed (pip install '.[genai]')",
+    )
+
+
+def _deselect(
+    config: pytest.Config,
+    items: list[pytest.Item],
+    marker: str,
+    present: bool,
+    required: str,
+    absence: str,
+) -> None:
+    if present:
         return
-    if os.environ.get(_CORPUS_REQUIRED):
-        raise pytest.UsageError(f"{_CORPUS_REQUIRED} is set but {CORPUS} does not exist")
-    corpus = [item for item in items if item.get_closest_marker("corpus")]
-    if corpus:
-        config.hook.pytest_deselected(items=corpus)
-        items[:] = [item for item in items if not item.get_closest_marker("corpus")]
+    if os.environ.get(required):
+        raise pytest.UsageError(f"{required} is set but {absence}")
+    left_out = [item for item in items if item.get_closest_marker(marker)]
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = [item for item in items if not item.get_closest_marker(marker)]
 
 
-def pytest_report_header(config: pytest.Config) -> str:
-    if CORPUS.is_dir():
-        return f"corpus of real exports: {CORPUS}"
-    return f"corpus of real exports: {CORPUS} not found, corpus tests deselected"
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    corpus = (
+        f"corpus of real exports: {CORPUS}"
+        if CORPUS.is_dir()
+        else f"corpus of real exports: {CORPUS} not found, corpus tests deselected"
+    )
+    genai = (
+        "onnxruntime-genai: installed, genai tests run"
+        if _genai_installed()
+        else "onnxruntime-genai: not installed, genai tests deselected"
+    )
+    return [corpus, genai]
