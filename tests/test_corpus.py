@@ -19,7 +19,7 @@ import pytest
 from conftest import CORPUS
 
 from rewriter import cli
-from rewriter.speed import FOLD_ON_CPU, OWN_FULL_KEPT_ON_CPU, OWN_SLIDING_GQA_ON_CPU
+from rewriter.speed import FOLD_ON_CPU, OWN_CACHE_KEPT_ON_CPU
 
 pytestmark = pytest.mark.corpus
 
@@ -135,13 +135,9 @@ def test_mobius_exports_under_the_default_speed_choice(tmp_path: Path, export: E
             assert table["reason"] == FOLD_ON_CPU.reason and table["ms"] == {}
             assert table["layer"]["dtype"] == "float32" and not table["layer"]["own_cache"]
         elif table["layer"]["own_cache"] and table["layer"]["export_correct"]:
-            # The fixed CPU choice for float32 layers with their own cache: full ones kept,
-            # sliding ones GQA (rewriter.speed.fixed_choice).
-            fixed = (
-                OWN_SLIDING_GQA_ON_CPU
-                if table["layer"]["local_window_size"]
-                else OWN_FULL_KEPT_ON_CPU
-            )
+            # The fixed CPU choice for float32 layers with their own cache: kept as exported
+            # (rewriter.speed.fixed_choice).
+            fixed = OWN_CACHE_KEPT_ON_CPU
             assert table["layer"]["dtype"] == "float32" and table["ms"] == {}
             assert (table["chosen"], table["reason"]) == (fixed.label, fixed.reason)
         else:  # a defective export that the fold does not serve: GQA, never timed
@@ -156,7 +152,7 @@ def test_mobius_exports_under_the_default_speed_choice(tmp_path: Path, export: E
         else:
             assert record["speed_form"] == chosen[key]["chosen"]
     for skip in report["skipped"]:
-        assert skip["reason"] == OWN_FULL_KEPT_ON_CPU.reason or skip["reason"].startswith(
+        assert skip["reason"] == OWN_CACHE_KEPT_ON_CPU.reason or skip["reason"].startswith(
             "kept as exported, faster over one prefill"
         )
     if export.original_defects == ("cache_consistency", "batch_consistency"):
