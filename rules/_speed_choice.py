@@ -22,9 +22,10 @@ Forms of a phase:
   computes what GQA computes and may replace a defective export too.
 
 Only a correct export (a P2 bias with ``is_causal=0``) may keep its Attention in any phase.
-The fold is causal only because its query is one token: it never runs a prefill (a layer
-whose attention is not causal across the query, every query seeing the same keys, could fold
-at any S; no export pattern the rules know has one).
+The fold is causal only because its query is one token: it never runs a prefill. A layer
+whose attention is not causal across the query (no mask, ``is_causal=0``: a
+speculative-decoding drafter's full layer over the target's cache) folds at any S
+(``fold_unmasked``, rules.kv_shared_attention.UnmaskedSharedAttentionToFold).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ __all__ = [
     "attention_bnsh",
     "export_attention",
     "fold",
+    "fold_unmasked",
     "phase_if",
 ]
 
@@ -153,6 +155,42 @@ def fold(
     output_BKGD = op.Attention(query_BKGD, *caches_BNSH, bias_BKGT, **attributes)
     output_BKGD.producer().metadata_props[SPEED_FORM_KEY] = "fold"
     return op.Reshape(output_BKGD, op.Constant(value_ints=[0, 1, num_heads * head_size]))
+
+
+def fold_unmasked(
+    op,
+    query_BSD: ir.Value,
+    caches_BNSH: tuple[ir.Value, ir.Value],
+    *,
+    num_heads: int,
+    kv_num_heads: int,
+    head_size: int,
+    scale: float,
+    softcap: float,
+) -> ir.Value:
+    """The fold at any S, for a layer without mask and with is_causal=0 (a drafter's full
+    layer over the target's cache): every query sees every key, so the S*G queries of a KV
+    head form one query axis. Q [B, S, N*D] -> [B, S, Nkv, G, D] -> [B, Nkv, S, G, D] ->
+    [B, Nkv, S*G, D] (query head h reads KV head h // G, as in GQA and the export),
+    ``Attention`` without mask or causal flag over the cache [B, Nkv, T, D] as it is, and the
+    output back the same way. Exact for every S and B: no row or query position is read."""
+    group = num_heads // kv_num_heads
+    query_BSKGD = op.Reshape(
+        query_BSD, op.Constant(value_ints=[0, 0, kv_num_heads, group, head_size])
+    )
+    query_BKSGD = op.Transpose(query_BSKGD, perm=[0, 2, 1, 3, 4])
+    query_BKQD = op.Reshape(query_BKSGD, op.Constant(value_ints=[0, 0, -1, head_size]))
+    attributes: dict[str, object] = {"scale": scale, "is_causal": 0}
+    if softcap:
+        attributes["softcap"] = softcap
+    # 4-D inputs carry their head counts: q heads = kv heads = Nkv, sequence = S*G.
+    output_BKQD = op.Attention(query_BKQD, *caches_BNSH, **attributes)
+    output_BKQD.producer().metadata_props[SPEED_FORM_KEY] = "fold"
+    output_BKSGD = op.Reshape(
+        output_BKQD, op.Constant(value_ints=[0, 0, -1, group, head_size])
+    )
+    output_BSKGD = op.Transpose(output_BKSGD, perm=[0, 2, 1, 3, 4])
+    return op.Reshape(output_BSKGD, op.Constant(value_ints=[0, 0, num_heads * head_size]))
 
 
 def export_attention(op, attention: ir.Node) -> ir.Value:
