@@ -82,6 +82,11 @@ def describe(
     if not report.rewrites:
         return
     report.padding_contract = _padding_contract(had_gqa, exact_padding)
+    if all(r.mask_style == "none" for r in report.rewrites):
+        # Only unmasked folds (a drafter's full layer): they read no attention_mask, so no
+        # padding convention changed.
+        report.padding_contract = PaddingContract.UNCHANGED
+        return
     hf_contract = hf_padding_contract(report.rewrites)
     if hf_contract is not None:
         report.padding_contract, warning = hf_contract
