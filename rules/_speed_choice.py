@@ -186,9 +186,7 @@ def fold_unmasked(
     # 4-D inputs carry their head counts: q heads = kv heads = Nkv, sequence = S*G.
     output_BKQD = op.Attention(query_BKQD, *caches_BNSH, **attributes)
     output_BKQD.producer().metadata_props[SPEED_FORM_KEY] = "fold"
-    output_BKSGD = op.Reshape(
-        output_BKQD, op.Constant(value_ints=[0, 0, -1, group, head_size])
-    )
+    output_BKSGD = op.Reshape(output_BKQD, op.Constant(value_ints=[0, 0, -1, group, head_size]))
     output_BSKGD = op.Transpose(output_BKSGD, perm=[0, 2, 1, 3, 4])
     return op.Reshape(output_BSKGD, op.Constant(value_ints=[0, 0, num_heads * head_size]))
 

@@ -365,9 +365,7 @@ class UnmaskedSharedAttentionToFold(AttentionToGQARule):
         # Exactly three inputs: no mask, no past (a fourth input fails the match).
         return op.Attention(query_BSD, key_BSD, value_BSD, _outputs=["output"])
 
-    def _plan_for(
-        self, context, attention, *, query_BSD, key_BSD, value_BSD, **_
-    ) -> _UnmaskedPlan:
+    def _plan_for(self, context, attention, *, query_BSD, key_BSD, value_BSD, **_) -> _UnmaskedPlan:
         if attention.attributes.get_int("is_causal", 0):
             raise MatchFailureError(
                 "no mask and is_causal=1: upper-left causal, not a layer the fold computes",
@@ -385,9 +383,7 @@ class UnmaskedSharedAttentionToFold(AttentionToGQARule):
                 "K and V do not come from the same source layer's present outputs", value_BSD
             )
         head_size = _head_size(facts, borrowed_key, borrowed_value, query_BSD, heads)
-        dtype = check_dtype(
-            facts, query_BSD, borrowed_key.cache_BNSH, borrowed_value.cache_BNSH
-        )
+        dtype = check_dtype(facts, query_BSD, borrowed_key.cache_BNSH, borrowed_value.cache_BNSH)
         return _UnmaskedPlan(borrowed_key, borrowed_value, heads, head_size, dtype)
 
     def rewrite(self, op, query_BSD, key_BSD, value_BSD, output, **_):

@@ -4,11 +4,12 @@ Dimension letters: B batch, S query length of a call, P past length, T = P + S t
 Nkv KV heads, D head size.
 
 A decoder export declares ``input_ids`` [B, S] (or, as a speculative-decoding drafter does,
-``inputs_embeds`` [B, S, H], fed like any other input below), ``attention_mask`` [B, T], ``position_ids``
-[B, S] and ``past_key_values.{i}.key|value`` [B, Nkv, P, D] paired with ``present.{i}.key|value``
-outputs [B, Nkv, T, D]. Their symbolic dimension names tell which symbol means batch, query,
-total or past length; any other input is fed seeded random data of its declared type, its
-symbolic dimensions bound through those same names (an unknown symbol becomes 1).
+``inputs_embeds`` [B, S, H], fed like any other input below), ``attention_mask`` [B, T],
+``position_ids`` [B, S] and ``past_key_values.{i}.key|value`` [B, Nkv, P, D] paired with
+``present.{i}.key|value`` outputs [B, Nkv, T, D]. Their symbolic dimension names tell which
+symbol means batch, query, total or past length; any other input is fed seeded random data of
+its declared type, its symbolic dimensions bound through those same names (an unknown symbol
+becomes 1; a drafter's ``shared_kv.*`` cache [B, Nkv, T, D] binds its third axis to T).
 
 All token-indexed data comes from one seeded pool indexed by (row, absolute position), so a
 token at position 7 is the same token whether it is fed in a prefill, a decode step, alone or
@@ -213,7 +214,7 @@ class DecoderSignature:
                 _bind(roles, outputs[layer.present_key].shape, {0: BATCH, 2: TOTAL})
 
         for name, spec in inputs.items():
-            if name.startswith(_BORROWED_PREFIX) and spec.shape is not None and len(spec.shape) == 4:
+            if name.startswith(_BORROWED_PREFIX) and spec.shape and len(spec.shape) == 4:
                 # A drafter's borrowed cache [B, Nkv, T, D] (the target's present after its
                 # calls so far): it spans every key position, as attention_mask does.
                 _bind(roles, spec.shape, {0: BATCH, 2: TOTAL})

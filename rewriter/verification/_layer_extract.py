@@ -587,9 +587,7 @@ def _config(
         dtype=np.dtype(dtype.numpy()),
         upper_left_causal=attrs.get_int("is_causal", 0) == 1 and kind == SHARED,
         mask_rank=mask.shape.rank() if mask is not None and mask.shape is not None else None,
-        every_key_visible=mask is None
-        and attrs.get_int("is_causal", 0) == 0
-        and kind == SHARED,
+        every_key_visible=mask is None and attrs.get_int("is_causal", 0) == 0 and kind == SHARED,
     )
 
 
