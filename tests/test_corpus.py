@@ -360,15 +360,29 @@ def test_batch2_chunk_after_a_prefill_matches_the_original(tmp_path: Path) -> No
         assert case.passed, case
 
 
-def test_drafter_layers_are_left_with_their_reasons(tmp_path: Path) -> None:
-    # Not rewritten (issue 22 part 4 left open): the sliding bias starts from a Slice of
-    # attention_mask to the borrowed cache's length, and the full layer is non-causal
-    # without a mask. Each skip says so; the file is written unchanged and runs.
+def test_drafter_full_layer_is_folded_and_verified(tmp_path: Path) -> None:
+    # The full layer (no mask, is_causal=0) becomes the fold at any S, no If; the sliding
+    # layers' bias starts from a Slice of attention_mask to the borrowed cache's length and
+    # they are left with that reason. The verifier drives the drafter's own inputs.
     source = CORPUS / "mobius-78437cd" / "assistant_drafter_f32.onnx"
     code, report, out = _run(tmp_path, source)
-    assert code == 0 and report["rewritten"] == 0
+    assert code == 0 and report["rewritten"] == 1
+    (record,) = report["rewrites"]
+    assert record["node"] == "model/layers.3/self_attn/Attention_node_158"
+    assert (record["speed_form"], record["mask_style"]) == ("fold", "none")
     reasons = [skip["reason"] for skip in report["skipped"]]
-    assert len(reasons) == 4
-    assert sum("not derived from a graph input attention_mask" in r for r in reasons) == 3
-    assert sum(r.startswith("no mask and is_causal=0") for r in reasons) == 1
+    assert len(reasons) == 3
+    assert all("not derived from a graph input attention_mask" in r for r in reasons)
+    verification = report["verification"]
+    assert verification["passed"] is True, verification["failed_because"]
+    (layer,) = verification["layers"]
+    assert layer["passed"] is True
+    assert _check(report, "prefill_equivalence", "candidate")["passed"] is True
+    # The original's full layer reads a padded row's padding keys: named, and kept.
+    (defect,) = verification["defects"]
+    assert defect["check"] == "batch_consistency"
+    assert "no mask and is_causal=0" in defect["description"]
+    model = ir.load(out)
+    assert not [node for node in model.graph if node.op_type == "If"]
+    # Three sliding Attention nodes as exported, and the fold's Attention.
     assert len(_attention_nodes(out)) == 4
