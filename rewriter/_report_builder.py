@@ -82,9 +82,9 @@ def describe(
     if not report.rewrites:
         return
     report.padding_contract = _padding_contract(had_gqa, exact_padding)
-    if all(r.mask_style == "none" for r in report.rewrites):
-        # Only unmasked folds (a drafter's full layer): they read no attention_mask, so no
-        # padding convention changed.
+    if all(r.mask_style in ("none", "export") for r in report.rewrites):
+        # Only a drafter's folds: without mask or with the export's own bias, they read
+        # attention_mask as the export does, so no padding convention changed.
         report.padding_contract = PaddingContract.UNCHANGED
         return
     hf_contract = hf_padding_contract(report.rewrites)

@@ -77,8 +77,8 @@ class RewriteReport:
                 lines.append(
                     f"  rewrote {r.node} -> GroupQueryAttention ({r.form}{window}, {r.mask_style})"
                 )
-            elif r.mask_style == "none":
-                # The unmasked fold is chosen for exactness, not timed: its reason says why.
+            elif r.mask_style in ("none", "export"):
+                # A drafter's fold is chosen for exactness, not timed: its reason says why.
                 lines.append(f"  rewrote {r.node} -> {r.speed_form}: {r.speed_reason}")
             else:
                 lines.append(f"  rewrote {r.node} -> {r.speed_form} (measured fastest)")

@@ -17,6 +17,7 @@ from rewriter.rules._log import RewriteLog, RuleLog
 from rewriter.rules._shape_evidence import ShapeFacts
 from rewriter.rules.hf_shared_attention import hf_rules
 from rewriter.rules.kv_shared_attention import (
+    DrafterBiasAttentionToFold,
     KVSharedAttentionToGQA,
     UnmaskedSharedAttentionToFold,
 )
@@ -66,6 +67,8 @@ def gqa_rules(
         ),
         # A drafter's full layer (no mask, is_causal=0): the fold, exact at any S.
         UnmaskedSharedAttentionToFold.rule(choose_form, inputs=inputs, facts=facts, log=log),
+        # A drafter's masked layer the rule above leaves: the fold with the export's bias.
+        DrafterBiasAttentionToFold.rule(choose_form, inputs=inputs, facts=facts, log=log),
     ]
     if layers == "all":
         supports = native_support or native_support_from(choose_form)
