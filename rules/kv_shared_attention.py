@@ -442,13 +442,13 @@ class DrafterBiasAttentionToFold(AttentionToGQARule):
     """A speculative-decoding drafter's masked layer -> the fold at any S with the export's
     own bias (rules._speed_choice.fold_unmasked with `bias_B1ST`), no If.
 
-    It takes what the KV-shared rule leaves: an Attention with is_causal=0 whose borrowed
-    K/V are graph inputs (the target's cache handed to the drafter: mobius's
-    ``shared_kv.sliding_attention.key``) and whose mask is one [B, 1, S, T] for all heads
-    (mobius's sliding bias over ``Slice(attention_mask, 0, T_sliding)``, which no P1/P2
-    pattern matches). The export's bias is read as it is, so the layer computes what the
-    export computes, padding and all; a layer whose cache another layer of the same graph
-    writes is the KV-shared rule's alone."""
+    It takes what the KV-shared rule cannot read: an Attention with is_causal=0 whose
+    borrowed K/V are graph inputs (the target's cache handed to the drafter: mobius's
+    ``shared_kv.sliding_attention.key``) and whose mask, one [B, 1, S, T] for all heads, no
+    P1/P2 pattern matches (mobius's sliding bias over ``Slice(attention_mask, 0,
+    T_sliding)``); a layer with a P1/P2 mask, or whose cache another layer of the same graph
+    writes, is the KV-shared rule's, rewritten or left. The export's bias is read as it is,
+    so the layer computes what the export computes, padding and all."""
 
     def __init__(
         self,
@@ -485,6 +485,14 @@ class DrafterBiasAttentionToFold(AttentionToGQARule):
                 )
         if not _same_source(borrowed_key.cache_BNSH, borrowed_value.cache_BNSH):
             raise MatchFailureError("K and V are not one cache's key and value", value_BSD)
+        try:
+            match_mask(context, mask)
+        except MatchFailureError:
+            pass  # what the KV-shared rule cannot read: this rule's to take
+        else:
+            # A P1/P2 mask is the KV-shared rule's: it left the layer for its own reason
+            # (a head size GQA refuses, a speed choice that keeps the export, ...).
+            raise MatchFailureError("the mask is a P1/P2 mask: the KV-shared rule's layer", mask)
         head_size = _head_size(facts, borrowed_key, borrowed_value, query_BSD, heads)
         dtype = check_dtype(facts, query_BSD, borrowed_key.cache_BNSH, borrowed_value.cache_BNSH)
         mask_dtype = facts.dtype(mask)
