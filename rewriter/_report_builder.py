@@ -47,13 +47,11 @@ _RIGHT_PADDING_WARNING = (
 )
 
 _NO_FORM = "does not have the Attention(q, k, v, mask[, past_key, past_value]) form"
-# Measured on onnxruntime 1.32.0 CPU: GQA with causal=0 in the past form is exact (1.5e-6)
-# but refuses batch 2 with S > 1 after a past, which such a layer takes.
+# A layer without mask and causal flag that the fold's rule (UnmaskedSharedAttentionToFold)
+# never saw: its pattern is Attention(q, k, v) with exactly three inputs.
 _NON_CAUSAL = (
-    "no mask and is_causal=0: every query sees every key (a speculative-decoding drafter's "
-    "full layer over a borrowed cache); GroupQueryAttention with causal=0 is exact for it "
-    "but refuses a batch of several tokens after a past, which this layer takes, so it is "
-    "left as exported"
+    "no mask and is_causal=0: every query sees every key; the fold takes such a layer only "
+    "as Attention(q, k, v) with three inputs over a borrowed cache, which this is not"
 )
 
 
@@ -65,6 +63,7 @@ def describe(
     had_gqa: bool,
     exact_padding: bool,
     shared: RuleLog,
+    unmasked: RuleLog,
     own_cache: RuleLog | None,
     hf: list[RuleLog],
 ) -> None:
@@ -79,10 +78,15 @@ def describe(
             "left alone, the rules do not know these domains: " + ", ".join(unknown)
         )
     rewritten = {r.node for r in report.rewrites}
-    report.skipped = refine_skips(_skips(candidates, rewritten, shared, own_cache), hf)
+    report.skipped = refine_skips(_skips(candidates, rewritten, shared, unmasked, own_cache), hf)
     if not report.rewrites:
         return
     report.padding_contract = _padding_contract(had_gqa, exact_padding)
+    if all(r.mask_style in ("none", "export") for r in report.rewrites):
+        # Only a drafter's folds: without mask or with the export's own bias, they read
+        # attention_mask as the export does, so no padding convention changed.
+        report.padding_contract = PaddingContract.UNCHANGED
+        return
     hf_contract = hf_padding_contract(report.rewrites)
     if hf_contract is not None:
         report.padding_contract, warning = hf_contract
@@ -95,7 +99,11 @@ def describe(
 
 
 def _skips(
-    candidates: list[ir.Node], rewritten: set[str], shared: RuleLog, own_cache: RuleLog | None
+    candidates: list[ir.Node],
+    rewritten: set[str],
+    shared: RuleLog,
+    unmasked: RuleLog,
+    own_cache: RuleLog | None,
 ) -> list[LayerSkip]:
     """One reason per candidate left alone: from the rule whose kind of layer it is."""
     skipped = []
@@ -110,7 +118,7 @@ def _skips(
             assert own_cache is not None
             reason = own_cache.skips.get(label, LayerSkip(label, _NO_FORM)).reason
         elif _unmasked_non_causal(node) and label not in shared.skips:
-            reason = _NON_CAUSAL
+            reason = unmasked.skips.get(label, LayerSkip(label, _NON_CAUSAL)).reason
         else:
             reason = shared.skips.get(label, LayerSkip(label, _NO_FORM)).reason
         skipped.append(LayerSkip(label, reason))

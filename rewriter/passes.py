@@ -171,6 +171,7 @@ class AttentionToGQAPass(ir.passes.InPlacePass):
             had_gqa=had_gqa,
             exact_padding=self.exact_padding,
             shared=rules.shared,
+            unmasked=rules.unmasked,
             own_cache=rules.own_cache,
             hf=rules.hf,
         )

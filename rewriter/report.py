@@ -77,6 +77,9 @@ class RewriteReport:
                 lines.append(
                     f"  rewrote {r.node} -> GroupQueryAttention ({r.form}{window}, {r.mask_style})"
                 )
+            elif r.mask_style in ("none", "export"):
+                # A drafter's fold is chosen for exactness, not timed: its reason says why.
+                lines.append(f"  rewrote {r.node} -> {r.speed_form}: {r.speed_reason}")
             else:
                 lines.append(f"  rewrote {r.node} -> {r.speed_form} (measured fastest)")
         for s in self.skipped:

@@ -22,9 +22,11 @@ Forms of a phase:
   computes what GQA computes and may replace a defective export too.
 
 Only a correct export (a P2 bias with ``is_causal=0``) may keep its Attention in any phase.
-The fold is causal only because its query is one token: it never runs a prefill (a layer
-whose attention is not causal across the query, every query seeing the same keys, could fold
-at any S; no export pattern the rules know has one).
+The fold is causal only because its query is one token: it never runs a prefill. A
+speculative-decoding drafter's layers fold at any S (``fold_unmasked``): its full layer has
+no mask and ``is_causal=0`` (every query sees every key of the target's cache), its sliding
+layers an ``is_causal=0`` bias shared by all heads, which the fold repeats over the folded
+heads (rules.kv_shared_attention.UnmaskedSharedAttentionToFold, DrafterBiasAttentionToFold).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ __all__ = [
     "attention_bnsh",
     "export_attention",
     "fold",
+    "fold_unmasked",
     "phase_if",
 ]
 
@@ -153,6 +156,65 @@ def fold(
     output_BKGD = op.Attention(query_BKGD, *caches_BNSH, bias_BKGT, **attributes)
     output_BKGD.producer().metadata_props[SPEED_FORM_KEY] = "fold"
     return op.Reshape(output_BKGD, op.Constant(value_ints=[0, 1, num_heads * head_size]))
+
+
+def fold_unmasked(
+    op,
+    query_BSD: ir.Value,
+    caches_BNSH: tuple[ir.Value, ir.Value],
+    *,
+    num_heads: int,
+    kv_num_heads: int,
+    head_size: int,
+    scale: float,
+    softcap: float,
+    bias_B1ST: ir.Value | None = None,
+) -> ir.Value:
+    """The fold at any S, for a layer whose queries do not need their own head's mask: Q
+    [B, S, N*D] -> [B, S, Nkv, G, D] -> [B, Nkv, S, G, D] -> [B, Nkv, S*G, D] (query head h
+    reads KV head h // G, as in GQA and the export), ``Attention`` with is_causal=0 over the
+    cache [B, Nkv, T, D] as it is, and the output back the same way.
+
+    Without `bias_B1ST` (a layer without mask and with is_causal=0, a drafter's full layer
+    over the target's cache) every query sees every key. With it (the export's own additive
+    bias [B or 1, 1, S, T], one for all heads: a drafter's sliding layer), query (s, g) gets
+    row s of the bias, repeated over the G heads: [B, 1, S, G, T] -> [B, 1, S*G, T]. Either
+    way it computes what the export's Attention (is_causal=0) computes, for every S and B."""
+    group = num_heads // kv_num_heads
+    query_BSKGD = op.Reshape(
+        query_BSD, op.Constant(value_ints=[0, 0, kv_num_heads, group, head_size])
+    )
+    query_BKSGD = op.Transpose(query_BSKGD, perm=[0, 2, 1, 3, 4])
+    query_BKQD = op.Reshape(query_BKSGD, op.Constant(value_ints=[0, 0, -1, head_size]))
+    attributes: dict[str, object] = {"scale": scale, "is_causal": 0}
+    if softcap:
+        attributes["softcap"] = softcap
+    inputs = [query_BKQD, *caches_BNSH]
+    if bias_B1ST is not None:
+        bias_B1S1T = op.Unsqueeze(bias_B1ST, op.Constant(value_ints=[3]))
+        # Expanded to the query's S too: a bias broadcast over the queries stays exact.
+        expanded = op.Expand(
+            bias_B1S1T,
+            op.Concat(
+                op.Constant(value_ints=[1, 1]),
+                op.Shape(query_BSD, start=1, end=2),
+                op.Constant(value_ints=[group, 1]),
+                axis=0,
+            ),
+        )
+        folded_shape = op.Concat(
+            op.Shape(expanded, start=0, end=2),
+            op.Constant(value_ints=[-1]),
+            op.Shape(expanded, start=4, end=5),
+            axis=0,
+        )
+        inputs.append(op.Reshape(expanded, folded_shape))
+    # 4-D inputs carry their head counts: q heads = kv heads = Nkv, sequence = S*G.
+    output_BKQD = op.Attention(*inputs, **attributes)
+    output_BKQD.producer().metadata_props[SPEED_FORM_KEY] = "fold"
+    output_BKSGD = op.Reshape(output_BKQD, op.Constant(value_ints=[0, 0, -1, group, head_size]))
+    output_BSKGD = op.Transpose(output_BKSGD, perm=[0, 2, 1, 3, 4])
+    return op.Reshape(output_BSKGD, op.Constant(value_ints=[0, 0, num_heads * head_size]))
 
 
 def export_attention(op, attention: ir.Node) -> ir.Value:

@@ -49,10 +49,15 @@ from rewriter.rules._speed_choice import (
     attention_bnsh,
     export_attention,
     fold,
+    fold_unmasked,
     phase_if,
 )
 
-__all__ = ["KVSharedAttentionToGQA"]
+__all__ = [
+    "DrafterBiasAttentionToFold",
+    "KVSharedAttentionToGQA",
+    "UnmaskedSharedAttentionToFold",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,6 +327,215 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
                 new_BSD.append(op.Reshape(op.Transpose(new, perm=[0, 2, 1, 3]), merged))
             return new_BSD + past_BNSH
         raise ValueError(f"unknown GroupQueryAttention form {plan.form!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _UnmaskedPlan:
+    key: BorrowedCache
+    value: BorrowedCache
+    heads: AttentionHeads
+    head_size: int
+    dtype: ir.DataType
+
+
+# Why the fold and not GQA: measured on onnxruntime 1.32.0 CPU, GQA with causal=0 in the
+# past form is exact for such a layer but refuses a batch of several tokens after a past.
+UNMASKED_FOLD_REASON = (
+    "no mask and is_causal=0 (every query sees every key): the fold reads the borrowed cache "
+    "in place and is exact for every S and B; GroupQueryAttention (causal=0) refuses a batch "
+    "of several tokens after a past"
+)
+
+
+class UnmaskedSharedAttentionToFold(AttentionToGQARule):
+    """A KV-shared Attention without mask and with is_causal=0 (mobius's speculative-decoding
+    drafter: its full layer reads the target's cache, a graph input, and every query sees
+    every key) -> the fold at any S (rules._speed_choice.fold_unmasked), no If: it computes
+    what the export computes for every query length and batch."""
+
+    def __init__(
+        self,
+        choose_form: FormChooser = always_past,
+        *,
+        inputs: GQAInputs | None = None,
+        facts: ShapeFacts | None = None,
+        log: RewriteLog | None = None,
+    ) -> None:
+        super().__init__(
+            "UnmaskedSharedAttentionToFold", choose_form, inputs=inputs, facts=facts, log=log
+        )
+
+    def pattern(self, op, query_BSD, key_BSD, value_BSD):
+        # Exactly three inputs: no mask, no past (a fourth input fails the match).
+        return op.Attention(query_BSD, key_BSD, value_BSD, _outputs=["output"])
+
+    def _plan_for(self, context, attention, *, query_BSD, key_BSD, value_BSD, **_) -> _UnmaskedPlan:
+        if attention.attributes.get_int("is_causal", 0):
+            raise MatchFailureError(
+                "no mask and is_causal=1: upper-left causal, not a layer the fold computes",
+                attention,
+            )
+        if any(out.uses() or out.is_graph_output() for out in attention.outputs[1:]):
+            raise MatchFailureError("present or qk outputs are used", attention)
+        facts = self.facts(context)
+        check_3d(facts, query_BSD, key_BSD, value_BSD)
+        heads = read_heads(context, attention)
+        borrowed_key = match_borrowed_cache(context, key_BSD)
+        borrowed_value = match_borrowed_cache(context, value_BSD)
+        if not _same_source(borrowed_key.cache_BNSH, borrowed_value.cache_BNSH):
+            raise MatchFailureError(
+                "K and V do not come from the same source layer's present outputs", value_BSD
+            )
+        head_size = _head_size(facts, borrowed_key, borrowed_value, query_BSD, heads)
+        dtype = check_dtype(facts, query_BSD, borrowed_key.cache_BNSH, borrowed_value.cache_BNSH)
+        return _UnmaskedPlan(borrowed_key, borrowed_value, heads, head_size, dtype)
+
+    def rewrite(self, op, query_BSD, key_BSD, value_BSD, output, **_):
+        plan: _UnmaskedPlan = self._take_plan()
+        attention = output.producer()
+        result = fold_unmasked(
+            op,
+            query_BSD,
+            (plan.key.cache_BNSH, plan.value.cache_BNSH),
+            num_heads=plan.heads.num_heads,
+            kv_num_heads=plan.heads.kv_num_heads,
+            head_size=plan.head_size,
+            scale=plan.heads.explicit_scale(plan.head_size),
+            softcap=plan.heads.softcap,
+        )
+        record = LayerRewrite(
+            node=node_label(attention),
+            rule=f"{self.name}/unmasked-full",
+            form="fold",
+            local_window_size=None,
+            mask_style="none",
+            source=plan.key.cache_BNSH.name or "",
+            dtype=dtype_name(plan.dtype),
+            head_size=plan.head_size,
+            speed_form="fold",
+            speed_reason=UNMASKED_FOLD_REASON,
+        )
+        # The verifier's graph diff finds the layer's replacement by this.
+        result.producer().metadata_props[SPEED_LAYER_KEY] = "fold"
+        (result,) = self._finish(op, attention, [result], [output], record)
+        return result
+
+
+@dataclasses.dataclass(frozen=True)
+class _BiasPlan:
+    key: BorrowedCache
+    value: BorrowedCache
+    heads: AttentionHeads
+    head_size: int
+    dtype: ir.DataType
+
+
+DRAFTER_BIAS_FOLD_REASON = (
+    "a drafter's is_causal=0 layer over the target's cache (a graph input) with a bias shared "
+    "by all heads: the fold repeats the export's own bias over the folded heads and reads the "
+    "cache in place, exact for every S and B; GroupQueryAttention refuses a batch of several "
+    "tokens after a past"
+)
+
+
+class DrafterBiasAttentionToFold(AttentionToGQARule):
+    """A speculative-decoding drafter's masked layer -> the fold at any S with the export's
+    own bias (rules._speed_choice.fold_unmasked with `bias_B1ST`), no If.
+
+    It takes what the KV-shared rule cannot read: an Attention with is_causal=0 whose
+    borrowed K/V are graph inputs (the target's cache handed to the drafter: mobius's
+    ``shared_kv.sliding_attention.key``) and whose mask, one [B, 1, S, T] for all heads, no
+    P1/P2 pattern matches (mobius's sliding bias over ``Slice(attention_mask, 0,
+    T_sliding)``); a layer with a P1/P2 mask, or whose cache another layer of the same graph
+    writes, is the KV-shared rule's, rewritten or left. The export's bias is read as it is,
+    so the layer computes what the export computes, padding and all."""
+
+    def __init__(
+        self,
+        choose_form: FormChooser = always_past,
+        *,
+        inputs: GQAInputs | None = None,
+        facts: ShapeFacts | None = None,
+        log: RewriteLog | None = None,
+    ) -> None:
+        super().__init__(
+            "DrafterBiasAttentionToFold", choose_form, inputs=inputs, facts=facts, log=log
+        )
+
+    def pattern(self, op, query_BSD, key_BSD, value_BSD, mask):
+        # Exactly four inputs: a mask, no past (a fifth input fails the match).
+        return op.Attention(query_BSD, key_BSD, value_BSD, mask, _outputs=["output"])
+
+    def _plan_for(
+        self, context, attention, *, query_BSD, key_BSD, value_BSD, mask, **_
+    ) -> _BiasPlan:
+        if attention.attributes.get_int("is_causal", 0):
+            raise MatchFailureError("is_causal=1: not a layer whose bias says it all", attention)
+        if any(out.uses() or out.is_graph_output() for out in attention.outputs[1:]):
+            raise MatchFailureError("present or qk outputs are used", attention)
+        facts = self.facts(context)
+        check_3d(facts, query_BSD, key_BSD, value_BSD)
+        heads = read_heads(context, attention)
+        borrowed_key = match_borrowed_cache(context, key_BSD)
+        borrowed_value = match_borrowed_cache(context, value_BSD)
+        for cache in (borrowed_key.cache_BNSH, borrowed_value.cache_BNSH):
+            if not cache.is_graph_input():
+                raise MatchFailureError(
+                    f"{cache.name} is not a graph input: not a drafter's borrowed cache", cache
+                )
+        if not _same_source(borrowed_key.cache_BNSH, borrowed_value.cache_BNSH):
+            raise MatchFailureError("K and V are not one cache's key and value", value_BSD)
+        try:
+            match_mask(context, mask)
+        except MatchFailureError:
+            pass  # what the KV-shared rule cannot read: this rule's to take
+        else:
+            # A P1/P2 mask is the KV-shared rule's: it left the layer for its own reason
+            # (a head size GQA refuses, a speed choice that keeps the export, ...).
+            raise MatchFailureError("the mask is a P1/P2 mask: the KV-shared rule's layer", mask)
+        head_size = _head_size(facts, borrowed_key, borrowed_value, query_BSD, heads)
+        dtype = check_dtype(facts, query_BSD, borrowed_key.cache_BNSH, borrowed_value.cache_BNSH)
+        mask_dtype = facts.dtype(mask)
+        if mask_dtype not in (dtype, ir.DataType.BOOL):
+            raise MatchFailureError(
+                f"mask dtype {mask_dtype} is neither bool nor the query's {dtype}", mask
+            )
+        if facts.rank(mask) != 4 or facts.static_dims(mask, 1) != {1}:
+            raise MatchFailureError(
+                "mask is not [B, 1, S, T] (one for all heads, as the fold repeats it)", mask
+            )
+        return _BiasPlan(borrowed_key, borrowed_value, heads, head_size, dtype)
+
+    def rewrite(self, op, query_BSD, key_BSD, value_BSD, mask, output, **_):
+        plan: _BiasPlan = self._take_plan()
+        attention = output.producer()
+        result = fold_unmasked(
+            op,
+            query_BSD,
+            (plan.key.cache_BNSH, plan.value.cache_BNSH),
+            num_heads=plan.heads.num_heads,
+            kv_num_heads=plan.heads.kv_num_heads,
+            head_size=plan.head_size,
+            scale=plan.heads.explicit_scale(plan.head_size),
+            softcap=plan.heads.softcap,
+            bias_B1ST=mask,
+        )
+        record = LayerRewrite(
+            node=node_label(attention),
+            rule=f"{self.name}/export-bias",
+            form="fold",
+            local_window_size=None,
+            mask_style="export",
+            source=plan.key.cache_BNSH.name or "",
+            dtype=dtype_name(plan.dtype),
+            head_size=plan.head_size,
+            speed_form="fold",
+            speed_reason=DRAFTER_BIAS_FOLD_REASON,
+        )
+        # The verifier's graph diff finds the layer's replacement by this.
+        result.producer().metadata_props[SPEED_LAYER_KEY] = "fold"
+        (result,) = self._finish(op, attention, [result], [output], record)
+        return result
 
 
 def _same_source(key_BNSH: ir.Value, value_BNSH: ir.Value) -> bool:

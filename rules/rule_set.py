@@ -16,7 +16,11 @@ from rewriter.rules._gqa_inputs import GQAInputs
 from rewriter.rules._log import RewriteLog, RuleLog
 from rewriter.rules._shape_evidence import ShapeFacts
 from rewriter.rules.hf_shared_attention import hf_rules
-from rewriter.rules.kv_shared_attention import KVSharedAttentionToGQA
+from rewriter.rules.kv_shared_attention import (
+    DrafterBiasAttentionToFold,
+    KVSharedAttentionToGQA,
+    UnmaskedSharedAttentionToFold,
+)
 from rewriter.rules.nonshared_attention import NATIVE_FORM, NonSharedAttentionToGQA
 
 __all__ = ["LAYER_CHOICES", "GQARules", "gqa_rules", "native_support_from"]
@@ -31,6 +35,7 @@ class GQARules:
     rule_set: pattern.RewriteRuleSet
     log: RewriteLog
     shared: RuleLog  # KV-shared layers in the 3-D export style (mobius)
+    unmasked: RuleLog  # KV-shared layers without mask and causal flag (a drafter's full layer)
     own_cache: RuleLog | None  # layers with their own cache; None with layers="shared"
     hf: list[RuleLog]  # the Hugging Face exporters' 4-D style, every variant
 
@@ -59,7 +64,11 @@ def gqa_rules(
             window_slice=window_slice,
             choose_speed=choose_speed,
             log=log,
-        )
+        ),
+        # A drafter's full layer (no mask, is_causal=0): the fold, exact at any S.
+        UnmaskedSharedAttentionToFold.rule(choose_form, inputs=inputs, facts=facts, log=log),
+        # A drafter's masked layer the rule above leaves: the fold with the export's bias.
+        DrafterBiasAttentionToFold.rule(choose_form, inputs=inputs, facts=facts, log=log),
     ]
     if layers == "all":
         supports = native_support or native_support_from(choose_form)
@@ -78,6 +87,7 @@ def gqa_rules(
         rule_set,
         log,
         log.rule(KVSharedAttentionToGQA.__name__),
+        log.rule(UnmaskedSharedAttentionToFold.__name__),
         log.rule(NonSharedAttentionToGQA.__name__) if layers == "all" else None,
         [log.rule(rule.name) for rule in hf],
     )

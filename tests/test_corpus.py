@@ -13,8 +13,10 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
+import onnxruntime as ort
 import pytest
 from conftest import CORPUS
 
@@ -356,15 +358,61 @@ def test_batch2_chunk_after_a_prefill_matches_the_original(tmp_path: Path) -> No
         assert case.passed, case
 
 
-def test_drafter_layers_are_left_with_their_reasons(tmp_path: Path) -> None:
-    # Not rewritten (issue 22 part 4 left open): the sliding bias starts from a Slice of
-    # attention_mask to the borrowed cache's length, and the full layer is non-causal
-    # without a mask. Each skip says so; the file is written unchanged and runs.
+def test_drafter_layers_are_folded_and_verified(tmp_path: Path) -> None:
+    # Every layer becomes the fold at any S, no If: the full layer (no mask, is_causal=0)
+    # without a mask, the sliding layers with the export's own bias (it starts from a Slice of
+    # attention_mask to the borrowed cache's length, which no P1/P2 pattern matches). The
+    # verifier drives the drafter's own inputs and proves every layer.
     source = CORPUS / "mobius-78437cd" / "assistant_drafter_f32.onnx"
     code, report, out = _run(tmp_path, source)
-    assert code == 0 and report["rewritten"] == 0
-    reasons = [skip["reason"] for skip in report["skipped"]]
-    assert len(reasons) == 4
-    assert sum("not derived from a graph input attention_mask" in r for r in reasons) == 3
-    assert sum(r.startswith("no mask and is_causal=0") for r in reasons) == 1
+    assert code == 0 and report["rewritten"] == 4 and not report["skipped"]
+    styles = {r["node"]: (r["speed_form"], r["mask_style"]) for r in report["rewrites"]}
+    assert styles["model/layers.3/self_attn/Attention_node_158"] == ("fold", "none")
+    assert sorted(styles.values()) == [("fold", "export")] * 3 + [("fold", "none")]
+    assert report["padding_contract"] == "unchanged" and not report["warnings"]
+    verification = report["verification"]
+    assert verification["passed"] is True, verification["failed_because"]
+    assert len(verification["layers"]) == 4
+    assert all(layer["passed"] for layer in verification["layers"])
+    assert _check(report, "prefill_equivalence", "candidate")["passed"] is True
+    # The original's full layer reads a padded row's padding keys: named, and kept.
+    (defect,) = verification["defects"]
+    assert defect["check"] == "batch_consistency"
+    assert "no mask and is_causal=0" in defect["description"]
+    model = ir.load(out)
+    assert not [n for n in model.graph if n.op_type in ("If", "GroupQueryAttention")]
     assert len(_attention_nodes(out)) == 4
+
+
+@pytest.mark.parametrize(("batch", "length", "total"), [(1, 1, 20), (2, 1, 20), (2, 3, 20)])
+def test_the_rewritten_drafter_runs_the_calls_the_original_runs(
+    tmp_path: Path, batch: int, length: int, total: int
+) -> None:
+    # B=2 with S=3 after 17 keys of the target's cache (past the window of 16): what
+    # GroupQueryAttention refuses; the folds run it and match the original.
+    from rewriter.verification._tolerance import compare
+
+    source = CORPUS / "mobius-78437cd" / "assistant_drafter_f32.onnx"
+    code, _, out = _run(tmp_path, source)
+    assert code == 0
+    rng = np.random.default_rng(3)
+    feeds = {
+        "inputs_embeds": rng.standard_normal((batch, length, 256)).astype(np.float32),
+        "position_ids": np.tile(np.arange(total - length, total), (batch, 1)),
+        "attention_mask": np.ones((batch, total), dtype=np.int64),
+    }
+    for kind, dim in (("sliding", 32), ("full", 64)):
+        for part in ("key", "value"):
+            shape = (batch, 2, total, dim)
+            feeds[f"shared_kv.{kind}_attention.{part}"] = rng.standard_normal(shape).astype(
+                np.float32
+            )
+    outputs = {}
+    for label, path in (("original", source), ("rewritten", out)):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        outputs[label] = session.run(["logits", "projected_state"], feeds)
+    for name, reference, actual in zip(
+        ("logits", "projected_state"), outputs["original"], outputs["rewritten"], strict=True
+    ):
+        case = compare(name, reference, actual)
+        assert case.passed, case

@@ -26,6 +26,7 @@ from rewriter.verification._graph_facts import (
     RIGHT_PADDING_ONLY,
     GraphFacts,
     attention_nodes_with_3d_mask,
+    attention_nodes_without_mask,
 )
 from rewriter.verification._result import Case, CheckResult, OriginalDefect, VerificationError
 from rewriter.verification._session import LoadedModel, short_error
@@ -399,6 +400,11 @@ def run_checks(
             cause = (
                 f"likely cause: {len(nodes)} Attention node(s) take a 3-D [B,S,T] attn_mask, "
                 "which ONNX reads as [q_num_heads,S,T]"
+            )
+        elif unmasked := attention_nodes_without_mask(original.loaded.model):
+            cause = (
+                f"likely cause: {len(unmasked)} Attention node(s) have no mask and "
+                "is_causal=0, so a padded row reads its cache's keys at the padding too"
             )
         description = _defect("batch consistency", original_batch, "the row run alone", cause)
         defects.append(

@@ -3,11 +3,13 @@
 Dimension letters: B batch, S query length of a call, P past length, T = P + S total length,
 Nkv KV heads, D head size.
 
-A decoder export declares ``input_ids`` [B, S], ``attention_mask`` [B, T], ``position_ids``
-[B, S] and ``past_key_values.{i}.key|value`` [B, Nkv, P, D] paired with ``present.{i}.key|value``
-outputs [B, Nkv, T, D]. Their symbolic dimension names tell which symbol means batch, query,
-total or past length; any other input is fed seeded random data of its declared type, its
-symbolic dimensions bound through those same names (an unknown symbol becomes 1).
+A decoder export declares ``input_ids`` [B, S] (or, as a speculative-decoding drafter does,
+``inputs_embeds`` [B, S, H], fed like any other input below), ``attention_mask`` [B, T],
+``position_ids`` [B, S] and ``past_key_values.{i}.key|value`` [B, Nkv, P, D] paired with
+``present.{i}.key|value`` outputs [B, Nkv, T, D]. Their symbolic dimension names tell which
+symbol means batch, query, total or past length; any other input is fed seeded random data of
+its declared type, its symbolic dimensions bound through those same names (an unknown symbol
+becomes 1; a drafter's ``shared_kv.*`` cache [B, Nkv, T, D] binds its third axis to T).
 
 All token-indexed data comes from one seeded pool indexed by (row, absolute position), so a
 token at position 7 is the same token whether it is fed in a prefill, a decode step, alone or
@@ -71,6 +73,10 @@ _PRESENT_NAMES = [
 ]
 
 BATCH, QUERY, TOTAL, PAST = "batch", "sequence", "total", "past"
+# A drafter's token input: embeddings of the tokens, not their ids.
+_EMBEDS = "inputs_embeds"
+# A drafter's inputs holding the target's cache (mobius: shared_kv.full_attention.key).
+_BORROWED_PREFIX = "shared_kv."
 
 
 def _cache_slot(name: str, patterns: list[re.Pattern[str]]) -> tuple[int, str] | None:
@@ -121,7 +127,9 @@ class CacheLayer:
 @dataclasses.dataclass(frozen=True)
 class DecoderSignature:
     role: str
-    input_ids: TensorSpec
+    # The token input; None for a drafter that takes `inputs_embeds` [B, S, H] instead (fed
+    # as one of `others`, from the pool indexed by row and position like a token).
+    input_ids: TensorSpec | None
     attention_mask: TensorSpec | None
     position_ids: TensorSpec | None
     cache: tuple[CacheLayer, ...]
@@ -140,14 +148,22 @@ class DecoderSignature:
         )
 
     @property
+    def token_input(self) -> TensorSpec:
+        """input_ids, or a drafter's inputs_embeds (its first two axes are [B, S] alike)."""
+        if self.input_ids is not None:
+            return self.input_ids
+        return next(spec for spec in self.others if spec.name == _EMBEDS)
+
+    @property
     def batch_dim(self) -> Dim:
-        return self.input_ids.shape[0] if self.input_ids.shape else None
+        shape = self.token_input.shape
+        return shape[0] if shape else None
 
     @property
     def static_query_length(self) -> int | None:
         """S when the graph declares it (transformers' decode graphs take [1, 1]): every call
         of this graph has exactly that many tokens; None when S is dynamic."""
-        for spec in (self.input_ids, self.position_ids):
+        for spec in (self.token_input, self.position_ids):
             if spec is not None and spec.shape is not None and isinstance(spec.shape[1], int):
                 return spec.shape[1]
         return None
@@ -157,12 +173,27 @@ class DecoderSignature:
         inputs = {arg.name: TensorSpec.from_node_arg(arg) for arg in session.get_inputs()}
         outputs = {arg.name: TensorSpec.from_node_arg(arg) for arg in session.get_outputs()}
         input_ids = inputs.get("input_ids")
-        if input_ids is None:
+        embeds = inputs.get(_EMBEDS)
+        if input_ids is None and embeds is None:
             raise VerificationError(
-                f"cannot feed the {role} model: it has no 'input_ids' input (inputs: "
-                f"{', '.join(inputs)}); the verifier drives decoder LLM signatures"
+                f"cannot feed the {role} model: it has neither 'input_ids' nor "
+                f"'{_EMBEDS}' input (inputs: {', '.join(inputs)}); the verifier drives "
+                "decoder LLM signatures"
             )
-        _require_token_input(input_ids, role, integer=True)
+        token_input = input_ids if input_ids is not None else embeds
+        assert token_input is not None
+        if input_ids is not None:
+            _require_token_input(input_ids, role, integer=True)
+        elif embeds is not None and (
+            embeds.dtype is None
+            or embeds.dtype.kind != "f"
+            or embeds.shape is None
+            or len(embeds.shape) != 3
+        ):
+            raise VerificationError(
+                f"cannot feed the {role} model: '{_EMBEDS}' is {embeds.type} of shape "
+                f"{embeds.shape}, not a float [batch, sequence, hidden] tensor"
+            )
         attention_mask = inputs.get("attention_mask")
         if attention_mask is not None:
             _require_token_input(attention_mask, role, integer=False)
@@ -171,7 +202,7 @@ class DecoderSignature:
             _require_token_input(position_ids, role, integer=True)
 
         roles: dict[str, str] = {}
-        _bind(roles, input_ids.shape, {0: BATCH, 1: QUERY})
+        _bind(roles, token_input.shape, {0: BATCH, 1: QUERY})
         if attention_mask is not None:
             _bind(roles, attention_mask.shape, {0: BATCH, 1: TOTAL})
         if position_ids is not None:
@@ -182,6 +213,11 @@ class DecoderSignature:
             if layer.present_key is not None:
                 _bind(roles, outputs[layer.present_key].shape, {0: BATCH, 2: TOTAL})
 
+        for name, spec in inputs.items():
+            if name.startswith(_BORROWED_PREFIX) and spec.shape and len(spec.shape) == 4:
+                # A drafter's borrowed cache [B, Nkv, T, D] (the target's present after its
+                # calls so far): it spans every key position, as attention_mask does.
+                _bind(roles, spec.shape, {0: BATCH, 2: TOTAL})
         cache_inputs = {name for layer in cache for name in (layer.past_key, layer.past_value)}
         known = {"input_ids", "attention_mask", "position_ids"} | cache_inputs
         others = tuple(spec for name, spec in inputs.items() if name not in known)
@@ -360,7 +396,9 @@ class FeedSynthesizer:
             raise ValueError(f"step of length {step.total_length} exceeds {self._capacity}")
         positions = step.position_ids
         tokens = self._tokens[np.asarray(step.rows)[:, None], positions]
-        feeds: dict[str, np.ndarray] = {"input_ids": tokens.astype(signature.input_ids.dtype)}
+        feeds: dict[str, np.ndarray] = {}
+        if signature.input_ids is not None:
+            feeds["input_ids"] = tokens.astype(signature.input_ids.dtype)
         if signature.attention_mask is not None:
             feeds["attention_mask"] = step.attention_mask.astype(signature.attention_mask.dtype)
         if signature.position_ids is not None:

@@ -88,6 +88,20 @@ def read_graph_facts(model: ir.Model) -> GraphFacts:
     )
 
 
+def attention_nodes_without_mask(model: ir.Model) -> list[str]:
+    """ai.onnx Attention nodes with neither a mask nor is_causal=1 (a speculative-decoding
+    drafter's full layer): every query reads every key of its cache, so keys at a padded
+    row's padding positions count too, and a padded row differs from the row run alone."""
+    return [
+        node_label(node)
+        for node in ir.traversal.RecursiveGraphIterator(model.graph)
+        if node.op_type == "Attention"
+        and node.domain == ""
+        and (len(node.inputs) < 4 or node.inputs[3] is None)
+        and node.attributes.get_int("is_causal", 0) == 0
+    ]
+
+
 def attention_nodes_with_3d_mask(model: ir.Model) -> list[str]:
     """ai.onnx Attention nodes whose attn_mask is 3-D. ONNX reads a 3-D mask as
     [q_num_heads, S, T], so an exporter's [B, S, T] mask breaks at batch > 1.

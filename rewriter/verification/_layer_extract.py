@@ -117,10 +117,15 @@ class LayerConfig:
     dtype: np.dtype
     upper_left_causal: bool  # original has is_causal=1 without past inputs
     mask_rank: int | None  # rank of the original Attention's mask input
+    # No mask and is_causal=0 (a drafter's full layer over the target's cache): every query
+    # sees every key of the cache, attention_mask is not read.
+    every_key_visible: bool = False
 
     def describe(self) -> str:
         window = f"W={self.window}" if self.window is not None else "full"
         softcap = f", softcap {self.softcap:g}" if self.softcap else ""
+        if self.every_key_visible:
+            window += " non-causal"
         return (
             f"{self.kind}, N={self.num_heads} Nkv={self.kv_num_heads} D={self.head_size} "
             f"{window}, scale {self.scale:g}{softcap}, {self.dtype.name}"
@@ -582,6 +587,7 @@ def _config(
         dtype=np.dtype(dtype.numpy()),
         upper_left_causal=attrs.get_int("is_causal", 0) == 1 and kind == SHARED,
         mask_rank=mask.shape.rank() if mask is not None and mask.shape is not None else None,
+        every_key_visible=mask is None and attrs.get_int("is_causal", 0) == 0 and kind == SHARED,
     )
 
 

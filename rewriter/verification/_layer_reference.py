@@ -6,7 +6,9 @@ heads, Nkv KV heads, D head size, W sliding window.
 What an attention layer of these decoders means (SPEC.md section 4), for query i of row b at
 position ``q[b, i]`` and key j at position j (caches are right-padded, so a key's position is
 its index): key j is visible iff ``attention_mask[b, j] != 0`` and ``0 <= q[b, i] - j`` and,
-with a window, ``q[b, i] - j < W``. Scores are ``scale * q.k``, soft-capped as
+with a window, ``q[b, i] - j < W``. A layer without mask and with ``is_causal=0`` (a
+drafter's full layer, ``LayerConfig.every_key_visible``) sees every key of the cache,
+whatever attention_mask and the query's position say. Scores are ``scale * q.k``, soft-capped as
 ``c * tanh(s / c)`` before masking, softmax over the visible keys, query head h reads KV head
 ``h // (N / Nkv)``. Query rows at padding positions (``q = -1``) are not compared.
 
@@ -245,7 +247,11 @@ def _attend(
     if config.softcap:
         scores = config.softcap * np.tanh(scores / config.softcap)
     distance = query_positions[:, None, :, None] - np.arange(t)[None, None, None, :]
-    visible = valid_keys[:, None, None, :] & (distance >= 0)
+    if config.every_key_visible:
+        # The original reads neither attention_mask nor positions: nothing hides a key.
+        visible = np.ones_like(distance, dtype=bool)
+    else:
+        visible = valid_keys[:, None, None, :] & (distance >= 0)
     if config.window is not None:
         visible &= distance < config.window
     visible &= query_positions[:, None, :, None] >= 0
