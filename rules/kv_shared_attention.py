@@ -393,32 +393,18 @@ class UnmaskedSharedAttentionToFold(AttentionToGQARule):
     def rewrite(self, op, query_BSD, key_BSD, value_BSD, output, **_):
         plan: _UnmaskedPlan = self._take_plan()
         attention = output.producer()
-        result = fold_unmasked(
+        return _emit_fold(
+            self,
             op,
+            attention,
+            output,
             query_BSD,
-            (plan.key.cache_BNSH, plan.value.cache_BNSH),
-            num_heads=plan.heads.num_heads,
-            kv_num_heads=plan.heads.kv_num_heads,
-            head_size=plan.head_size,
-            scale=plan.heads.explicit_scale(plan.head_size),
-            softcap=plan.heads.softcap,
+            plan,
+            None,
+            "unmasked-full",
+            "none",
+            UNMASKED_FOLD_REASON,
         )
-        record = LayerRewrite(
-            node=node_label(attention),
-            rule=f"{self.name}/unmasked-full",
-            form="fold",
-            local_window_size=None,
-            mask_style="none",
-            source=plan.key.cache_BNSH.name or "",
-            dtype=dtype_name(plan.dtype),
-            head_size=plan.head_size,
-            speed_form="fold",
-            speed_reason=UNMASKED_FOLD_REASON,
-        )
-        # The verifier's graph diff finds the layer's replacement by this.
-        result.producer().metadata_props[SPEED_LAYER_KEY] = "fold"
-        (result,) = self._finish(op, attention, [result], [output], record)
-        return result
 
 
 @dataclasses.dataclass(frozen=True)
@@ -509,33 +495,18 @@ class DrafterBiasAttentionToFold(AttentionToGQARule):
     def rewrite(self, op, query_BSD, key_BSD, value_BSD, mask, output, **_):
         plan: _BiasPlan = self._take_plan()
         attention = output.producer()
-        result = fold_unmasked(
+        return _emit_fold(
+            self,
             op,
+            attention,
+            output,
             query_BSD,
-            (plan.key.cache_BNSH, plan.value.cache_BNSH),
-            num_heads=plan.heads.num_heads,
-            kv_num_heads=plan.heads.kv_num_heads,
-            head_size=plan.head_size,
-            scale=plan.heads.explicit_scale(plan.head_size),
-            softcap=plan.heads.softcap,
-            bias_B1ST=mask,
+            plan,
+            mask,
+            "export-bias",
+            "export",
+            DRAFTER_BIAS_FOLD_REASON,
         )
-        record = LayerRewrite(
-            node=node_label(attention),
-            rule=f"{self.name}/export-bias",
-            form="fold",
-            local_window_size=None,
-            mask_style="export",
-            source=plan.key.cache_BNSH.name or "",
-            dtype=dtype_name(plan.dtype),
-            head_size=plan.head_size,
-            speed_form="fold",
-            speed_reason=DRAFTER_BIAS_FOLD_REASON,
-        )
-        # The verifier's graph diff finds the layer's replacement by this.
-        result.producer().metadata_props[SPEED_LAYER_KEY] = "fold"
-        (result,) = self._finish(op, attention, [result], [output], record)
-        return result
 
 
 def _same_source(key_BNSH: ir.Value, value_BNSH: ir.Value) -> bool:
@@ -583,3 +554,46 @@ def _head_size(
         projection_kind="query",
         more_evidence=tuple(reshaped),
     )
+
+
+def _emit_fold(
+    rule,
+    op,
+    attention: ir.Node,
+    output: ir.Value,
+    query_BSD: ir.Value,
+    plan,
+    bias_B1ST: ir.Value | None,
+    variant: str,
+    mask_style: str,
+    reason: str,
+) -> ir.Value:
+    """The fold at any S for a layer whose attention is not causal across its query (the
+    drafters' layers), recorded and named after the Attention it replaces."""
+    result = fold_unmasked(
+        op,
+        query_BSD,
+        (plan.key.cache_BNSH, plan.value.cache_BNSH),
+        num_heads=plan.heads.num_heads,
+        kv_num_heads=plan.heads.kv_num_heads,
+        head_size=plan.head_size,
+        scale=plan.heads.explicit_scale(plan.head_size),
+        softcap=plan.heads.softcap,
+        bias_B1ST=bias_B1ST,
+    )
+    record = LayerRewrite(
+        node=node_label(attention),
+        rule=f"{rule.name}/{variant}",
+        form="fold",
+        local_window_size=None,
+        mask_style=mask_style,
+        source=plan.key.cache_BNSH.name or "",
+        dtype=dtype_name(plan.dtype),
+        head_size=plan.head_size,
+        speed_form="fold",
+        speed_reason=reason,
+    )
+    # The verifier's graph diff finds the layer's replacement by this.
+    result.producer().metadata_props[SPEED_LAYER_KEY] = "fold"
+    (result,) = rule._finish(op, attention, [result], [output], record)
+    return result

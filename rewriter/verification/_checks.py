@@ -638,15 +638,8 @@ def _batch_consistency(
 
     def judged(row: int, spread: Spread | None) -> list[Case]:
         n = lengths[row]
-        return [
-            compare(
-                f"prefill row {row} ({n} of {padded} tokens)",
-                alone[row][name],
-                batch[name][row : row + 1, :n],
-                spread.at(name) if spread is not None else None,
-            )
-            for name in compared
-        ]
+        label = f"prefill row {row} ({n} of {padded} tokens)"
+        return _row_cases(label, alone[row], batch, row, compared, spread, n)
 
     cases: list[Case] = []
     for row in range(2):
@@ -727,15 +720,9 @@ def _unpadded_batch(
                 together: Mapping[str, np.ndarray] = together,
                 separate: list[Mapping[str, np.ndarray]] = separate,
             ) -> list[Case]:
-                return [
-                    compare(
-                        f"{label} row {row}",
-                        separate[row][name],
-                        together[name][row : row + 1],
-                        spread.at(name) if spread is not None else None,
-                    )
-                    for name in compared
-                ]
+                return _row_cases(
+                    f"{label} row {row}", separate[row], together, row, compared, spread
+                )
 
             these = judged(None)
             if _missed_tolerance(these) and meter.available:
@@ -780,15 +767,8 @@ def _batch_decode(
     for row, n in enumerate(lengths):
 
         def judged(spread: Spread | None, row: int = row) -> list[Case]:
-            return [
-                compare(
-                    f"decode row {row} ({convention} mask)",
-                    decoded_alone[row][name],
-                    decoded[name][row : row + 1],
-                    spread.at(name) if spread is not None else None,
-                )
-                for name in compared
-            ]
+            label = f"decode row {row} ({convention} mask)"
+            return _row_cases(label, decoded_alone[row], decoded, row, compared, spread)
 
         these = judged(None)
         if _missed_tolerance(these) and meter.available:
@@ -797,6 +777,28 @@ def _batch_decode(
             these = judged(meter.after_prefill(scenario, prefill, alone_steps[row]))
         cases += these
     return cases, [decoded, *decoded_alone]
+
+
+def _row_cases(
+    label: str,
+    alone: Mapping[str, np.ndarray],
+    batch: Mapping[str, np.ndarray],
+    row: int,
+    compared: Sequence[str],
+    spread: Spread | None,
+    length: int | None = None,
+) -> list[Case]:
+    """Row ``row`` of a batched call (its first ``length`` positions) against the row run
+    alone, output by output."""
+    return [
+        compare(
+            label,
+            alone[name],
+            batch[name][row : row + 1, :length],
+            spread.at(name) if spread is not None else None,
+        )
+        for name in compared
+    ]
 
 
 def _compare_outputs(
