@@ -195,3 +195,43 @@ def test_spread_is_per_position_for_sequence_outputs() -> None:
     # No position axis: the whole output.
     assert spread.at("present", slice(0, 1)) == 0.25
     assert spread.at("missing") is None
+
+
+def test_genai_logits_are_judged_against_the_original_twin_only_while_it_agrees() -> None:
+    """A generation's step k follows the prompt and the tokens of steps 0..k-1: the twin's
+    logits stand for the original's spread only while it generated the same tokens."""
+    import numpy as np
+
+    from rewriter.verification._genai import Generations, compare_generations
+
+    def run(tokens: list[int], logits: list[float]) -> Generations:
+        steps = [np.full((1, 4), value, np.float32) for value in logits]
+        return Generations({1: [[7, 8, *tokens]]}, {1: steps})
+
+    reference = run([1, 2, 3], [1.0, 1.0, 1.0])
+    candidate = run([1, 2, 3], [1.0, 1.01, 1.0])  # step 1 misses the fixed tolerance
+    asked: list[str] = []
+
+    def twin_of(tokens: list[int], logits: list[float]):
+        def twin() -> Generations:
+            asked.append("twin")
+            return run(tokens, logits)
+
+        return twin
+
+    (alone,) = compare_generations(reference, candidate, share_buffer=False)
+    assert not alone.passed and alone.worst.tolerance == pytest.approx(1e-4)
+    # A twin that agrees on every token and differs by 0.005 at step 1: within 3 x 0.005.
+    (spread,) = compare_generations(
+        reference, candidate, share_buffer=False, twin=twin_of([1, 2, 3], [1.0, 1.005, 1.0])
+    )
+    assert spread.passed and spread.worst.spread == pytest.approx(0.005, rel=1e-3)
+    # A twin whose first generated token differs answers another question from step 1 on.
+    (diverged,) = compare_generations(
+        reference, candidate, share_buffer=False, twin=twin_of([9, 2, 3], [1.0, 1.005, 1.0])
+    )
+    assert not diverged.passed and diverged.worst.spread is None
+    # The twin is asked for only where a step missed its tolerance.
+    asked.clear()
+    compare_generations(reference, reference, share_buffer=False, twin=twin_of([1], [1.0]))
+    assert asked == []
