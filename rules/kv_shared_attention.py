@@ -120,13 +120,9 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
         facts = self.facts(context)
         check_3d(facts, query, key, value)
         heads = read_heads(context, attention)
-        borrowed_key = match_borrowed_cache(context, key)
-        borrowed_value = match_borrowed_cache(context, value)
-        if not _same_source(borrowed_key.cache_BNSH, borrowed_value.cache_BNSH):
-            raise MatchFailureError(
-                "K and V do not come from the same source layer's present outputs", value
-            )
-        head_size = _head_size(facts, borrowed_key, borrowed_value, query, heads)
+        borrowed_key, borrowed_value, head_size = _borrowed_kv(
+            context, facts, query, key, value, heads
+        )
         mask_form = match_mask(context, mask)
         check_causal(attention, mask_form)
         dtype = check_dtype(facts, query, borrowed_key.cache_BNSH, borrowed_value.cache_BNSH)
@@ -380,13 +376,9 @@ class UnmaskedSharedAttentionToFold(AttentionToGQARule):
         facts = self.facts(context)
         check_3d(facts, query_BSD, key_BSD, value_BSD)
         heads = read_heads(context, attention)
-        borrowed_key = match_borrowed_cache(context, key_BSD)
-        borrowed_value = match_borrowed_cache(context, value_BSD)
-        if not _same_source(borrowed_key.cache_BNSH, borrowed_value.cache_BNSH):
-            raise MatchFailureError(
-                "K and V do not come from the same source layer's present outputs", value_BSD
-            )
-        head_size = _head_size(facts, borrowed_key, borrowed_value, query_BSD, heads)
+        borrowed_key, borrowed_value, head_size = _borrowed_kv(
+            context, facts, query_BSD, key_BSD, value_BSD, heads
+        )
         dtype = check_dtype(facts, query_BSD, borrowed_key.cache_BNSH, borrowed_value.cache_BNSH)
         return _UnmaskedPlan(borrowed_key, borrowed_value, heads, head_size, dtype)
 
@@ -553,6 +545,22 @@ def _head_size(
         cache_kind="borrowed cache",
         projection_kind="query",
         more_evidence=tuple(reshaped),
+    )
+
+
+def _borrowed_kv(context, facts, query: ir.Value, key: ir.Value, value: ir.Value, heads):
+    """The borrowed BNSH key and value behind a KV-shared layer's 3-D K/V, one source's pair,
+    and the head size everything the export states agrees on."""
+    borrowed_key = match_borrowed_cache(context, key)
+    borrowed_value = match_borrowed_cache(context, value)
+    if not _same_source(borrowed_key.cache_BNSH, borrowed_value.cache_BNSH):
+        raise MatchFailureError(
+            "K and V do not come from the same source layer's present outputs", value
+        )
+    return (
+        borrowed_key,
+        borrowed_value,
+        _head_size(facts, borrowed_key, borrowed_value, query, heads),
     )
 
 

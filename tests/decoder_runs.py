@@ -6,6 +6,9 @@ because the rewrite is wrong, not because the verifier is.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -80,3 +83,36 @@ def relative_error(actual: np.ndarray, reference: np.ndarray) -> float:
 
 def tokens(length: int, batch: int = 1, seed: int = 0, vocab: int = 37) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab, (batch, length), dtype=np.int64)
+
+
+def chained_hf_logits(
+    paths: tuple[Path, Path], tokens: np.ndarray, lengths: Sequence[int], window: int
+) -> list[np.ndarray]:
+    """A transformers-exporter pair run call by call: the prefill graph, then the decode graph
+    fed its own presents; the logits of each call (rows of ``tokens``, ``lengths`` per call)."""
+    prefill, decode = (
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]) for path in paths
+    )
+    rows = tokens.shape[0]
+    session, start, outputs, runs = prefill, 0, {}, []
+    for length in lengths:
+        feeds: dict[str, np.ndarray] = {
+            "input_ids": tokens[:, start : start + length],
+            "position_ids": np.tile(np.arange(start, start + length), (rows, 1)),
+        }
+        for graph_input in session.get_inputs():
+            name = graph_input.name
+            if name.endswith("_sliding_window_tensor"):
+                feeds[name] = np.array(window, dtype=np.int64)
+            elif name.startswith("input.cache.layers."):
+                feeds[name] = outputs[name.replace("input.", "output.", 1)]
+        names = [o.name for o in session.get_outputs()]
+        result = dict(zip(names, session.run(names, feeds), strict=True))
+        outputs = {
+            name if name.startswith("output.") else f"output.{name}": value
+            for name, value in result.items()
+        }
+        runs.append(result["logits"])
+        start += length
+        session = decode
+    return runs

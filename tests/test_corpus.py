@@ -19,6 +19,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from conftest import CORPUS
+from decoder_runs import chained_hf_logits
 
 from rewriter import cli
 from rewriter.speed import FOLD_ON_CPU, OWN_CACHE_KEPT_ON_CPU
@@ -310,9 +311,6 @@ def test_batch2_chunk_after_a_prefill_matches_the_original(tmp_path: Path) -> No
     # The corpus README's case: B=2, a 5-token prefill (prefill graph), then 3 new tokens
     # (decode graph), then more chunks past the window (16), chained through each pair's
     # own presents.
-    import numpy as np
-    import onnxruntime as ort
-
     from rewriter.verification._tolerance import compare
 
     pairs = {"original": (BATCH2 / "prefill.onnx", BATCH2 / "decode.onnx")}
@@ -321,35 +319,11 @@ def test_batch2_chunk_after_a_prefill_matches_the_original(tmp_path: Path) -> No
         assert cli.main([str(BATCH2 / f"{graph}.onnx"), str(out), "--quiet", "--no-verify"]) == 0
     pairs["rewritten"] = (tmp_path / "prefill.onnx", tmp_path / "decode.onnx")
     tokens = np.random.default_rng(0).integers(0, 256, (2, 32))
-    logits: dict[str, list[np.ndarray]] = {}
-    for label, (prefill_path, decode_path) in pairs.items():
-        prefill = ort.InferenceSession(str(prefill_path), providers=["CPUExecutionProvider"])
-        decode = ort.InferenceSession(str(decode_path), providers=["CPUExecutionProvider"])
-        start, runs = 0, []
-        session = prefill
-        outputs: dict[str, np.ndarray] = {}
-        for length in (5, 3, 1, 4, 3, 3, 3, 3):
-            feeds: dict[str, np.ndarray] = {
-                "input_ids": tokens[:, start : start + length],
-                "position_ids": np.tile(np.arange(start, start + length), (2, 1)),
-            }
-            for graph_input in session.get_inputs():
-                name = graph_input.name
-                if name.endswith("_sliding_window_tensor"):
-                    feeds[name] = np.array(16, dtype=np.int64)
-                elif name.startswith("input.cache.layers."):
-                    feeds[name] = outputs[name.replace("input.", "output.", 1)]
-            names = [o.name for o in session.get_outputs()]
-            result = dict(zip(names, session.run(names, feeds), strict=True))
-            outputs = {
-                name if name.startswith("output.") else f"output.{name}": value
-                for name, value in result.items()
-            }
-            runs.append(result["logits"])
-            start += length
-            session = decode
-        logits[label] = runs
-    assert start == 25  # past the window of 16
+    lengths = (5, 3, 1, 4, 3, 3, 3, 3)
+    logits = {
+        label: chained_hf_logits(paths, tokens, lengths, 16) for label, paths in pairs.items()
+    }
+    assert sum(lengths) == 25  # past the window of 16
     for step, (reference, actual) in enumerate(
         zip(logits["original"], logits["rewritten"], strict=True)
     ):

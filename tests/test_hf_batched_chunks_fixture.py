@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
+from decoder_runs import chained_hf_logits
 
 from rewriter import cli
 from rewriter.fixtures.hf_export import TRANSFORMERS_BATCHED_PAIR
@@ -42,7 +42,9 @@ def test_batch2_chunks_past_the_window_match_the_original(tmp_path: Path) -> Non
     }
     tokens = np.random.default_rng(0).integers(0, 128, (2, 32))
     lengths = (5, 3, 1, 4, 3)  # B=2 prefill, then chunks and a single step, past W=8
-    logits = {label: _chained(paths, tokens, lengths) for label, paths in pairs.items()}
+    logits = {
+        label: chained_hf_logits(paths, tokens, lengths, WINDOW) for label, paths in pairs.items()
+    }
     assert sum(lengths) > WINDOW
     for step, (reference, actual) in enumerate(
         zip(logits["original"], logits["rewritten"], strict=True)
@@ -50,34 +52,3 @@ def test_batch2_chunks_past_the_window_match_the_original(tmp_path: Path) -> Non
         assert reference.shape[:2] == (2, lengths[step])
         case = compare(f"call {step}", reference, actual)
         assert case.passed, case
-
-
-def _chained(
-    paths: tuple[Path, Path], tokens: np.ndarray, lengths: tuple[int, ...]
-) -> list[np.ndarray]:
-    """Logits of each call: the prefill graph, then the decode graph fed its own presents."""
-    prefill, decode = (
-        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]) for path in paths
-    )
-    session, start, outputs, runs = prefill, 0, {}, []
-    for length in lengths:
-        feeds: dict[str, np.ndarray] = {
-            "input_ids": tokens[:, start : start + length],
-            "position_ids": np.tile(np.arange(start, start + length), (2, 1)),
-        }
-        for graph_input in session.get_inputs():
-            name = graph_input.name
-            if name.endswith("_sliding_window_tensor"):
-                feeds[name] = np.array(WINDOW, dtype=np.int64)
-            elif name.startswith("input.cache.layers."):
-                feeds[name] = outputs[name.replace("input.", "output.", 1)]
-        names = [o.name for o in session.get_outputs()]
-        result = dict(zip(names, session.run(names, feeds), strict=True))
-        outputs = {
-            name if name.startswith("output.") else f"output.{name}": value
-            for name, value in result.items()
-        }
-        runs.append(result["logits"])
-        start += length
-        session = decode
-    return runs
