@@ -71,6 +71,7 @@ from rewriter.verification._session import execution_providers
 
 __all__ = [
     "FOLD_ON_CPU",
+    "OWN_CACHE_FOLD_ON_CPU",
     "OWN_CACHE_KEPT_ON_CPU",
     "SpeedProbe",
     "SpeedVerdict",
@@ -111,12 +112,27 @@ OWN_CACHE_KEPT_ON_CPU = SpeedChoice(
 )
 
 
+# Layers with their own cache, float32 on CPU: decode appends the new key/value (Concat, the
+# presents) and folds the query heads over them with the export's bias; prefill keeps the
+# export's node (rules._speed_choice.own_cache_fold). One layer in decode, Concat + fold took
+# 0.44-0.97x of the export's time in every round at E2B size
+# (bench/results_1.32_own_cache_fold.json); the whole model: see bench/README.md.
+OWN_CACHE_FOLD_ON_CPU = SpeedChoice(
+    "fold",
+    "export",
+    "if(S==1: fold, else: export): fixed CPU choice for float32 layers with their own cache, "
+    "not timed per run: decode appends the new key/value (Concat, the presents, as the export "
+    "writes them) and reads the cache once per step, not once per query head; prefill is the "
+    "export's node (bench/results_1.32_own_cache_fold.json)",
+)
+
+
 def fixed_choice(layer: LayerKind, provider: str) -> SpeedChoice | None:
     """The choice for `layer` that no run needs to time, or None: time it."""
     if provider == "cpu" and not layer.own_cache and layer.dtype == "float32":
         return FOLD_ON_CPU
     if provider == "cpu" and layer.own_cache and layer.dtype == "float32" and layer.export_correct:
-        return OWN_CACHE_KEPT_ON_CPU
+        return OWN_CACHE_FOLD_ON_CPU
     if not layer.export_correct:
         # Only the export-free forms may replace it, and of those only GQA is timed.
         return SpeedChoice(reason=DEFECTIVE_EXPORT_REASON)

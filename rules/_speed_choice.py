@@ -15,11 +15,18 @@ Forms of a phase:
 * ``export``: the export's own ``Attention`` node, unchanged;
 * ``fold`` (decode only): the query heads that share a KV head folded into the query-length
   axis, Q [B, 1, N*D] read as [B, Nkv, N/Nkv, D], one ``Attention`` on 4-D inputs over the
-  borrowed BNSH cache in place. In decode every query head of a row sees the same keys, so
-  this is one product per KV head instead of N/Nkv: ONNX Runtime's CPU kernels (GQA and
-  Attention alike) loop over query heads and stream the cache once per head. Its mask is
-  built from GQA's lengths (``GraphInputs.fold_bias``), not from the export's mask, so it
-  computes what GQA computes and may replace a defective export too.
+  borrowed BNSH cache in place (a layer with its own cache: over ``Concat(past, new)``,
+  which is also its present output; ``own_cache_fold``). In decode every query head of a
+  row sees the same keys, so this is one product per KV head instead of N/Nkv: ONNX
+  Runtime's CPU kernels (GQA and Attention alike) loop over query heads and stream the cache
+  once per head. A KV-shared layer's mask is built from GQA's lengths
+  (``GraphInputs.fold_bias``), not from the export's mask, so it computes what GQA computes
+  and may replace a defective export too.
+
+A layer with its own cache gets ``If(S == 1: fold, else: export)`` (``own_cache_fold``): its
+decode appends the new key/value after the past (``Concat``, the present outputs) and folds
+over the result with the export's own bias, so it keeps the export's convention exactly (a
+right-padded row's new key after its padding) and its prefill is the export's own node.
 
 Only a correct export (a P2 bias with ``is_causal=0``) may keep its Attention in any phase.
 The fold is causal only because its query is one token: it never runs a prefill. A
@@ -50,6 +57,7 @@ __all__ = [
     "export_attention",
     "fold",
     "fold_unmasked",
+    "own_cache_fold",
     "phase_if",
 ]
 
@@ -84,9 +92,12 @@ class SpeedChoice:
                 raise ValueError(f"a phase form is one of {PHASE_FORMS}, got {phase!r}")
         if self.prefill == "fold":
             raise ValueError("the fold is a decode form (one query token per row)")
-        if self.decode == "fold" and self.prefill != "gqa":
-            # It reads the lengths and window slice built for GQA's prefill.
-            raise ValueError("the fold decodes behind GQA's prefill, not " + self.prefill)
+        if self.decode == "fold" and self.prefill not in ("gqa", "export"):
+            # A KV-shared layer's fold reads the lengths and window slice built for GQA's
+            # prefill; an own-cache layer's reads the export's bias (own_cache_fold).
+            raise ValueError(
+                "the fold decodes behind GQA's or the export's prefill, not " + self.prefill
+            )
 
     @property
     def export_free(self) -> bool:
@@ -101,8 +112,9 @@ class SpeedChoice:
         return f"if(S==1: {self.decode}, else: {self.prefill})"
 
 
-# A phase's output [B, S, N*D], built with the builder it is given (main graph or a branch).
-PhaseBuilder = Callable[[object], ir.Value]
+# A phase's output [B, S, N*D] (and, for a layer with its own cache, its two presents), built
+# with the builder it is given (main graph or a branch).
+PhaseBuilder = Callable[[object], ir.Value | tuple[ir.Value, ...]]
 
 
 def attention_bnsh(
@@ -217,14 +229,58 @@ def fold_unmasked(
     return op.Reshape(output_BSKGD, op.Constant(value_ints=[0, 0, num_heads * head_size]))
 
 
-def export_attention(op, attention: ir.Node) -> ir.Value:
-    """A copy of the export's Attention node, reading the same values."""
+def own_cache_fold(
+    op,
+    attention: ir.Node,
+    *,
+    num_heads: int,
+    kv_num_heads: int,
+    head_size: int,
+    scale: float,
+    softcap: float,
+) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """One decode step (S == 1) of a layer with its own cache, as the export computes it:
+    the new key/value [B, 1, Nkv*D] read as [B, Nkv, 1, D] (free: S is 1) and appended to the
+    past [B, Nkv, P, D] (``Concat``: the present outputs, as the export's Attention writes
+    them), then the fold over the presents with the export's own bias [B, 1, 1, T] expanded
+    to the G folded query heads [B, 1, G, T] (ONNX Runtime's Attention broadcasts the mask's
+    head axis, not its query axis). Returns (output, present_key, present_value)."""
+    query_BSD, key_BSD, value_BSD, bias_B11T = attention.inputs[:4]
+    past_key_BNPD, past_value_BNPD = attention.inputs[4:6]
+    assert None not in (query_BSD, key_BSD, value_BSD, bias_B11T, past_key_BNPD, past_value_BNPD)
+    new_shape = op.Constant(value_ints=[0, kv_num_heads, 1, head_size])
+    presents = tuple(
+        op.Concat(past, op.Reshape(new, new_shape), axis=2)
+        for past, new in ((past_key_BNPD, key_BSD), (past_value_BNPD, value_BSD))
+    )
+    group = num_heads // kv_num_heads
+    bias_B1GT = op.Expand(bias_B11T, op.Constant(value_ints=[1, 1, group, 1]))
+    output = fold(
+        op,
+        query_BSD,
+        presents,
+        bias_B1GT,
+        num_heads=num_heads,
+        kv_num_heads=kv_num_heads,
+        head_size=head_size,
+        scale=scale,
+        softcap=softcap,
+    )
+    return output, *presents
+
+
+def export_attention(
+    op, attention: ir.Node, num_outputs: int = 1
+) -> ir.Value | tuple[ir.Value, ...]:
+    """A copy of the export's Attention node, reading the same values (its first
+    `num_outputs` outputs: 3 for a layer whose presents it writes)."""
     attributes = {
         name: ir.Attr(name, attr.type, attr.value) for name, attr in attention.attributes.items()
     }
-    output = op.Attention(*attention.inputs, **attributes)
-    output.producer().metadata_props[SPEED_FORM_KEY] = "export"
-    return output
+    outputs = op.Attention(*attention.inputs, _outputs=num_outputs, **attributes)
+    first = outputs if num_outputs == 1 else outputs[0]
+    first.producer().metadata_props[SPEED_FORM_KEY] = "export"
+    return outputs
 
 
 def phase_if(
@@ -233,25 +289,38 @@ def phase_if(
     *,
     decode: PhaseBuilder,
     prefill: PhaseBuilder,
-    output_type: ir.TypeProtocol | None,
+    output_type: ir.TypeProtocol | tuple[ir.TypeProtocol | None, ...] | None,
     name: str,
-) -> ir.Value:
+) -> ir.Value | tuple[ir.Value, ...]:
     """``If(S == 1)``: the decode form for one-token steps, the prefill form otherwise.
 
     The branches read what they need from the enclosing graph; their values are named after
     `name` (the replaced output), since names must be unique across the enclosing scopes.
+    Builders that return several values (output and presents) give an If with as many
+    outputs, typed by the tuple `output_type`.
     """
+    many = isinstance(output_type, tuple)
+    types = output_type if isinstance(output_type, tuple) else (output_type,)
     branches: dict[str, ir.Graph] = {}
     for phase, build in (("decode", decode), ("prefill", prefill)):
         tape = TapeBuilder()
-        output = build(tape)
-        if output_type is not None and output.type is None:
-            output.type = output_type
+        built = build(tape)
+        outputs = built if isinstance(built, tuple) else (built,)
+        for output, known in zip(outputs, types, strict=True):
+            if known is not None and output.type is None:
+                output.type = known
         name_after(tape.nodes, f"{name}/{phase}")
-        branches[phase] = ir.Graph((), (output,), nodes=tape.nodes, name=f"{name}/{phase}")
+        branches[phase] = ir.Graph((), outputs, nodes=tape.nodes, name=f"{name}/{phase}")
     query_length = op.Shape(query_BSD, start=1, end=2)
     is_decode = op.Equal(query_length, op.Constant(value_ints=[1]))
-    result = op.If(is_decode, then_branch=branches["decode"], else_branch=branches["prefill"])
-    if output_type is not None:
-        result.type = output_type
-    return result
+    results = op.If(
+        is_decode,
+        then_branch=branches["decode"],
+        else_branch=branches["prefill"],
+        _outputs=len(types),
+    )
+    results = tuple(results) if many else (results,)
+    for result, known in zip(results, types, strict=True):
+        if known is not None:
+            result.type = known
+    return results if many else results[0]

@@ -13,6 +13,12 @@ The replacement is GQA's native form: new key/value plus past, presents produced
 same names. Present caches keep the BNSH layout; right-padded rows follow GQA's convention
 (new keys written at position seqlens_k), which the report states. Rotary embedding stays
 outside (``do_rotary=0``).
+
+A speed choice may instead give the layer ``If(S == 1: fold, else: export)``
+(rules._speed_choice.own_cache_fold): decode appends the new key/value to the past with
+``Concat`` (the presents) and folds the query heads of each KV head over them with the
+export's own bias; prefill is the export's node. It keeps the export's convention (new keys
+after a row's padding) and its presents, so the rest of the model reads what it read.
 """
 
 from __future__ import annotations
@@ -44,6 +50,13 @@ from rewriter.rules._gqa_inputs import GQAInputs
 from rewriter.rules._log import RewriteLog
 from rewriter.rules._mask_patterns import MaskForm, match_mask
 from rewriter.rules._shape_evidence import ShapeFacts
+from rewriter.rules._speed_choice import (
+    SPEED_LAYER_KEY,
+    SpeedChoice,
+    export_attention,
+    own_cache_fold,
+    phase_if,
+)
 
 __all__ = ["NATIVE_FORM", "NonSharedAttentionToGQA"]
 
@@ -64,6 +77,8 @@ class _Plan:
     dtype: ir.DataType
     graph: ir.Graph | ir.Function
     speed_reason: str
+    # None: GQA's native form; else the If of own_cache_fold (decode fold, prefill export).
+    speed: SpeedChoice | None = None
 
 
 # Why a speed choice never keeps a P1 export (SPEC.md section 2, P1 (b)).
@@ -160,6 +175,7 @@ class NonSharedAttentionToGQA(AttentionToGQARule):
                 f"GroupQueryAttention does not run this layer here: {decision.reason}", attention
             )
         speed_reason = ""
+        speed: SpeedChoice | None = None
         if self.choose_speed is not None and mask_form.style == "p1":
             speed_reason = _MASK_3D_FIX
         elif self.choose_speed is not None:
@@ -167,10 +183,17 @@ class NonSharedAttentionToGQA(AttentionToGQARule):
             choice = self.choose_speed(kind)
             if choice.label == "export":
                 raise MatchFailureError(choice.reason, attention)
-            if choice.label != "gqa":
-                raise ValueError(f"a layer with its own cache is gqa or export, not {choice.label}")
+            if (choice.decode, choice.prefill) == ("fold", "export"):
+                speed = choice
+            elif choice.label != "gqa":
+                raise ValueError(
+                    "a layer with its own cache is gqa, export or if(S==1: fold, else: export), "
+                    f"not {choice.label}"
+                )
             speed_reason = choice.reason
-        return _Plan(mask_form, heads, head_size, dtype, context.graph_or_function, speed_reason)
+        return _Plan(
+            mask_form, heads, head_size, dtype, context.graph_or_function, speed_reason, speed
+        )
 
     def rewrite(
         self,
@@ -186,6 +209,9 @@ class NonSharedAttentionToGQA(AttentionToGQARule):
         **_,
     ):
         plan: _Plan = self._take_plan()
+        replaced = [output, present_key_BNTD, present_value_BNTD]
+        if plan.speed is not None:
+            return self._fold_or_export(op, query_BSD, plan, plan.speed, replaced)
         inputs = self.inputs.of(plan.graph)
         seqlens_k, total_length = inputs.sequence_lengths(op, plan.mask.attention_mask)
         gqa_inputs: list[ir.Value | None] = [
@@ -214,5 +240,57 @@ class NonSharedAttentionToGQA(AttentionToGQARule):
         attributes = gqa_attributes(
             plan.heads, plan.head_size, plan.mask, self.inputs.exact_padding
         )
-        replaced = [output, present_key_BNTD, present_value_BNTD]
         return self._emit(op, attention, gqa_inputs, attributes, replaced, record, num_outputs=3)
+
+    def _fold_or_export(
+        self,
+        op,
+        query_BSD: ir.Value,
+        plan: _Plan,
+        speed: SpeedChoice,
+        replaced: list[ir.Value],
+    ) -> list[ir.Value]:
+        """``If(S == 1: own_cache_fold, else: the export's node)``, three outputs."""
+        attention = replaced[0].producer()
+        assert attention is not None
+
+        def decode(builder) -> tuple[ir.Value, ...]:
+            return own_cache_fold(
+                builder,
+                attention,
+                num_heads=plan.heads.num_heads,
+                kv_num_heads=plan.heads.kv_num_heads,
+                head_size=plan.head_size,
+                scale=plan.heads.explicit_scale(plan.head_size),
+                softcap=plan.heads.softcap,
+            )
+
+        def prefill(builder) -> tuple[ir.Value, ...]:
+            outputs = export_attention(builder, attention, num_outputs=3)
+            assert isinstance(outputs, tuple | list)
+            return tuple(outputs)
+
+        results = phase_if(
+            op,
+            query_BSD,
+            decode=decode,
+            prefill=prefill,
+            output_type=tuple(value.type for value in replaced),
+            name=replaced[0].name or node_label(attention),
+        )
+        assert isinstance(results, tuple)
+        # The verifier's graph diff finds the layer's replacement by this.
+        results[0].producer().metadata_props[SPEED_LAYER_KEY] = speed.label
+        record = LayerRewrite(
+            node=node_label(attention),
+            rule=f"{self.name}/{plan.mask.style}-{layer_kind(plan.mask)}",
+            form="fold",
+            local_window_size=plan.mask.local_window_size,
+            mask_style=plan.mask.style,
+            source=attention.inputs[4].name or "",
+            dtype=dtype_name(plan.dtype),
+            head_size=plan.head_size,
+            speed_form=speed.label,
+            speed_reason=speed.reason,
+        )
+        return self._finish(op, attention, list(results), replaced, record)

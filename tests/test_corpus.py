@@ -22,7 +22,7 @@ from conftest import CORPUS
 from decoder_runs import chained_hf_logits
 
 from rewriter import cli
-from rewriter.speed import FOLD_ON_CPU, OWN_CACHE_KEPT_ON_CPU
+from rewriter.speed import FOLD_ON_CPU, OWN_CACHE_FOLD_ON_CPU
 
 pytestmark = pytest.mark.corpus
 
@@ -138,9 +138,10 @@ def test_mobius_exports_under_the_default_speed_choice(tmp_path: Path, export: E
             assert table["reason"] == FOLD_ON_CPU.reason and table["ms"] == {}
             assert table["layer"]["dtype"] == "float32" and not table["layer"]["own_cache"]
         elif table["layer"]["own_cache"] and table["layer"]["export_correct"]:
-            # The fixed CPU choice for float32 layers with their own cache: kept as exported
+            # The fixed CPU choice for float32 layers with their own cache: the fold over
+            # Concat(past, new) in decode, the export's node in prefill
             # (rewriter.speed.fixed_choice).
-            fixed = OWN_CACHE_KEPT_ON_CPU
+            fixed = OWN_CACHE_FOLD_ON_CPU
             assert table["layer"]["dtype"] == "float32" and table["ms"] == {}
             assert (table["chosen"], table["reason"]) == (fixed.label, fixed.reason)
         else:  # a defective export that the fold does not serve: GQA, never timed
@@ -155,9 +156,7 @@ def test_mobius_exports_under_the_default_speed_choice(tmp_path: Path, export: E
         else:
             assert record["speed_form"] == chosen[key]["chosen"]
     for skip in report["skipped"]:
-        assert skip["reason"] == OWN_CACHE_KEPT_ON_CPU.reason or skip["reason"].startswith(
-            "kept as exported, faster over one prefill"
-        )
+        assert skip["reason"].startswith("kept as exported, faster over one prefill")
     if export.original_defects == ("cache_consistency", "batch_consistency"):
         # P1: both defects are fixed by GQA and the fold alike, so no layer is timed or kept.
         assert report["skipped"] == [] and not any(t["timed"] for t in chosen.values())

@@ -175,8 +175,12 @@ def test_the_fold_is_a_decode_form_only() -> None:
         SpeedChoice("fold", "fold")
     with pytest.raises(ValueError, match="decode form"):
         SpeedChoice("gqa", "fold")
-    with pytest.raises(ValueError, match="behind GQA's prefill"):
+    with pytest.raises(ValueError, match="behind GQA's or the export's prefill"):
         SpeedChoice("fold", "attention-bnsh")
+    # The two prefills a fold may decode behind: GQA's (a KV-shared layer) and the export's
+    # own node (a layer with its own cache, rules._speed_choice.own_cache_fold).
+    assert SpeedChoice("fold", "gqa").label == "if(S==1: fold, else: gqa)"
+    assert SpeedChoice("fold", "export").label == "if(S==1: fold, else: export)"
 
 
 def test_cpu_float32_kv_shared_layers_get_the_fold_without_timing() -> None:
@@ -195,13 +199,15 @@ def test_cpu_float32_kv_shared_layers_get_the_fold_without_timing() -> None:
 
 
 def test_cpu_float32_layers_with_their_own_cache_get_a_fixed_choice() -> None:
-    """Measured on a whole real export (rewriter.speed): every own-cache layer kept."""
+    """Measured on a whole real export (rewriter.speed): every own-cache layer folds in
+    decode over Concat(past, new) and keeps the export's node in prefill."""
     sliding = LayerKind("float32", 8, 1, 256, 512, scale=1.0, softcap=0.0, own_cache=True)
     full = LayerKind("float32", 8, 1, 512, None, scale=1.0, softcap=0.0, own_cache=True)
-    assert rewriter_speed.fixed_choice(sliding, "cpu") == rewriter_speed.OWN_CACHE_KEPT_ON_CPU
-    assert rewriter_speed.fixed_choice(full, "cpu") == rewriter_speed.OWN_CACHE_KEPT_ON_CPU
+    assert rewriter_speed.fixed_choice(sliding, "cpu") == rewriter_speed.OWN_CACHE_FOLD_ON_CPU
+    assert rewriter_speed.fixed_choice(full, "cpu") == rewriter_speed.OWN_CACHE_FOLD_ON_CPU
     verdict = SpeedProbe().verdict(full)
-    assert verdict.choice.label == "export" and not verdict.timed and verdict.ms == {}
+    assert verdict.choice.label == "if(S==1: fold, else: export)"
+    assert not verdict.timed and verdict.ms == {}
     # Timed where nothing was measured: another provider or dtype; a defective export is
     # never kept.
     assert rewriter_speed.fixed_choice(sliding, "cuda") is None

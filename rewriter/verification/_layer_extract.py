@@ -120,6 +120,10 @@ class LayerConfig:
     # No mask and is_causal=0 (a drafter's full layer over the target's cache): every query
     # sees every key of the cache, attention_mask is not read.
     every_key_visible: bool = False
+    # A layer with its own cache whose replacement writes it as the export does, after a
+    # right-padded row's padding (rules._speed_choice.own_cache_fold), not at seqlens_k as
+    # GQA does: both layers then take the same padded decode step, and the proof runs it.
+    appends_after_padding: bool = False
 
     def describe(self) -> str:
         window = f"W={self.window}" if self.window is not None else "full"
@@ -253,9 +257,17 @@ def _original_walk(attention: ir.Node, data_names: set[str | None]) -> _Walk:
     return walk
 
 
-def _attention_data(attention: ir.Node) -> dict[ir.Value, int]:
-    """The data a KV-shared Attention reads: its query and the borrowed caches behind the
-    layout ops, each with the GQA input it would be (query 0, past_key 3, past_value 4)."""
+def _attention_data(attention: ir.Node, own_cache: bool) -> dict[ir.Value, int]:
+    """The data an Attention reads, each with the GQA input it would be: a KV-shared layer's
+    query and the borrowed caches behind the layout ops (query 0, past_key 3, past_value 4);
+    a layer with its own cache, its inputs as they are (query 0, new key 1, new value 2,
+    past_key 3, past_value 4)."""
+    if own_cache:
+        pairs = ((0, 0), (1, 1), (2, 2), (4, 3), (5, 4))
+        data = {attention.inputs[index]: gqa_index for index, gqa_index in pairs}
+        if None in data:
+            raise UnprovableLayer("the original layer lacks a query, key, value or past input")
+        return data  # type: ignore[return-value]
     data = {attention.inputs[0]: 0}
     for index, gqa_index in ((1, 3), (2, 4)):
         value = attention.inputs[index]
@@ -359,7 +371,7 @@ def _cut_layer(
     else:
         # A speed choice's replacement may read the original's own mask chain: the original
         # is walked first, and the replacement walks through what the original layer computes.
-        data = _attention_data(attention)
+        data = _attention_data(attention, own_cache)
         data_names = {v.name for v in data}
         original_walk = _original_walk(attention, data_names)
         computed = {v.name for node in original_walk.nodes for v in node.outputs}
@@ -588,6 +600,7 @@ def _config(
         upper_left_causal=attrs.get_int("is_causal", 0) == 1 and kind == SHARED,
         mask_rank=mask.shape.rank() if mask is not None and mask.shape is not None else None,
         every_key_visible=mask is None and attrs.get_int("is_causal", 0) == 0 and kind == SHARED,
+        appends_after_padding=kind == OWN_CACHE and gqa.op_type != "GroupQueryAttention",
     )
 
 

@@ -72,6 +72,9 @@ class Scenario:
     valid_lengths: tuple[int, ...]  # keys per row that attention_mask marks valid
     # Position of each query row (B x S); -1 for a query at a padding position.
     query_positions: tuple[tuple[int, ...], ...]
+    # The new key of a padded row sits at slot T - 1, after the row's padding (the export's
+    # Attention with past appends there); else valid keys are each row's first slots.
+    appended: bool = False
 
     @property
     def past_length(self) -> int:
@@ -115,11 +118,28 @@ def scenarios(config: LayerConfig, window: int) -> list[Scenario]:
             tuple(tuple(i if i < n else -1 for i in range(padded)) for n in rows),
         )
     )
-    if config.kind != OWN_CACHE:
+    total = min(w + 2, LINEAR_LIMIT)
+    if config.kind == OWN_CACHE and config.appends_after_padding:
+        # Both layers append the new key after the padding: row 1 holds its prompt's keys,
+        # padding, and its new key at slot T - 1 (valid lengths count its real keys).
+        rows = (total, max(1, min(w, total - 1)))
+        out.append(
+            Scenario(
+                "batch_decode",
+                f"right-padded batch 2 decode T={total}, rows of {rows[0]} and {rows[1]} keys, "
+                "the new key appended after the padding",
+                2,
+                1,
+                total,
+                rows,
+                tuple((n - 1,) for n in rows),
+                appended=True,
+            )
+        )
+    elif config.kind != OWN_CACHE:
         # A layer that writes its cache appends after the padding (Attention) or at
         # seqlens_k (GQA): the two conventions differ by design, so padded decode of a layer
-        # with its own cache is left to the whole-model check.
-        total = min(w + 2, LINEAR_LIMIT)
+        # rewritten to GQA over its own cache is left to the whole-model check.
         rows = (total, max(1, min(w, total - 1)))
         out.append(
             Scenario(
@@ -178,7 +198,16 @@ def make_data(
     query = (rng.standard_normal((b, n, s, d)) * sigma).astype(dtype).astype(np.float64)
     key = (rng.standard_normal((b, nkv, t, d)) * sigma).astype(dtype).astype(np.float64)
     value = rng.standard_normal((b, nkv, t, d)).astype(dtype).astype(np.float64)
-    valid_keys = np.arange(t)[None, :] < np.array(scenario.valid_lengths)[:, None]
+    slots = np.arange(t)[None, :]
+    lengths = np.array(scenario.valid_lengths)[:, None]
+    key_positions = None  # a key's position is its slot
+    if scenario.appended:
+        # A row's first n - 1 keys, then padding, then its new key at slot T - 1, whose
+        # position is n - 1: how many valid keys precede it (the exports' CumSum of the mask).
+        valid_keys = (slots < lengths - 1) | (slots == t - 1)
+        key_positions = np.cumsum(valid_keys, axis=1) - 1
+    else:
+        valid_keys = slots < lengths
     positions = np.array(scenario.query_positions, dtype=np.int64)
     mask_dtype = input_dtypes.get(ATTENTION_MASK, np.dtype(np.int64))
     p = scenario.past_length
@@ -202,7 +231,7 @@ def make_data(
         ),
     }
     expected = {
-        OUTPUT: reference(query, key, value, valid_keys, positions, config),
+        OUTPUT: reference(query, key, value, valid_keys, positions, config, key_positions),
         PRESENT_KEY: key,
         PRESENT_VALUE: value,
     }
@@ -216,20 +245,30 @@ def reference(
     valid_keys: np.ndarray,
     query_positions: np.ndarray,
     config: LayerConfig,
+    key_positions: np.ndarray | None = None,
 ) -> np.ndarray:
     """Attention output [B, S, N*D] in float64 (rows at padded queries are zero), computed
-    in blocks of query rows so that memory stays linear in T."""
+    in blocks of query rows so that memory stays linear in T. `key_positions` [B, T]: each
+    key slot's position (default: its slot)."""
     b, n, s, d = query_BNSD.shape
     t = key_BNTD.shape[2]
     group = n // key_BNTD.shape[1]
     key = np.repeat(key_BNTD, group, axis=1)
     value = np.repeat(value_BNTD, group, axis=1)
+    if key_positions is None:
+        key_positions = np.broadcast_to(np.arange(t)[None, :], (b, t))
     rows = max(1, _REFERENCE_ELEMENTS // max(1, b * n * t))
     out = np.empty((b, n, s, d), dtype=np.float64)
     for start in range(0, s, rows):
         block = slice(start, min(s, start + rows))
         out[:, :, block] = _attend(
-            query_BNSD[:, :, block], key, value, valid_keys, query_positions[:, block], config
+            query_BNSD[:, :, block],
+            key,
+            value,
+            valid_keys,
+            query_positions[:, block],
+            key_positions,
+            config,
         )
     return out.transpose(0, 2, 1, 3).reshape(b, s, n * d)
 
@@ -240,13 +279,13 @@ def _attend(
     value: np.ndarray,
     valid_keys: np.ndarray,
     query_positions: np.ndarray,
+    key_positions: np.ndarray,
     config: LayerConfig,
 ) -> np.ndarray:
-    t = key.shape[2]
     scores = config.scale * np.matmul(query, key.transpose(0, 1, 3, 2))
     if config.softcap:
         scores = config.softcap * np.tanh(scores / config.softcap)
-    distance = query_positions[:, None, :, None] - np.arange(t)[None, None, None, :]
+    distance = query_positions[:, None, :, None] - key_positions[:, None, None, :]
     if config.every_key_visible:
         # The original reads neither attention_mask nor positions: nothing hides a key.
         visible = np.ones_like(distance, dtype=bool)
