@@ -182,6 +182,30 @@ class GraphInputs:
             self._model_lengths = pair if pair and None not in pair else None
         return self._model_lengths
 
+    def appended_window_start(
+        self, op, attention_mask: ir.Value, local_window_size: int
+    ) -> ir.Value:
+        """The first key slot [1] any row's decode query can see in a sliding layer whose
+        cache appends after the padding (Attention with past; rules._speed_choice
+        .own_cache_fold): max(0, min_b(L_b) - W), L_b the valid keys of row b.
+
+        Row b's query has position L_b - 1 (positions count valid keys, the exports'
+        CumSum) and sees keys at positions >= L_b - W; a key's slot is at least its position
+        (padding only pushes keys later), so no row sees a slot before the start. Read off
+        the mask itself, whatever --exact-padding makes of seqlens_k. One per mask and W.
+        """
+
+        def start() -> ir.Value:
+            mask = attention_mask
+            if mask.dtype != ir.DataType.INT64:
+                mask = op.Cast(mask, to=ir.DataType.INT64)
+            valid = op.ReduceSum(mask, op.Constant(value_ints=[1]), keepdims=0)
+            shortest = op.ReduceMin(valid, keepdims=1)
+            reach = op.Sub(shortest, op.Constant(value_ints=[local_window_size]))
+            return op.Max(reach, op.Constant(value_ints=[0]))
+
+        return self.cached(op, ("appended_window_start", attention_mask, local_window_size), start)
+
     def window_slice(
         self,
         op,

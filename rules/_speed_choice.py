@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter._context import TapeBuilder
 
@@ -238,13 +239,18 @@ def own_cache_fold(
     head_size: int,
     scale: float,
     softcap: float,
+    window_start: ir.Value | None = None,
 ) -> tuple[ir.Value, ir.Value, ir.Value]:
     """One decode step (S == 1) of a layer with its own cache, as the export computes it:
     the new key/value [B, 1, Nkv*D] read as [B, Nkv, 1, D] (free: S is 1) and appended to the
     past [B, Nkv, P, D] (``Concat``: the present outputs, as the export's Attention writes
     them), then the fold over the presents with the export's own bias [B, 1, 1, T] expanded
     to the G folded query heads [B, 1, G, T] (ONNX Runtime's Attention broadcasts the mask's
-    head axis, not its query axis). Returns (output, present_key, present_value)."""
+    head axis, not its query axis). Returns (output, present_key, present_value).
+
+    `window_start` ([1], a sliding layer: GQAInputs.appended_window_start): the fold reads the
+    presents and the bias from that key slot on, the only keys the window lets any row see
+    (ONNX Runtime's Attention reads every key it is given, masked or not)."""
     query_BSD, key_BSD, value_BSD, bias_B11T = attention.inputs[:4]
     past_key_BNPD, past_value_BNPD = attention.inputs[4:6]
     assert None not in (query_BSD, key_BSD, value_BSD, bias_B11T, past_key_BNPD, past_value_BNPD)
@@ -254,11 +260,16 @@ def own_cache_fold(
         for past, new in ((past_key_BNPD, key_BSD), (past_value_BNPD, value_BSD))
     )
     group = num_heads // kv_num_heads
-    bias_B1GT = op.Expand(bias_B11T, op.Constant(value_ints=[1, 1, group, 1]))
+    read, bias = presents, bias_B11T
+    if window_start is not None:
+        end = op.Constant(value_ints=[np.iinfo(np.int64).max])  # Slice clamps it to T
+        read = tuple(op.Slice(p, window_start, end, op.Constant(value_ints=[2])) for p in presents)
+        bias = op.Slice(bias_B11T, window_start, end, op.Constant(value_ints=[3]))
+    bias_B1GT = op.Expand(bias, op.Constant(value_ints=[1, 1, group, 1]))
     output = fold(
         op,
         query_BSD,
-        presents,
+        read,
         bias_B1GT,
         num_heads=num_heads,
         kv_num_heads=kv_num_heads,

@@ -253,6 +253,15 @@ class NonSharedAttentionToGQA(AttentionToGQARule):
         """``If(S == 1: own_cache_fold, else: the export's node)``, three outputs."""
         attention = replaced[0].producer()
         assert attention is not None
+        window = plan.mask.local_window_size
+        # Built in the enclosing graph, once per mask and W.
+        window_start = (
+            None
+            if window is None
+            else self.inputs.of(plan.graph).appended_window_start(
+                op, plan.mask.attention_mask, window
+            )
+        )
 
         def decode(builder) -> tuple[ir.Value, ...]:
             return own_cache_fold(
@@ -263,6 +272,7 @@ class NonSharedAttentionToGQA(AttentionToGQARule):
                 head_size=plan.head_size,
                 scale=plan.heads.explicit_scale(plan.head_size),
                 softcap=plan.heads.softcap,
+                window_start=window_start,
             )
 
         def prefill(builder) -> tuple[ir.Value, ...]:
@@ -290,6 +300,7 @@ class NonSharedAttentionToGQA(AttentionToGQARule):
             source=attention.inputs[4].name or "",
             dtype=dtype_name(plan.dtype),
             head_size=plan.head_size,
+            window_slice=window is not None,
             speed_form=speed.label,
             speed_reason=speed.reason,
         )
