@@ -36,6 +36,13 @@ def models() -> list[Path]:
     return found
 
 
+def _label(source: Path) -> str:
+    """The same name for a model whichever checkout runs the script."""
+    if source.is_relative_to(ROOT):
+        return str(source.relative_to(ROOT))
+    return "corpus/" + str(source.relative_to(CORPUS))
+
+
 def _key_paths(value: object, prefix: str = "") -> set[str]:
     if isinstance(value, dict):
         paths = {prefix} if prefix else set()
@@ -79,7 +86,8 @@ def run_one(source: Path, speed: str, scratch: Path) -> dict[str, object]:
     ]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=False)
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
-    timed = any(table.get("timed") for table in report.get("speed", {}).get("layers", []))
+    speed_tables = (report.get("speed") or {}).get("layers") or []
+    timed = any(table.get("timed") for table in speed_tables)
     return {
         "exit_code": done.returncode,
         "stderr_last_line": (done.stderr.strip().splitlines() or [""])[-1],
@@ -113,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
     for source in models():
         for speed in SPEEDS:
-            name = f"{source.relative_to(source.anchor)} --speed {speed}"
+            name = f"{_label(source)} --speed {speed}"
             with tempfile.TemporaryDirectory() as scratch:
                 results[name] = run_one(source, speed, Path(scratch))
             print(f"{name}: exit {results[name]['exit_code']}", flush=True)
