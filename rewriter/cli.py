@@ -45,6 +45,7 @@ from rewriter.package import (
     decoder_path,
     finish_package,
     is_package,
+    keeps_export_convention,
     read_config,
 )
 from rewriter.pipeline import rewrite
@@ -358,7 +359,9 @@ def _rewritten(
         from rewriter.speed import SpeedProbe
 
         speed_probe = SpeedProbe(args.provider, progress=None if args.quiet else _rewrite_progress)
-        choose_speed = PackageSpeed(speed_probe)
+        choose_speed = PackageSpeed(
+            speed_probe, export_convention=keeps_export_convention(model, args.provider)
+        )
     model, report = rewrite(
         model,
         layers=args.layers,
@@ -372,7 +375,7 @@ def _rewritten(
         progress=None if args.quiet else _rewrite_progress,
     )
     if speed_probe is not None:
-        # What the probe chose for the KV-shared layers (own-cache layers: GENAI_OWN_CACHE,
+        # What the probe chose (own-cache layers it did not choose for: GENAI_OWN_CACHE,
         # named in each rewrite's speed_reason).
         report.speed = {"provider": args.provider, "layers": speed_probe.tables()}
     return model, report

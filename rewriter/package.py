@@ -50,6 +50,7 @@ __all__ = [
     "decoder_path",
     "finish_package",
     "is_package",
+    "keeps_export_convention",
     "read_config",
 ]
 
@@ -72,14 +73,49 @@ GENAI_OWN_CACHE = SpeedChoice(
 
 
 class PackageSpeed:
-    """--speed auto for a package: layers with their own cache get GQA (GENAI_OWN_CACHE),
-    KV-shared layers what `chooser` (the CLI's speed probe) gives them."""
+    """--speed auto for a package: KV-shared layers get what `chooser` (the CLI's speed
+    probe) gives them; layers with their own cache too where every decode step keeps the
+    export's cache convention (`export_convention`, see keeps_export_convention), else GQA
+    (GENAI_OWN_CACHE), so that genai's one mask means the same to every layer."""
 
-    def __init__(self, chooser: SpeedChooser) -> None:
+    def __init__(self, chooser: SpeedChooser, *, export_convention: bool = False) -> None:
         self.chooser = chooser
+        self.export_convention = export_convention
 
     def __call__(self, layer: LayerKind) -> SpeedChoice:
-        return GENAI_OWN_CACHE if layer.own_cache else self.chooser(layer)
+        if not layer.own_cache:
+            return self.chooser(layer)
+        choice = self.chooser(layer)
+        if self.export_convention and choice.decode in ("fold", "export"):
+            return choice
+        return GENAI_OWN_CACHE
+
+
+def keeps_export_convention(model: ir.Model, provider: str) -> bool:
+    """Whether the CPU fixed choices (rewriter.speed.fixed_choice) keep every decode step of
+    `model` in the export's cache convention, a right-padded row's new key after its
+    padding, as genai's batched decode feeds it: every Attention of the main graph is a
+    correct float32 export (a mask; is_causal=0, or 1 with past inputs), so a layer with its
+    own cache folds over
+    Concat(past, new) and a KV-shared layer folds over the export's own bias. A defective
+    export's fold builds GQA's mask instead, which wants the new key right after a row's
+    valid keys."""
+    if provider != "cpu":
+        return False
+    attention = [n for n in model.graph if n.op_type == "Attention" and n.domain in ("", "ai.onnx")]
+    return bool(attention) and all(
+        len(node.inputs) > 3
+        and node.inputs[3] is not None
+        # is_causal=1 is aligned to the bottom right with past inputs: correct there.
+        and (not node.attributes.get_int("is_causal", 0) or _has_past(node))
+        and node.inputs[0] is not None
+        and node.inputs[0].dtype == ir.DataType.FLOAT
+        for node in attention
+    )
+
+
+def _has_past(attention: ir.Node) -> bool:
+    return len(attention.inputs) > 4 and attention.inputs[4] is not None
 
 
 def is_package(path: Path) -> bool:

@@ -206,6 +206,30 @@ class GraphInputs:
 
         return self.cached(op, ("appended_window_start", attention_mask, local_window_size), start)
 
+    def window_start(
+        self, op, attention_mask: ir.Value, query_BSD: ir.Value, local_window_size: int
+    ) -> ir.Value:
+        """The first key slot [1] of the window slice (see window_slice), once per mask and W."""
+        seqlens_k, total_length = self.sequence_lengths(op, attention_mask)
+
+        def start() -> ir.Value:
+            int64 = ir.DataType.INT64
+            query_length = op.Shape(query_BSD, start=1, end=2)
+            shortest = op.ReduceMin(op.Cast(seqlens_k, to=int64), keepdims=1)  # min L_b - 1
+            # min L_b - S - W + 1 = (min L_b - 1) - S - (W - 2)
+            reach = op.Sub(
+                op.Sub(shortest, query_length),
+                op.Constant(value_ints=[local_window_size - 2]),
+            )
+            # T - S - 1
+            limit = op.Sub(
+                op.Sub(op.Cast(total_length, to=int64), query_length),
+                op.Constant(value_ints=[1]),
+            )
+            return op.Max(op.Min(reach, limit), op.Constant(value_ints=[0]))
+
+        return self.cached(op, ("window_start", attention_mask, local_window_size), start)
+
     def window_slice(
         self,
         op,
@@ -232,24 +256,7 @@ class GraphInputs:
         first such layer's query (every layer's query has the same S).
         """
         seqlens_k, total_length = self.sequence_lengths(op, attention_mask)
-
-        def start() -> ir.Value:
-            int64 = ir.DataType.INT64
-            query_length = op.Shape(query_BSD, start=1, end=2)
-            shortest = op.ReduceMin(op.Cast(seqlens_k, to=int64), keepdims=1)  # min L_b - 1
-            # min L_b - S - W + 1 = (min L_b - 1) - S - (W - 2)
-            reach = op.Sub(
-                op.Sub(shortest, query_length),
-                op.Constant(value_ints=[local_window_size - 2]),
-            )
-            # T - S - 1
-            limit = op.Sub(
-                op.Sub(op.Cast(total_length, to=int64), query_length),
-                op.Constant(value_ints=[1]),
-            )
-            return op.Max(op.Min(reach, limit), op.Constant(value_ints=[0]))
-
-        first = self.cached(op, ("window_start", attention_mask, local_window_size), start)
+        first = self.window_start(op, attention_mask, query_BSD, local_window_size)
 
         def shifted(lengths: ir.Value) -> Callable[[], ir.Value]:
             return lambda: op.Sub(lengths, op.Cast(first, to=ir.DataType.INT32))

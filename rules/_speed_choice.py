@@ -50,6 +50,7 @@ from rewriter.rules._naming import name_after
 __all__ = [
     "DEFECTIVE_EXPORT_REASON",
     "EXPORT_FREE_FORMS",
+    "OWN_CACHE_FOLD_LABEL",
     "PHASE_FORMS",
     "SPEED_FORM_KEY",
     "SPEED_LAYER_KEY",
@@ -71,6 +72,9 @@ DEFECTIVE_EXPORT_REASON = (
     "not timed: the export's is_causal=1 without past inputs is aligned to the upper left, "
     "wrong in decode; GroupQueryAttention is the correctness fix"
 )
+
+# What a layer with its own cache gets from own_cache_fold (SpeedChoice("fold", "export").label).
+OWN_CACHE_FOLD_LABEL = "if(S==1: fold, else: export)"
 
 # Node metadata on the Attention nodes a speed choice writes: a later run leaves them alone
 # instead of "rewriting" what was chosen over GQA (rules._attention_rule.check_not_chosen).

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import onnx_ir as ir
 
 from rewriter.rules._attention_rule import (
@@ -44,6 +45,7 @@ from rewriter.rules._mask_patterns import MaskForm, match_mask
 from rewriter.rules._shape_evidence import HeadSizeEvidence, ShapeFacts
 from rewriter.rules._speed_choice import (
     DEFECTIVE_EXPORT_REASON,
+    OWN_CACHE_FOLD_LABEL,
     SPEED_LAYER_KEY,
     SpeedChoice,
     attention_bnsh,
@@ -73,6 +75,7 @@ class _Plan:
     form: str
     graph: ir.Graph | ir.Function
     speed: SpeedChoice
+    attention: ir.Node
 
 
 class KVSharedAttentionToGQA(AttentionToGQARule):
@@ -156,6 +159,7 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
             decision.form,
             context.graph_or_function,
             speed,
+            attention,
         )
 
     def rewrite(self, op, query_BSD, key_BSD, value_BSD, output, **_):
@@ -230,10 +234,16 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
     ) -> ir.Value:
         """The fold (rules._speed_choice.fold) over the cache GQA's `past` form reads.
 
-        Its mask is built once per graph (with `op`, outside any If branch) from the lengths
-        GQA reads: seqlens_k over the window-sliced cache by default, so it means what GQA
-        means (right padding); with --exact-padding, GQA's finite bias from the export's own
-        mask (every key slot valid, the query at slot T - 1), expanded over the folded axis.
+        Over a cache written as the export writes it (`_appends_after_padding`: a right-padded
+        row's new key after its padding), a correct export's own bias (P2, is_causal=0) is the
+        fold's mask, sliced from the window slice's first key where the cache is and repeated
+        over the folded axis: the layer decodes exactly as exported, whatever the padding.
+        Otherwise (a cache GroupQueryAttention writes, the new key right after a row's valid
+        keys, or a defective export) the mask is built once per graph (with `op`, outside any
+        If branch) from the lengths GQA reads: seqlens_k over the window-sliced cache, so it
+        means what GQA means (right padding, holes in the mask ignored, as onnxruntime-genai's
+        batched decode needs); with --exact-padding, GQA's finite bias from the export's mask
+        (every key slot valid, the query at slot T - 1), expanded over the folded axis.
         """
         assert plan.form == "past", "the fold reads the past form's cache"
         heads = plan.heads
@@ -241,7 +251,19 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
         inputs = self.inputs.of(plan.graph)
         past_key, past_value, seqlens_k, total_length = gqa_inputs[3:7]
         assert None not in (past_key, past_value, seqlens_k, total_length)
-        if self.inputs.exact_padding:
+        attention = plan.attention
+        exact = plan.mask.style == "p2" and not attention.attributes.get_int("is_causal", 0)
+        if exact and _appends_after_padding(plan.key.cache_BNSH):
+            bias = attention.inputs[3]
+            assert bias is not None
+            window = plan.mask.local_window_size
+            if past_key is not plan.key.cache_BNSH and window is not None:
+                # The cache GQA reads is the window slice: the bias loses the same keys.
+                start = inputs.window_start(op, plan.mask.attention_mask, query_BSD, window)
+                end = builder.Constant(value_ints=[np.iinfo(np.int64).max])
+                bias = builder.Slice(bias, start, end, builder.Constant(value_ints=[3]))
+            bias = builder.Expand(bias, builder.Constant(value_ints=[1, 1, group, 1]))
+        elif self.inputs.exact_padding:
             exact_bias = gqa_inputs[10]
             assert exact_bias is not None
             # [B, 1, S, T] is [B, 1, 1, T] only in decode: expanded in the decode branch.
@@ -499,6 +521,21 @@ class DrafterBiasAttentionToFold(AttentionToGQARule):
             "export",
             DRAFTER_BIAS_FOLD_REASON,
         )
+
+
+def _appends_after_padding(cache_BNSH: ir.Value) -> bool:
+    """Whether the borrowed cache's writer puts a right-padded row's new key after the
+    padding: the export's Attention with past, or its own-cache fold (rules._speed_choice
+    .own_cache_fold, an If already written in place of an earlier layer). GroupQueryAttention
+    writes it right after the row's valid keys; a graph input's writer is unknown."""
+    writer = cache_BNSH.producer()
+    if writer is None:
+        return False
+    if writer.op_type == "Attention" and writer.domain in ("", "ai.onnx"):
+        return True
+    return writer.op_type == "If" and writer.metadata_props.get(SPEED_LAYER_KEY) == (
+        OWN_CACHE_FOLD_LABEL
+    )
 
 
 def _same_source(key_BNSH: ir.Value, value_BNSH: ir.Value) -> bool:

@@ -90,8 +90,9 @@ def test_a_fold_with_its_scale_doubled_fails_its_layer_proof() -> None:
 
 @pytest.mark.parametrize("shift", [-1, 1])
 def test_a_fold_whose_window_is_off_by_one_fails_its_layer_proofs(shift: int) -> None:
-    model = _folded("p2_tiny")
-    # The fold's mask: key j visible iff seqlens_k - j < W (GraphInputs.fold_bias).
+    # A defective export (P2 bias with is_causal=1): the fold builds its own mask, key j
+    # visible iff seqlens_k - j < W (GraphInputs.fold_bias).
+    model = _folded("p2_causal_tiny")
     (less,) = [n for n in model.graph if n.op_type == "Less" and n.name.startswith("node_")]
     window = less.inputs[1]
     constant = window.producer()
@@ -100,15 +101,41 @@ def test_a_fold_whose_window_is_off_by_one_fails_its_layer_proofs(shift: int) ->
     constant.attributes["value"] = ir.AttrTensor(
         "value", ir.tensor(np.array(4 + shift, dtype=np.int32))
     )
-    result = verify(ir.load(FIXTURES / "p2_tiny.onnx"), model, mode="layers")
+    _assert_sliding_layers_fail(model, "p2_causal_tiny")
+
+
+def _assert_sliding_layers_fail(
+    model: ir.Model, name: str, scenarios: frozenset[str] = frozenset({"decode", "batch_decode"})
+) -> None:
+    result = verify(ir.load(FIXTURES / f"{name}.onnx"), model, mode="layers")
     assert not result.passed
     failed = {layer.node for layer in result.layers if not layer.passed}
+    sliding = {layer.node for layer in result.layers if "W=4" in layer.config}
     # The two sliding layers share the mask; the full layer has no window.
-    assert failed == {"/model/layers.4/Attention_120", "/model/layers.5/Attention_136"}
+    assert len(sliding) == 2 and failed == sliding
     for layer in result.layers:
         if layer.node in failed:
             wrong = {c.name for c in layer.checks if c.model == "candidate" and not c.passed}
-            assert wrong and wrong <= {"decode", "batch_decode"}
+            assert wrong and wrong <= scenarios
+
+
+def test_a_fold_over_the_export_bias_missing_a_window_key_fails_its_layer_proofs() -> None:
+    # A correct export (P2, is_causal=0): the fold reads the export's own bias, sliced where
+    # the window slice cuts the cache, from max(0, min_b(L_b) - W) (GQAInputs.window_start,
+    # which builds min L_b - S - W + 1 as (min L_b - 1) - S - (W - 2)). One key later drops a
+    # key the window still shows.
+    model = _folded("p2_tiny")
+    (offset,) = [
+        n
+        for n in model.graph
+        if n.op_type == "Constant"
+        and n.attributes.get("value_ints") is not None
+        and list(n.attributes["value_ints"].as_ints()) == [4 - 2]
+        and any(user.op_type == "Sub" and index == 1 for user, index in n.outputs[0].uses())
+    ]
+    offset.attributes["value_ints"] = ir.AttrInt64s("value_ints", [4 - 3])
+    # GQA's chunks after a past read the same window slice.
+    _assert_sliding_layers_fail(model, "p2_tiny", frozenset({"decode", "batch_decode", "chunk"}))
 
 
 def test_the_cli_default_folds_kv_shared_layers_on_cpu_without_timing(tmp_path: Path) -> None:

@@ -21,9 +21,12 @@ from conftest import CORPUS
 from rewriter import package as package_module
 from rewriter.cli import main
 from rewriter.fixtures.gemma4_like import build_decoder, tiny_config
-from rewriter.package import GENAI_OWN_CACHE
+from rewriter.package import GENAI_OWN_CACHE, PackageSpeed, keeps_export_convention
+from rewriter.rules import LayerKind
+from rewriter.speed import OWN_CACHE_FOLD_ON_CPU, fixed_choice
 
 CORPUS_PACKAGE = CORPUS / "mobius-78437cd-genai" / "default_f32"
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
 
 def _genai_config(vocab: int, layers: int, heads: int, kv_heads: int, head_size: int) -> dict:
@@ -216,34 +219,72 @@ def test_corpus_package_gets_the_shared_buffer(tmp_path: Path) -> None:
 @pytest.mark.genai
 @pytest.mark.corpus
 def test_corpus_package_under_the_default_speed_choice(tmp_path: Path) -> None:
-    """--speed auto on a package: layers with their own cache become GroupQueryAttention
-    (one cache convention for genai), KV-shared layers decode with the fold, whose Attention
-    refuses the shared buffer: the config keeps false and says why; generation matches."""
+    """--speed auto on a package of a correct float32 export: every decode step keeps the
+    export's cache convention (layers with their own cache fold over Concat(past, new),
+    KV-shared layers fold over the export's bias), as genai's batched decode feeds it; the
+    folds' Attention refuses the shared buffer: the config keeps false and says why;
+    generation matches, batch 2 included."""
     output, report = tmp_path / "out", tmp_path / "report.json"
     assert _run(CORPUS_PACKAGE, output, "--quiet", "--report", report) == 0
     data = _report(report)
     own_cache = [r for r in data["rewrites"] if r["rule"].startswith("NonShared")]
-    assert own_cache and all(r["speed_reason"] == GENAI_OWN_CACHE.reason for r in own_cache)
+    assert own_cache and all(r["speed_form"] == OWN_CACHE_FOLD_ON_CPU.label for r in own_cache)
     after = json.loads((output / "genai_config.json").read_text())
     assert after["search"]["past_present_share_buffer"] is False
-    assert "refuses genai's max-length shared buffer" in data["package"]["config_kept"][0]
+    # The first blocker: a cache input read by the own-cache fold's Concat, not by GQA.
+    assert (
+        "only GroupQueryAttention takes genai's shared buffer" in data["package"]["config_kept"][0]
+    )
     runs = data["package"]["generation"]["runs"]
     assert [(run["batch"], run["passed"]) for run in runs] == [(1, True), (2, True)]
 
 
 @pytest.mark.genai
 def test_mixed_cache_conventions_are_refused(generated_package: Path, tmp_path: Path) -> None:
-    """--layers shared leaves the layers with their own cache as Attention (new token after
-    the padding) beside GroupQueryAttention layers (right after the valid tokens): genai's
-    batched decode feeds both one mask and the tokens differ, as the rewrite's right-padding
-    warning says. Nothing is written, and the hint says what to run instead."""
+    """--layers shared --speed off leaves the layers with their own cache as Attention (new
+    token after the padding) beside GroupQueryAttention layers (right after the valid
+    tokens): genai's batched decode feeds both one mask and the tokens differ, as the
+    rewrite's right-padding warning says. Nothing is written, and the hint says what to run
+    instead."""
     output, report = tmp_path / "out", tmp_path / "report.json"
-    assert _run(generated_package, output, "--layers", "shared", "--quiet", "--report", report) == 1
+    argv = ["--layers", "shared", "--speed", "off", "--quiet", "--report", report]
+    assert _run(generated_package, output, *argv) == 1
     assert not output.exists()
     generation = _report(report)["package"]["generation"]
     assert generation["passed"] is False
     assert [run["batch"] for run in generation["runs"] if not run["tokens_equal"]] == [2]
     assert "--layers all" in generation["hint"]
+
+
+@pytest.mark.genai
+def test_kv_shared_folds_over_the_export_bias_decode_beside_attention_caches(
+    generated_package: Path, tmp_path: Path
+) -> None:
+    """--layers shared under the default speed choice: the layers with their own cache stay
+    Attention, and the KV-shared layers' decode fold reads the export's own bias, so every
+    layer takes genai's batched decode mask (the new token after the padding) as the original
+    does: the package is written and batch 2 generates the original's tokens."""
+    output, report = tmp_path / "out", tmp_path / "report.json"
+    assert _run(generated_package, output, "--layers", "shared", "--quiet", "--report", report) == 0
+    runs = _report(report)["package"]["generation"]["runs"]
+    assert [(run["batch"], run["tokens_equal"], run["passed"]) for run in runs] == [
+        (1, True, True),
+        (2, True, True),
+    ]
+
+
+def test_own_cache_layers_of_a_package_keep_the_export_convention_only_where_all_can() -> None:
+    """PackageSpeed: the fold (append after the padding) for layers with their own cache only
+    when every decode step keeps that convention (keeps_export_convention); otherwise GQA, so
+    that no GroupQueryAttention-convention layer reads genai's mask beside them."""
+    own = LayerKind("float32", 8, 1, 256, 512, scale=1.0, softcap=0.0, own_cache=True)
+    fixed = lambda layer: fixed_choice(layer, "cpu")  # noqa: E731
+    assert PackageSpeed(fixed, export_convention=True)(own) == OWN_CACHE_FOLD_ON_CPU
+    assert PackageSpeed(fixed, export_convention=False)(own) == GENAI_OWN_CACHE
+    assert keeps_export_convention(ir.load(FIXTURES / "p2_all_attention_tiny.onnx"), "cpu")
+    assert not keeps_export_convention(ir.load(FIXTURES / "p2_all_attention_tiny.onnx"), "cuda")
+    # P1: is_causal=1 without past, the fold builds GQA's mask.
+    assert not keeps_export_convention(ir.load(FIXTURES / "p1_attention_full_tiny.onnx"), "cpu")
 
 
 def test_config_drops_inputs_the_rewritten_model_no_longer_takes(

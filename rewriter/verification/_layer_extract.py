@@ -120,9 +120,11 @@ class LayerConfig:
     # No mask and is_causal=0 (a drafter's full layer over the target's cache): every query
     # sees every key of the cache, attention_mask is not read.
     every_key_visible: bool = False
-    # A layer with its own cache whose replacement writes it as the export does, after a
-    # right-padded row's padding (rules._speed_choice.own_cache_fold), not at seqlens_k as
-    # GQA does: both layers then take the same padded decode step, and the proof runs it.
+    # Whether the replacement, like the original, takes a cache whose right-padded rows have
+    # their new key after the padding: a layer with its own cache that writes it so
+    # (rules._speed_choice.own_cache_fold; GQA writes at seqlens_k instead), or a KV-shared
+    # layer whose decode reads the export's own bias. Both layers then take the same padded
+    # decode step, and the proof runs it.
     appends_after_padding: bool = False
 
     def describe(self) -> str:
@@ -600,8 +602,24 @@ def _config(
         upper_left_causal=attrs.get_int("is_causal", 0) == 1 and kind == SHARED,
         mask_rank=mask.shape.rank() if mask is not None and mask.shape is not None else None,
         every_key_visible=mask is None and attrs.get_int("is_causal", 0) == 0 and kind == SHARED,
-        appends_after_padding=kind == OWN_CACHE and gqa.op_type != "GroupQueryAttention",
+        appends_after_padding=_appends_after_padding(attention, gqa, kind),
     )
+
+
+def _appends_after_padding(attention: ir.Node, replacement: ir.Node, kind: str) -> bool:
+    """See LayerConfig.appends_after_padding."""
+    if replacement.op_type == "GroupQueryAttention":
+        return False
+    if kind == OWN_CACHE:
+        return True
+    mask = attention.inputs[3] if len(attention.inputs) > 3 else None
+    exact = mask is not None and not attention.attributes.get_int("is_causal", 0)
+    # What decodes: the then branch of an If on S == 1 (rules._speed_choice.phase_if), else
+    # the replacement itself. It belongs to the other model: values match by name.
+    decode = replacement.attributes.get("then_branch") if replacement.op_type == "If" else None
+    readers = list(decode.as_graph()) if decode is not None else [replacement]
+    read = {value.name for node in readers for value in inputs_deep(node) if value is not None}
+    return exact and mask.name in read
 
 
 def _head_size(
@@ -648,6 +666,12 @@ def _cache_writer_head_sizes(cache_BNSH: ir.Value) -> set[int]:
     """D of a borrowed present cache, as its source layer states it: exporters often leave
     the present's head dim symbolic but spell it on the source's past input and new key."""
     writer = cache_BNSH.producer()
+    if writer is not None and writer.op_type == "If" and cache_BNSH in writer.outputs:
+        # A layer with its own cache rewritten to If(S == 1: fold, else: the export's
+        # Attention) (rules._speed_choice.own_cache_fold): the prefill branch's writer says.
+        index = list(writer.outputs).index(cache_BNSH)
+        prefill = writer.attributes.get("else_branch")
+        return _cache_writer_head_sizes(prefill.as_graph().outputs[index]) if prefill else set()
     if writer is None or (writer.domain, writer.op_type) not in _CACHE_WRITERS:
         return set()
     past_index, key_index, heads_attribute = _CACHE_WRITERS[(writer.domain, writer.op_type)]

@@ -119,8 +119,8 @@ def scenarios(config: LayerConfig, window: int) -> list[Scenario]:
         )
     )
     total = min(w + 2, LINEAR_LIMIT)
-    if config.kind == OWN_CACHE and config.appends_after_padding:
-        # Both layers append the new key after the padding: row 1 holds its prompt's keys,
+    if config.appends_after_padding:
+        # Both layers take the new key after the padding: row 1 holds its prompt's keys,
         # padding, and its new key at slot T - 1 (valid lengths count its real keys).
         rows = (total, max(1, min(w, total - 1)))
         out.append(
@@ -136,7 +136,7 @@ def scenarios(config: LayerConfig, window: int) -> list[Scenario]:
                 appended=True,
             )
         )
-    elif config.kind != OWN_CACHE:
+    if config.kind != OWN_CACHE:
         # A layer that writes its cache appends after the padding (Attention) or at
         # seqlens_k (GQA): the two conventions differ by design, so padded decode of a layer
         # rewritten to GQA over its own cache is left to the whole-model check.
