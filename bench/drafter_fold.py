@@ -11,7 +11,8 @@ with one intra-op thread (other jobs on a shared machine cannot inflate it):
 * ``sliding``: is_causal=0 with a [B, 1, S, T] float bias fed as an input
   (``DrafterBiasAttentionToFold``; the export's own bias chain is left out of both).
 
-    python bench/drafter_fold.py [--repeats 30] [--json bench/results_1.32_drafter_fold.json]
+    python bench/drafter_fold.py [--repeats 30] \
+        [--json bench/results/results_1.32_drafter_fold.json]
 """
 
 from __future__ import annotations

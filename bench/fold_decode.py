@@ -19,7 +19,8 @@ The floor of a layer is the bytes of K and V it must read once (W keys on a slid
 T on a full one) over the best copy rate measured here (``np.copyto`` of 256 MiB, one
 thread; bytes copied per second, each byte read once and written once).
 
-    python bench/fold_decode.py [--quick] [--repeats 30] [--json bench/results_1.32_fold.json]
+    python bench/fold_decode.py [--quick] [--repeats 30] \
+        [--json bench/results/results_1.32_fold.json]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Time onnxruntime-genai on an original and a rewritten package: the workload users see.
 
     python bench/genai_bench.py ORIGINAL_PKG REWRITTEN_PKG --prompts 512 2048 4000 \\
-        --new-tokens 64 --rounds 5 --json bench/results_genai.json
+        --new-tokens 64 --rounds 5 --json bench/results/results_genai.json
 
 Per prompt length: time to first token (``append_tokens`` plus the first
 ``generate_next_token``: the prefill and the first pick) and decode ms/token (the other

@@ -3,7 +3,7 @@
 # has no fp32 kernel). Needs onnxruntime-gpu instead of onnxruntime:
 #
 #   python -m venv .venv && . .venv/bin/activate && pip install -e ".[gpu]"
-#   bench/gpu.sh                      # E2B size: bench/results_cuda_fp16.json (+ .md)
+#   bench/gpu.sh                      # E2B size: bench/results/results_cuda_fp16.json (+ .md)
 #   bench/gpu.sh --quick              # tiny model, seconds: is the set-up right?
 #
 # Besides the latencies it records, per model, the nodes ORT placed on each execution
@@ -11,7 +11,7 @@
 # provider" in the .md), and the device memory of a decode step (nvidia-smi).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out=bench/results_cuda_fp16.json
-for arg in "$@"; do [[ "$arg" == --quick ]] && out=bench/results_cuda_fp16_quick.json; done
+out=bench/results/results_cuda_fp16.json
+for arg in "$@"; do [[ "$arg" == --quick ]] && out=bench/results/results_cuda_fp16_quick.json; done
 python -c 'import onnxruntime as ort, sys; sys.exit("CUDAExecutionProvider" not in ort.get_available_providers() and "onnxruntime has no CUDAExecutionProvider: pip install onnxruntime-gpu")'
 exec python bench/run.py --provider cuda --dtype float16 --json "$out" "$@"

@@ -138,9 +138,9 @@ def tame_initialisation(model: ir.Model) -> ir.Model:
     deviation of sqrt(D) = 16..22, so softmax is close to one-hot and every layer multiplies
     a rounding difference by up to |k| ~ sqrt(D); over 35 layers the random original was not
     self-consistent at the fixed fp32 tolerance (decode vs prefill 0.0165 against 0.0004,
-    bench/results.json). Trained q/k norms keep scores in a few units; D^-1/4 on both gives
-    scores of standard deviation ~1. Only the bench's models are changed, never the
-    fixtures or a tolerance.
+    bench/results/results_1.31.1.json). Trained q/k norms keep scores in a few units;
+    D^-1/4 on both gives scores of standard deviation ~1. Only the bench's models are
+    changed, never the fixtures or a tolerance.
     """
     for name, value in model.graph.initializers.items():
         if not name.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")):

@@ -1,6 +1,6 @@
 """Decode-step latency against the total length T, one line per model, from a bench JSON.
 
-    python bench/plot.py bench/results_1.32_window_slice.json bench/decode_latency_vs_t.png
+    python bench/plot.py bench/results/results.json bench/results/decode_latency_vs_t.png
 
 Needs matplotlib (not a dependency of the package: ``pip install matplotlib``). Points are
 the medians of the interleaved calls, bars half the interquartile range, as in the tables.

@@ -1,6 +1,7 @@
 """A real exporter's model against its rewrite: decode and prefill latency, interleaved.
 
-    python bench/real_export.py ORIGINAL.onnx REWRITTEN.onnx --json bench/results_real_e2b.json
+    python bench/real_export.py ORIGINAL.onnx REWRITTEN.onnx \
+        --json bench/results/results_real_e2b.json
     python bench/real_export.py ORIGINAL.onnx REWRITTEN.onnx --also keep_own=OTHER.onnx ...
 
 For exports outside the fixture generator, e.g. a mobius Gemma 4 at E2B attention size

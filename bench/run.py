@@ -1,7 +1,7 @@
 """What the rewrite changes, measured: ``python bench/run.py [--quick] [--provider cpu|cuda]``.
 
-    python bench/run.py --json bench/results.json             # E2B size, CPU, ~30 min
-    python bench/run.py --quick --json /tmp/quick.json        # tiny model, seconds
+    python bench/run.py --json bench/results/results.json     # E2B size, CPU, ~30 min
+    python bench/run.py --quick --json /tmp/quick.json                # tiny model, seconds
     python bench/run.py --provider cuda --dtype float16 --json cuda.json   # GPU machine
 
 Writes the JSON results and, beside them, a Markdown table (OUT.md). Measures, on the same

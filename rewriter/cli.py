@@ -1,6 +1,8 @@
-"""The command line: ``python -m rewriter IN OUT``, ``... verify A B``, ``... probe``.
+"""The command line: ``python -m rewriter [rewrite] IN OUT``, ``... verify A B``, ``... probe``.
 
-IN may be an onnxruntime-genai package folder (``rewriter.package``): OUT is then a new folder.
+Three argparse subcommands; ``rewrite`` is the default, so ``python -m rewriter IN OUT`` means
+``python -m rewriter rewrite IN OUT``. IN may be an onnxruntime-genai package folder
+(``rewriter.package``): OUT is then a new folder.
 
 Exit codes: 0 done (verified, or nothing to do); 1 verification failed (nothing written);
 2 bad usage or input (one line on stderr, nothing written); 3 internal error;
@@ -97,12 +99,64 @@ def _add_verify_mode(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _rewrite_parser() -> argparse.ArgumentParser:
+_PROG = "python -m rewriter"
+_REWRITE, _VERIFY, _PROBE = "rewrite", "verify", "probe"
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The command line as one parser with a subparser per subcommand; each subparser names
+    the function that runs it (``command``)."""
     parser = _Parser(
-        prog="python -m rewriter",
-        description="Rewrite KV-shared ONNX Attention layers into GroupQueryAttention and "
-        "verify the result on ONNX Runtime. Subcommands: 'verify ORIGINAL CANDIDATE', 'probe'.",
+        prog=_PROG,
+        description="Rewrite the Attention layers of an LLM export into ONNX Runtime's "
+        "GroupQueryAttention (or faster equivalent forms) and prove the result on ONNX "
+        f"Runtime. '{_PROG} IN OUT [options]' is short for '{_PROG} {_REWRITE} IN OUT "
+        "[options]'.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subcommands = parser.add_subparsers(title="subcommands", metavar="SUBCOMMAND")
+    _add_rewrite_arguments(
+        subcommands.add_parser(
+            _REWRITE,
+            # The subcommand's name may be left out, so its usage and errors read as they
+            # always have: python -m rewriter IN OUT.
+            prog=_PROG,
+            help="rewrite a model or an onnxruntime-genai package and verify it "
+            "(the default subcommand)",
+            description="Rewrite the Attention layers of IN and verify the result on ONNX "
+            f"Runtime before writing OUT. The subcommand name may be left out: '{_PROG} IN "
+            "OUT'. Exit codes: 0 written, 1 verification failed (nothing written), 2 bad "
+            "usage or input, 3 internal error.",
+        )
+    )
+    _add_verify_arguments(
+        subcommands.add_parser(
+            _VERIFY,
+            help="check a rewrite made elsewhere against its original",
+            description="Check on ONNX Runtime that CANDIDATE computes what ORIGINAL means. "
+            "Exit codes: 0 passed, 1 failed, 2 bad usage or input, 3 internal error.",
+        )
+    )
+    _add_probe_arguments(
+        subcommands.add_parser(
+            _PROBE,
+            help="which GroupQueryAttention forms the installed ONNX Runtime runs correctly",
+            description="Which GroupQueryAttention forms the installed ONNX Runtime runs "
+            "correctly: tiny one-node models per form against a float64 NumPy reference.",
+        )
+    )
+    return parser
+
+
+def _with_subcommand(argv: list[str]) -> list[str]:
+    """`argv` with its subcommand named: rewrite is the default (``IN OUT [options]``)."""
+    if argv and argv[0] in (_REWRITE, _VERIFY, _PROBE, "-h", "--help", "--version"):
+        return argv
+    return [_REWRITE, *argv]
+
+
+def _add_rewrite_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.set_defaults(command=_rewrite_command, subcommand_parser=parser)
     parser.add_argument(
         "input",
         type=Path,
@@ -165,7 +219,6 @@ def _rewrite_parser() -> argparse.ArgumentParser:
     _add_provider(parser)
     _add_output_options(parser)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    return parser
 
 
 def _add_output_options(parser: argparse.ArgumentParser) -> None:
@@ -178,13 +231,12 @@ def _add_output_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="tracebacks on errors")
 
 
-def _verify_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="python -m rewriter verify",
-        description="Check on ONNX Runtime that CANDIDATE computes what ORIGINAL means.",
+def _add_verify_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.set_defaults(command=_verify_command, subcommand_parser=parser)
+    parser.add_argument("original", type=Path, help="the model as exported")
+    parser.add_argument(
+        "candidate", type=Path, help="its rewrite, to be checked against the original"
     )
-    parser.add_argument("original", type=Path)
-    parser.add_argument("candidate", type=Path)
     parser.add_argument(
         "--decode",
         nargs=2,
@@ -200,20 +252,26 @@ def _verify_parser() -> argparse.ArgumentParser:
     _add_verify_mode(parser)
     _add_provider(parser)
     _add_output_options(parser)
-    return parser
 
 
-def _probe_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="python -m rewriter probe",
-        description="Which GroupQueryAttention forms the installed ONNX Runtime runs correctly.",
-    )
+def _add_probe_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.set_defaults(command=_probe_command, subcommand_parser=parser)
     _add_provider(parser)
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "float16", "bfloat16"])
-    parser.add_argument("--head-sizes", nargs="+", type=int, default=[64, 256, 512])
+    parser.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=["float32", "float16", "bfloat16"],
+        help="element types to probe (default: float32 float16 bfloat16)",
+    )
+    parser.add_argument(
+        "--head-sizes",
+        nargs="+",
+        type=int,
+        default=[64, 256, 512],
+        help="head sizes D to probe (default: 64 256 512)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--debug", action="store_true")
-    return parser
+    parser.add_argument("--debug", action="store_true", help="tracebacks on errors")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -221,11 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in argv
     try:
         with signals_as_exceptions():
-            if argv and argv[0] == "verify":
-                return _verify_command(_verify_parser().parse_args(argv[1:]))
-            if argv and argv[0] == "probe":
-                return _probe_command(_probe_parser().parse_args(argv[1:]))
-            return _rewrite_command(_rewrite_parser().parse_args(argv))
+            args = _parse(_with_subcommand(argv))
+            return args.command(args)
     except _VerificationFailed:
         return EXIT_VERIFY_FAILED
     except (
@@ -262,6 +317,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_INTERNAL
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = _parser()
+    args, unrecognized = parser.parse_known_args(argv)
+    if unrecognized:
+        # Said by the subcommand's parser, as before subparsers (argparse's own message
+        # would name the top-level program).
+        args.subcommand_parser.error(f"unrecognized arguments: {' '.join(unrecognized)}")
+    return args
 
 
 def _rewrite_command(args: argparse.Namespace) -> int:

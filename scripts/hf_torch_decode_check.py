@@ -1,4 +1,4 @@
-"""Numbers for the torch.onnx decode graph with trimmed sliding caches (README, Hugging Face
+"""Numbers for the torch.onnx decode graph with trimmed sliding caches (docs/rules.md, Hugging Face
 exports): ``python scripts/hf_torch_decode_check.py``.
 
 Rewrites ``fixtures/hf_torch_{prefill,decode}_opset24.onnx`` (default options) and prints, on

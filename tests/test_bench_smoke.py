@@ -1,7 +1,8 @@
 """Smoke test of the benchmark: ``python bench/run.py --quick`` runs and writes its results.
 
 Only the structure of the JSON is checked, never a timing: timings on a shared CI machine
-prove nothing, and the numbers that matter are in bench/results.json and the README.
+prove nothing, and the numbers that matter are in bench/results/ (bench/README.md says
+which file is current).
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -175,3 +176,63 @@ def test_a_model_the_pass_cannot_take_is_a_one_line_error(tmp_path: Path, capsys
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: ") and "com.microsoft opset 2" in error
     assert "\n" not in error and not out.exists()
+
+
+def _subcommand_parsers() -> dict[str, argparse.ArgumentParser]:
+    parser = cli._parser()
+    (subcommands,) = (a for a in parser._actions if isinstance(a.choices, dict))
+    return subcommands.choices
+
+
+def test_every_argument_of_every_subcommand_has_help_text() -> None:
+    parsers = _subcommand_parsers()
+    assert set(parsers) == {"rewrite", "verify", "probe"}
+    for name, parser in parsers.items():
+        for action in parser._actions:
+            assert action.help, f"{name}: {action.dest} has no help text"
+
+
+@pytest.mark.parametrize(
+    ("argv", "usage", "options"),
+    [
+        (["--help"], "usage: python -m rewriter [-h] [--version] SUBCOMMAND", ["rewrite"]),
+        (["rewrite", "--help"], "usage: python -m rewriter [-h]", ["--speed", "--layers"]),
+        (["IN.onnx", "OUT.onnx", "--help"], "usage: python -m rewriter [-h]", ["--speed"]),
+        (["verify", "--help"], "usage: python -m rewriter verify [-h]", ["--decode"]),
+        (["probe", "--help"], "usage: python -m rewriter probe [-h]", ["--head-sizes"]),
+    ],
+)
+def test_help_of_each_subcommand(
+    argv: list[str], usage: str, options: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(usage)
+    assert all(option in out for option in options)
+
+
+def test_rewrite_subcommand_is_the_default(tmp_path: Path) -> None:
+    options = ["--quiet", "--no-verify", "--speed", "off"]
+    named, default = tmp_path / "named.onnx", tmp_path / "default.onnx"
+    assert cli.main(["rewrite", str(P2), str(named), *options]) == 0
+    assert cli.main([str(P2), str(default), *options]) == 0
+    assert named.read_bytes() == default.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "error: python -m rewriter: the following arguments are required: input, output"),
+        (["a.onnx", "b.onnx", "c.onnx"], "error: python -m rewriter: unrecognized arguments: c"),
+        (["probe", "extra"], "error: python -m rewriter probe: unrecognized arguments: extra"),
+        (["verify", "a.onnx"], "error: python -m rewriter verify: the following arguments are"),
+    ],
+)
+def test_usage_errors_are_one_line_from_the_subcommand(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1

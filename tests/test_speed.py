@@ -184,7 +184,7 @@ def test_the_fold_is_a_decode_form_only() -> None:
 
 
 def test_cpu_float32_kv_shared_layers_get_the_fold_without_timing() -> None:
-    # Measured once (bench/results_1.32_fold.json), fixed in code: no per-run timing.
+    # Measured once (bench/results/results_1.32_fold.json), fixed in code: no per-run timing.
     probe = SpeedProbe()
     for window, export_correct in ((512, True), (None, True), (512, False)):
         layer = LayerKind(
