@@ -35,7 +35,13 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from rewriter._error_text import first_line
-from rewriter._paths import ExternalDataError, same_file, trust_checked_external_data
+from rewriter._initializers import has_external_data, initializer_bytes
+from rewriter._paths import (
+    ExternalDataError,
+    external_tensors,
+    same_file,
+    trust_checked_external_data,
+)
 from rewriter._scratch import Scratch
 from rewriter.metadata import VERSION_KEY
 
@@ -150,18 +156,19 @@ def _check_readable(path: Path, what: str) -> None:
 def _check_external_data(model: ir.Model, path: Path) -> None:
     """Every external tensor's file is where the model says (in its folder, a regular file),
     readable and long enough; onnx-ir is then let read those behind symbolic links."""
-    for owner, tensor in _all_external_tensors(model):
-        if owner is not None:
-            # ir.save relocates initializers only; an attribute would keep a stale location.
-            raise InputError(
-                f"{path}: node {owner} keeps a tensor attribute in external data "
-                f"({tensor.location}); only initializers may use external data here"
-            )
+    attribute = next(_external_attribute_tensors(model), None)
+    if attribute is not None:
+        owner, tensor = attribute
+        # ir.save relocates initializers only; an attribute would keep a stale location.
+        raise InputError(
+            f"{path}: node {owner} keeps a tensor attribute in external data "
+            f"({tensor.location}); only initializers may use external data here"
+        )
     try:
         trust_checked_external_data(model)
     except ExternalDataError as error:
         raise InputError(f"{path}: {error}") from None
-    for tensor in _external_tensors(model):
+    for tensor in external_tensors(model):
         where = f"{path}: external data {tensor.location} of tensor {tensor.name}"
         data_path = Path(tensor.path)
         _check_readable(data_path, f"external data of {path} ")
@@ -180,14 +187,8 @@ def _check_external_data(model: ir.Model, path: Path) -> None:
             )
 
 
-def _all_external_tensors(
-    model: ir.Model,
-) -> Iterator[tuple[str | None, ir.ExternalTensor]]:
-    """(None, tensor) for external initializers; (node, tensor) for external attributes."""
-    for graph in model.graphs():
-        for value in graph.initializers.values():
-            if isinstance(value.const_value, ir.ExternalTensor):
-                yield None, value.const_value
+def _external_attribute_tensors(model: ir.Model) -> Iterator[tuple[str, ir.ExternalTensor]]:
+    """(node, tensor) for every tensor attribute kept in external data."""
     graphs_and_functions = (model.graph, *model.functions.values())
     for graph_like in graphs_and_functions:
         for node in ir.traversal.RecursiveGraphIterator(graph_like):
@@ -196,26 +197,6 @@ def _all_external_tensors(
                     attribute.value, ir.ExternalTensor
                 ):
                     yield node.name or node.op_type, attribute.value
-
-
-def _external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
-    for owner, tensor in _all_external_tensors(model):
-        if owner is None:
-            yield tensor
-
-
-def has_external_data(model: ir.Model) -> bool:
-    return next(_external_tensors(model), None) is not None
-
-
-def _initializer_bytes(model: ir.Model) -> int:
-    total = 0
-    for graph in model.graphs():
-        for value in graph.initializers.values():
-            tensor = value.const_value
-            if tensor is not None:
-                total += tensor.nbytes
-    return total
 
 
 # --- writing -----------------------------------------------------------------------------
@@ -246,7 +227,7 @@ def staged_output(
     check_destination(output)
     source_path = Path(source) if source is not None else None
     data_name = None
-    if has_external_data(model) or _initializer_bytes(model) > _INLINE_LIMIT_BYTES:
+    if has_external_data(model) or initializer_bytes(model) > _INLINE_LIMIT_BYTES:
         in_place = source_path is not None and same_file(source_path, output)
         own_name = _own_data_name(model, output) if in_place else None
         data_name = own_name or external_data_name(output)
@@ -365,7 +346,7 @@ def check_destination(output: str | os.PathLike[str]) -> None:
 
 def _own_data_name(model: ir.Model, output: Path) -> str | None:
     """In place, the weights keep their file name when they all live in one file beside it."""
-    locations = {os.path.normpath(tensor.location) for tensor in _external_tensors(model)}
+    locations = {os.path.normpath(tensor.location) for tensor in external_tensors(model)}
     if len(locations) != 1:
         return None
     location = locations.pop()
@@ -379,7 +360,7 @@ def _check_no_clobbering(
 ) -> None:
     """Refuse to replace the input's files, or an <OUT>.data that is not this tool's."""
     replacing_source = source is not None and same_file(source, output)
-    input_data = {Path(t.path) for t in _external_tensors(model)}
+    input_data = {Path(t.path) for t in external_tensors(model)}
     if any(same_file(output, data) for data in input_data):
         raise OutputError(f"{output}: is the input's external data file")
     if data_name is None:
@@ -418,7 +399,7 @@ def _written_by_this_tool(output: Path, data_name: str) -> bool:
     if TOOL_METADATA_KEY not in previous.metadata_props:
         return False
     return any(
-        os.path.normpath(tensor.location) == data_name for tensor in _external_tensors(previous)
+        os.path.normpath(tensor.location) == data_name for tensor in external_tensors(previous)
     )
 
 
