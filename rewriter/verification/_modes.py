@@ -25,6 +25,7 @@ from rewriter._initializers import initializer_bytes
 from rewriter.verification._graph_diff import GRAPH_DIFF, diff_outside_layers
 from rewriter.verification._graph_facts import read_graph_facts
 from rewriter.verification._layer_proofs import prove_layers
+from rewriter.verification._memory import available_memory
 from rewriter.verification._result import CheckResult, VerificationError, VerificationResult
 from rewriter.verification._session import (
     ModelSource,
@@ -125,17 +126,6 @@ def estimate_model_memory(
     unshared = before + after - 2 * shared
     estimated = shared + int(_UNSHARED_FACTOR * unshared) + activations + _OVERHEAD_BYTES
     return MemoryEstimate(before, after, shared, activations, estimated, available_memory())
-
-
-def available_memory() -> int | None:
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 def verify(

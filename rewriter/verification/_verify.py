@@ -20,6 +20,7 @@ from rewriter.verification._checks import (
 )
 from rewriter.verification._feeds import DecoderSignature, FeedSynthesizer
 from rewriter.verification._graph_facts import read_graph_facts
+from rewriter.verification._memory import resident_bytes
 from rewriter.verification._result import (
     CheckResult,
     OriginalDefect,
@@ -30,23 +31,11 @@ from rewriter.verification._session import ModelSource, execution_providers, ope
 from rewriter.verification._shared_weights import SharedWeights
 from rewriter.verification._spread import TWIN_SETTING
 
-__all__ = ["ModelCheckSkipped", "resident_bytes", "verdict_gates", "verify_whole_model"]
+__all__ = ["ModelCheckSkipped", "verdict_gates", "verify_whole_model"]
 
 
 class ModelCheckSkipped(Exception):
     """The whole-model check stopped before running: the rest would not fit in memory."""
-
-
-def resident_bytes() -> int | None:
-    """This process's resident memory (VmRSS); None where /proc is unreadable."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 # Token ids when neither model states its vocabulary: 0 and 1 exist in any vocabulary.
