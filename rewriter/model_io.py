@@ -23,6 +23,7 @@ data files that end up there are always one writer's pair.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import os
 import signal
@@ -233,35 +234,22 @@ def staged_output(
         data_name = own_name or external_data_name(output)
     _check_no_clobbering(model, output, data_name, source_path)
 
-    staging: Scratch | None = None
-    published = False
-    try:
-        try:
-            with _signals_held():  # a signal here must not leave an untracked directory
-                staging = _make_staging_directory(output, directory)
-            staged = staging.path / output.name
-            _save(model, staged, data_name, output)
-            yield staged
-            # One writer at a time publishes into this directory, so a model and its data
-            # are always one writer's pair; the waiting is done before signals are held.
-            with _publishing_in(directory), _signals_held():
-                # What was checked before the (long) rewrite may have changed meanwhile: an
-                # <OUT>.data that is not this tool's may have appeared.
-                _check_no_clobbering(model, output, data_name, source_path)
-                # Data before model: a model file that exists always has its weights beside it.
-                if data_name is not None and (staging.path / data_name).exists():
-                    os.replace(staging.path / data_name, directory / data_name)
-                os.replace(staged, output)
-                published = True
-                _fsync_directory(directory)
-        finally:
-            if staging is not None:
-                with _signals_held():
-                    staging.cleanup()
-    except Interrupted as interruption:
-        if published:
-            interruption.written = output
-        raise
+    with _staging_beside(output) as stage:
+        staged = stage.path / output.name
+        _save(model, staged, data_name, output)
+        yield staged
+        # One writer at a time publishes into this directory, so a model and its data are
+        # always one writer's pair; the waiting is done before signals are held.
+        with _publishing_in(directory), _signals_held():
+            # What was checked before the (long) rewrite may have changed meanwhile: an
+            # <OUT>.data that is not this tool's may have appeared.
+            _check_no_clobbering(model, output, data_name, source_path)
+            # Data before model: a model file that exists always has its weights beside it.
+            if data_name is not None and (stage.path / data_name).exists():
+                os.replace(stage.path / data_name, directory / data_name)
+            os.replace(staged, output)
+            stage.published = True
+            _fsync_directory(directory)
 
 
 @contextlib.contextmanager
@@ -272,29 +260,46 @@ def staged_folder(output: str | os.PathLike[str]) -> Iterator[Path]:
     either absent or complete."""
     output = Path(output)
     check_new_folder(output)
+    with _staging_beside(output) as stage:
+        staged = stage.path / output.name
+        staged.mkdir()
+        yield staged
+        for path in staged.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                _fsync_file(path)
+        with _publishing_in(output.parent), _signals_held():
+            check_new_folder(output)  # it may have appeared during the rewrite
+            os.rename(staged, output)
+            stage.published = True
+            _fsync_directory(output.parent)
+
+
+@dataclasses.dataclass
+class _Stage:
+    """A staging directory beside an output, and whether its content has reached it."""
+
+    path: Path
+    published: bool = False
+
+
+@contextlib.contextmanager
+def _staging_beside(output: Path) -> Iterator[_Stage]:
+    """A locked staging directory beside `output`, removed on any exit. The caller publishes
+    from it and sets ``published``: an interruption after that names `output` as written."""
     staging: Scratch | None = None
-    published = False
+    stage: _Stage | None = None
     try:
         try:
-            with _signals_held():
+            with _signals_held():  # a signal here must not leave an untracked directory
                 staging = _make_staging_directory(output, output.parent)
-            staged = staging.path / output.name
-            staged.mkdir()
-            yield staged
-            for path in staged.rglob("*"):
-                if path.is_file() and not path.is_symlink():
-                    _fsync_file(path)
-            with _publishing_in(output.parent), _signals_held():
-                check_new_folder(output)  # it may have appeared during the rewrite
-                os.rename(staged, output)
-                published = True
-                _fsync_directory(output.parent)
+            stage = _Stage(staging.path)
+            yield stage
         finally:
             if staging is not None:
                 with _signals_held():
                     staging.cleanup()
     except Interrupted as interruption:
-        if published:
+        if stage is not None and stage.published:
             interruption.written = output
         raise
 
