@@ -6,6 +6,7 @@ Public API::
     result = rewriter.AttentionToGQAPass()(model)    # an onnx-ir pass; result.report
     count = rewriter.fuse_attention_to_gqa(model)    # onnxscript's fuse_* idiom
     result = rewriter.verify(original, candidate)    # proof on ONNX Runtime
+    result = rewriter.verify_pair((prefill, decode), (prefill2, decode2))  # two-graph exports
 
 The names are imported on first use, so ``import rewriter.rules`` (onnxscript and onnx-ir
 only) works without onnxruntime, which only the probes and the verifier need.
@@ -35,6 +36,7 @@ _LAZY = {
     "RewriteResult": "rewriter.passes",
     "fuse_attention_to_gqa": "rewriter.passes",
     "verify": "rewriter.verification",
+    "verify_pair": "rewriter.verification",
 }
 
 __all__ = [
@@ -44,6 +46,7 @@ __all__ = [
     "fuse_attention_to_gqa",
     "rewrite",
     "verify",
+    "verify_pair",
 ]
 
 

@@ -557,8 +557,7 @@ def _verify_command(args: argparse.Namespace) -> int:
 
 
 def _verify_pair_command(args: argparse.Namespace) -> int:
-    from rewriter.verification import VerificationError
-    from rewriter.verification._pair import verify_pair
+    from rewriter.verification import VerificationError, verify_pair
 
     original_decode, candidate_decode = args.decode
     try:

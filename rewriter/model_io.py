@@ -23,6 +23,7 @@ data files that end up there are always one writer's pair.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import os
 import signal
@@ -35,7 +36,13 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from rewriter._error_text import first_line
-from rewriter._paths import ExternalDataError, same_file, trust_checked_external_data
+from rewriter._initializers import has_external_data, initializer_bytes
+from rewriter._paths import (
+    ExternalDataError,
+    external_tensors,
+    same_file,
+    trust_checked_external_data,
+)
 from rewriter._scratch import Scratch
 from rewriter.metadata import VERSION_KEY
 
@@ -150,18 +157,19 @@ def _check_readable(path: Path, what: str) -> None:
 def _check_external_data(model: ir.Model, path: Path) -> None:
     """Every external tensor's file is where the model says (in its folder, a regular file),
     readable and long enough; onnx-ir is then let read those behind symbolic links."""
-    for owner, tensor in _all_external_tensors(model):
-        if owner is not None:
-            # ir.save relocates initializers only; an attribute would keep a stale location.
-            raise InputError(
-                f"{path}: node {owner} keeps a tensor attribute in external data "
-                f"({tensor.location}); only initializers may use external data here"
-            )
+    attribute = next(_external_attribute_tensors(model), None)
+    if attribute is not None:
+        owner, tensor = attribute
+        # ir.save relocates initializers only; an attribute would keep a stale location.
+        raise InputError(
+            f"{path}: node {owner} keeps a tensor attribute in external data "
+            f"({tensor.location}); only initializers may use external data here"
+        )
     try:
         trust_checked_external_data(model)
     except ExternalDataError as error:
         raise InputError(f"{path}: {error}") from None
-    for tensor in _external_tensors(model):
+    for tensor in external_tensors(model):
         where = f"{path}: external data {tensor.location} of tensor {tensor.name}"
         data_path = Path(tensor.path)
         _check_readable(data_path, f"external data of {path} ")
@@ -180,14 +188,8 @@ def _check_external_data(model: ir.Model, path: Path) -> None:
             )
 
 
-def _all_external_tensors(
-    model: ir.Model,
-) -> Iterator[tuple[str | None, ir.ExternalTensor]]:
-    """(None, tensor) for external initializers; (node, tensor) for external attributes."""
-    for graph in model.graphs():
-        for value in graph.initializers.values():
-            if isinstance(value.const_value, ir.ExternalTensor):
-                yield None, value.const_value
+def _external_attribute_tensors(model: ir.Model) -> Iterator[tuple[str, ir.ExternalTensor]]:
+    """(node, tensor) for every tensor attribute kept in external data."""
     graphs_and_functions = (model.graph, *model.functions.values())
     for graph_like in graphs_and_functions:
         for node in ir.traversal.RecursiveGraphIterator(graph_like):
@@ -196,26 +198,6 @@ def _all_external_tensors(
                     attribute.value, ir.ExternalTensor
                 ):
                     yield node.name or node.op_type, attribute.value
-
-
-def _external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
-    for owner, tensor in _all_external_tensors(model):
-        if owner is None:
-            yield tensor
-
-
-def has_external_data(model: ir.Model) -> bool:
-    return next(_external_tensors(model), None) is not None
-
-
-def _initializer_bytes(model: ir.Model) -> int:
-    total = 0
-    for graph in model.graphs():
-        for value in graph.initializers.values():
-            tensor = value.const_value
-            if tensor is not None:
-                total += tensor.nbytes
-    return total
 
 
 # --- writing -----------------------------------------------------------------------------
@@ -246,41 +228,28 @@ def staged_output(
     check_destination(output)
     source_path = Path(source) if source is not None else None
     data_name = None
-    if has_external_data(model) or _initializer_bytes(model) > _INLINE_LIMIT_BYTES:
+    if has_external_data(model) or initializer_bytes(model) > _INLINE_LIMIT_BYTES:
         in_place = source_path is not None and same_file(source_path, output)
         own_name = _own_data_name(model, output) if in_place else None
         data_name = own_name or external_data_name(output)
     _check_no_clobbering(model, output, data_name, source_path)
 
-    staging: Scratch | None = None
-    published = False
-    try:
-        try:
-            with _signals_held():  # a signal here must not leave an untracked directory
-                staging = _make_staging_directory(output, directory)
-            staged = staging.path / output.name
-            _save(model, staged, data_name, output)
-            yield staged
-            # One writer at a time publishes into this directory, so a model and its data
-            # are always one writer's pair; the waiting is done before signals are held.
-            with _publishing_in(directory), _signals_held():
-                # What was checked before the (long) rewrite may have changed meanwhile: an
-                # <OUT>.data that is not this tool's may have appeared.
-                _check_no_clobbering(model, output, data_name, source_path)
-                # Data before model: a model file that exists always has its weights beside it.
-                if data_name is not None and (staging.path / data_name).exists():
-                    os.replace(staging.path / data_name, directory / data_name)
-                os.replace(staged, output)
-                published = True
-                _fsync_directory(directory)
-        finally:
-            if staging is not None:
-                with _signals_held():
-                    staging.cleanup()
-    except Interrupted as interruption:
-        if published:
-            interruption.written = output
-        raise
+    with _staging_beside(output) as stage:
+        staged = stage.path / output.name
+        _save(model, staged, data_name, output)
+        yield staged
+        # One writer at a time publishes into this directory, so a model and its data are
+        # always one writer's pair; the waiting is done before signals are held.
+        with _publishing_in(directory), _signals_held():
+            # What was checked before the (long) rewrite may have changed meanwhile: an
+            # <OUT>.data that is not this tool's may have appeared.
+            _check_no_clobbering(model, output, data_name, source_path)
+            # Data before model: a model file that exists always has its weights beside it.
+            if data_name is not None and (stage.path / data_name).exists():
+                os.replace(stage.path / data_name, directory / data_name)
+            os.replace(staged, output)
+            stage.published = True
+            _fsync_directory(directory)
 
 
 @contextlib.contextmanager
@@ -291,29 +260,46 @@ def staged_folder(output: str | os.PathLike[str]) -> Iterator[Path]:
     either absent or complete."""
     output = Path(output)
     check_new_folder(output)
+    with _staging_beside(output) as stage:
+        staged = stage.path / output.name
+        staged.mkdir()
+        yield staged
+        for path in staged.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                _fsync_file(path)
+        with _publishing_in(output.parent), _signals_held():
+            check_new_folder(output)  # it may have appeared during the rewrite
+            os.rename(staged, output)
+            stage.published = True
+            _fsync_directory(output.parent)
+
+
+@dataclasses.dataclass
+class _Stage:
+    """A staging directory beside an output, and whether its content has reached it."""
+
+    path: Path
+    published: bool = False
+
+
+@contextlib.contextmanager
+def _staging_beside(output: Path) -> Iterator[_Stage]:
+    """A locked staging directory beside `output`, removed on any exit. The caller publishes
+    from it and sets ``published``: an interruption after that names `output` as written."""
     staging: Scratch | None = None
-    published = False
+    stage: _Stage | None = None
     try:
         try:
-            with _signals_held():
+            with _signals_held():  # a signal here must not leave an untracked directory
                 staging = _make_staging_directory(output, output.parent)
-            staged = staging.path / output.name
-            staged.mkdir()
-            yield staged
-            for path in staged.rglob("*"):
-                if path.is_file() and not path.is_symlink():
-                    _fsync_file(path)
-            with _publishing_in(output.parent), _signals_held():
-                check_new_folder(output)  # it may have appeared during the rewrite
-                os.rename(staged, output)
-                published = True
-                _fsync_directory(output.parent)
+            stage = _Stage(staging.path)
+            yield stage
         finally:
             if staging is not None:
                 with _signals_held():
                     staging.cleanup()
     except Interrupted as interruption:
-        if published:
+        if stage is not None and stage.published:
             interruption.written = output
         raise
 
@@ -365,7 +351,7 @@ def check_destination(output: str | os.PathLike[str]) -> None:
 
 def _own_data_name(model: ir.Model, output: Path) -> str | None:
     """In place, the weights keep their file name when they all live in one file beside it."""
-    locations = {os.path.normpath(tensor.location) for tensor in _external_tensors(model)}
+    locations = {os.path.normpath(tensor.location) for tensor in external_tensors(model)}
     if len(locations) != 1:
         return None
     location = locations.pop()
@@ -379,7 +365,7 @@ def _check_no_clobbering(
 ) -> None:
     """Refuse to replace the input's files, or an <OUT>.data that is not this tool's."""
     replacing_source = source is not None and same_file(source, output)
-    input_data = {Path(t.path) for t in _external_tensors(model)}
+    input_data = {Path(t.path) for t in external_tensors(model)}
     if any(same_file(output, data) for data in input_data):
         raise OutputError(f"{output}: is the input's external data file")
     if data_name is None:
@@ -418,7 +404,7 @@ def _written_by_this_tool(output: Path, data_name: str) -> bool:
     if TOOL_METADATA_KEY not in previous.metadata_props:
         return False
     return any(
-        os.path.normpath(tensor.location) == data_name for tensor in _external_tensors(previous)
+        os.path.normpath(tensor.location) == data_name for tensor in external_tensors(previous)
     )
 
 

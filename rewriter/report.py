@@ -5,21 +5,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from rewriter.rules import LayerKind, LayerRewrite, LayerSkip
+# PaddingContract is the rules' (they may import nothing of this package); re-exported here
+# beside the report that states it.
+from rewriter.rules import LayerKind, LayerRewrite, LayerSkip, PaddingContract
 
 __all__ = ["PaddingContract", "RewriteReport"]
-
-
-class PaddingContract:
-    """What padding the rewritten model accepts, compared with the original."""
-
-    UNCHANGED = "unchanged"  # nothing rewritten, or GQA layers already imposed right padding
-    RIGHT_PADDING_ONLY = "right-padding-only"  # narrowed: left padding/holes no longer exact
-    EXACT = "exact"  # --exact-padding: the mask is passed to GQA as attention_bias
-    # The graph has no attention_mask (HF exporter): no padding to honour; lengths come from
-    # the cache (rows of one length only; batched multi-token calls after a past run where
-    # the graph's shapes allow them, rules._batched_chunks).
-    BATCH_1_ONLY = "batch-1-only"
 
 
 @dataclasses.dataclass

@@ -21,6 +21,7 @@ from rewriter.rules._attention_rule import (
 )
 from rewriter.rules._gqa_inputs import GQAInputs
 from rewriter.rules._log import RewriteLog, RuleLog
+from rewriter.rules._padding_contract import PaddingContract
 from rewriter.rules._speed_choice import DEFECTIVE_EXPORT_REASON, PHASE_FORMS, SpeedChoice
 from rewriter.rules.kv_shared_attention import KVSharedAttentionToGQA
 from rewriter.rules.nonshared_attention import NonSharedAttentionToGQA
@@ -39,6 +40,7 @@ __all__ = [
     "LayerRewrite",
     "LayerSkip",
     "NonSharedAttentionToGQA",
+    "PaddingContract",
     "RewriteLog",
     "RuleLog",
     "SpeedChoice",

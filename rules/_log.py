@@ -61,8 +61,6 @@ class RewriteLog:
 
     def __init__(self) -> None:
         self._rules: dict[str, RuleLog] = {}
-        # GQA nodes the rewrite created: not "the model's own" when looking for seqlens_k.
-        self.created: set[ir.Node] = set()
 
     def rule(self, name: str) -> RuleLog:
         return self._rules.setdefault(name, RuleLog())

@@ -27,16 +27,9 @@ from collections.abc import Iterator, Mapping
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-__all__ = ["HeadSizeEvidence", "ShapeFacts", "keeping_initializer_order"]
+from rewriter.rules._cache_writers import cache_write, cache_writer, writer_kv_heads
 
-# (domain, op_type) -> {present output index: (past input index, new key/value input index)}.
-# The present cache of a layer that owns one has the head size of its past input, and of its
-# new 3-D key/value over kv_num_heads (ORT contrib op schema; ONNX Attention opset 23).
-_CACHE_WRITERS: Mapping[tuple[str, str], Mapping[int, tuple[int, int]]] = {
-    ("com.microsoft", "GroupQueryAttention"): {1: (3, 1), 2: (4, 2)},
-    ("", "Attention"): {1: (4, 1), 2: (5, 2)},
-    ("ai.onnx", "Attention"): {1: (4, 1), 2: (5, 2)},
-}
+__all__ = ["HeadSizeEvidence", "ShapeFacts", "keeping_initializer_order"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,23 +114,17 @@ class ShapeFacts:
             HeadSizeEvidence(size, f"{kind} {cache_BNSH.name}")
             for size in self.static_dims(cache_BNSH, 3)
         ]
-        writer = cache_BNSH.producer()
-        if writer is None:
+        write = cache_write(cache_BNSH)
+        if write is None:
             return evidence
-        slots = _CACHE_WRITERS.get((writer.domain, writer.op_type), {})
-        index = cache_BNSH.index()
-        if index not in slots:
-            return evidence
-        past_index, new_index = slots[index]
-        label = f"{kind} writer {writer.name or writer.op_type}"
-        past = writer.inputs[past_index] if past_index < len(writer.inputs) else None
+        label = f"{kind} writer {write.writer.name or write.writer.op_type}"
+        past, new = write.past_BNPD, write.new
         if past is not None:
             evidence += [
                 HeadSizeEvidence(size, f"{label} past input {past.name}")
                 for size in self.static_dims(past, 3)
             ]
-        new = writer.inputs[new_index] if new_index < len(writer.inputs) else None
-        kv_heads = _writer_kv_heads(writer)
+        kv_heads = writer_kv_heads(write.writer)
         if new is not None and kv_heads:
             for shape in self.shapes(new):
                 if shape.rank() == 3 and isinstance(shape[2], int):
@@ -153,14 +140,8 @@ class ShapeFacts:
 
     def writer_kv_heads(self, cache_BNSH: ir.Value) -> int | None:
         """kv_num_heads stated by the layer that writes `cache_BNSH`, if one does."""
-        writer = cache_BNSH.producer()
-        if writer is None or (writer.domain, writer.op_type) not in _CACHE_WRITERS:
-            return None
-        return _writer_kv_heads(writer)
-
-
-def _writer_kv_heads(writer: ir.Node) -> int | None:
-    return writer.attributes.get_int("kv_num_heads", 0) or None
+        writer = cache_writer(cache_BNSH)
+        return writer_kv_heads(writer) if writer is not None else None
 
 
 @contextlib.contextmanager

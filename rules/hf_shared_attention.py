@@ -140,6 +140,7 @@ from rewriter.rules._batched_chunks import (
 from rewriter.rules._failure import MatchFailureError
 from rewriter.rules._gqa_inputs import GQAInputs
 from rewriter.rules._log import RewriteLog, RuleLog
+from rewriter.rules._padding_contract import PaddingContract
 from rewriter.rules._position_masks import (
     KeyShift,
     PositionMask,
@@ -823,7 +824,7 @@ def hf_rules(
     ]
 
 
-BATCH_1_ONLY = "batch-1-only"  # rewriter.report.PaddingContract.BATCH_1_ONLY
+BATCH_1_ONLY = PaddingContract.BATCH_1_ONLY
 
 _NO_MASK_WARNING = (
     "the graph has no attention_mask input (Hugging Face exporter): the rewritten layers "

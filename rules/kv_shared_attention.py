@@ -38,6 +38,7 @@ from rewriter.rules._attention_rule import (
     read_heads,
 )
 from rewriter.rules._borrowed_cache import BorrowedCache, match_borrowed_cache
+from rewriter.rules._cache_writers import cache_writer
 from rewriter.rules._failure import MatchFailureError
 from rewriter.rules._gqa_inputs import GQAInputs
 from rewriter.rules._log import RewriteLog
@@ -45,7 +46,6 @@ from rewriter.rules._mask_patterns import MaskForm, match_mask
 from rewriter.rules._shape_evidence import HeadSizeEvidence, ShapeFacts
 from rewriter.rules._speed_choice import (
     DEFECTIVE_EXPORT_REASON,
-    OWN_CACHE_FOLD_LABEL,
     SPEED_LAYER_KEY,
     SpeedChoice,
     attention_bnsh,
@@ -528,14 +528,8 @@ def _appends_after_padding(cache_BNSH: ir.Value) -> bool:
     padding: the export's Attention with past, or its own-cache fold (rules._speed_choice
     .own_cache_fold, an If already written in place of an earlier layer). GroupQueryAttention
     writes it right after the row's valid keys; a graph input's writer is unknown."""
-    writer = cache_BNSH.producer()
-    if writer is None:
-        return False
-    if writer.op_type == "Attention" and writer.domain in ("", "ai.onnx"):
-        return True
-    return writer.op_type == "If" and writer.metadata_props.get(SPEED_LAYER_KEY) == (
-        OWN_CACHE_FOLD_LABEL
-    )
+    writer = cache_writer(cache_BNSH)  # through the own-cache fold's If, to its Attention
+    return writer is not None and writer.op_type == "Attention"
 
 
 def _same_source(key_BNSH: ir.Value, value_BNSH: ir.Value) -> bool:

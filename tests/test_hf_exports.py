@@ -19,7 +19,7 @@ import rewriter
 from rewriter.fixtures.hf_export import TORCH_DECODE, TORCH_PREFILL, TRANSFORMERS_PAIR
 from rewriter.report import PaddingContract, RewriteReport
 from rewriter.rules import always_past
-from rewriter.verification._pair import verify_pair
+from rewriter.verification import verify_pair
 from rewriter.verification._tolerance import compare
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,9 +21,9 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from rewriter._json_values import json_float
+from rewriter.rules import PaddingContract
 from rewriter.verification._feeds import DecoderSignature, FeedSynthesizer, Step
 from rewriter.verification._graph_facts import (
-    RIGHT_PADDING_ONLY,
     GraphFacts,
     attention_nodes_with_3d_mask,
     attention_nodes_without_mask,
@@ -296,7 +296,7 @@ class Plan:
         masks = {ORIGINAL: _decode_mask(original), CANDIDATE: _decode_mask(candidate)}
         skip = ""
         appending = "Attention" in set(candidate.cache_writers.values())
-        if appending and candidate.declared_padding_contract == RIGHT_PADDING_ONLY:
+        if appending and candidate.declared_padding_contract == PaddingContract.RIGHT_PADDING_ONLY:
             # GQA reads a borrowed cache as a valid prefix of seqlens_k + 1 keys; the holed
             # mask of an appending cache is outside the contract the rewrite declared (and
             # warned about), so holding it against the candidate would test a non-promise.

@@ -4,6 +4,12 @@ The verifier needs a few numbers to pick meaningful inputs (vocabulary size, sli
 how many positions the rotary cache covers) and a few structural facts to explain defects of
 an original model. All are read without loading weights: shapes of external tensors are
 metadata.
+
+Like the layer cuts (``_layer_extract``), these are read from the graph on purpose, not
+taken from the rules or the report: which node writes each present cache in particular
+(``_cache_writer``), looking through the If and Concat a speed choice writes, where the
+rules' schema table (``rules._cache_writers``) names only a direct writer. Where both name
+one they must agree (``tests/test_layer_readings.py``).
 """
 
 from __future__ import annotations
@@ -18,7 +24,6 @@ from rewriter.metadata import PADDING_CONTRACT_KEY
 from rewriter.rules import node_label
 
 __all__ = [
-    "RIGHT_PADDING_ONLY",
     "GraphFacts",
     "attention_nodes_with_3d_mask",
     "read_graph_facts",
@@ -28,8 +33,6 @@ logger = logging.getLogger(__name__)
 
 _MS = "com.microsoft"
 _PASS_THROUGH = frozenset({"Identity", "Cast", "CastLike"})
-
-RIGHT_PADDING_ONLY = "right-padding-only"
 
 
 @dataclasses.dataclass(frozen=True)

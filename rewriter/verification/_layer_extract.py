@@ -20,6 +20,13 @@ are extracted with ``onnx_ir.convenience.extract`` and their boundary values ren
 role (``query``, ``key_cache``, ...), internal values and nodes to canonical names, so two
 layers that compute alike serialize to the same bytes. A subgraph that reaches weights (any
 initializer above 1 MiB) is not a layer and is refused with a reason.
+
+The layer is read here from the graphs, independently of the rules' matching and of what
+they recorded (``LayerRewrite``), on purpose: a proof that took the rules' reading of a
+layer (its head size, window, which cache it reads) would prove the rewrite against its own
+mistakes. The only thing shared with the rules is the ops' schema of which inputs a cache
+writer appends (``rules._cache_writers``). ``tests/test_layer_readings.py`` checks that both
+readings agree on the fixtures and the corpus.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import onnx_ir.passes.common as common_passes
 
 from rewriter.rules import node_label
 from rewriter.rules._batched_chunks import BATCHED_CHUNKS_KEY
+from rewriter.rules._cache_writers import cache_write, writer_kv_heads
 from rewriter.rules._speed_choice import SPEED_LAYER_KEY
 from rewriter.verification._graph_diff import inputs_deep
 
@@ -655,36 +663,22 @@ def _head_size(
     return sizes.pop()
 
 
-# Cache writers: (domain, op) -> (first past input, first new key input, kv heads attribute).
-_CACHE_WRITERS = {
-    (_MS, "GroupQueryAttention"): (3, 1, "kv_num_heads"),
-    ("", "Attention"): (4, 1, "kv_num_heads"),
-}
-
-
 def _cache_writer_head_sizes(cache_BNSH: ir.Value) -> set[int]:
     """D of a borrowed present cache, as its source layer states it: exporters often leave
-    the present's head dim symbolic but spell it on the source's past input and new key."""
-    writer = cache_BNSH.producer()
-    if writer is not None and writer.op_type == "If" and cache_BNSH in writer.outputs:
-        # A layer with its own cache rewritten to If(S == 1: fold, else: the export's
-        # Attention) (rules._speed_choice.own_cache_fold): the prefill branch's writer says.
-        index = list(writer.outputs).index(cache_BNSH)
-        prefill = writer.attributes.get("else_branch")
-        return _cache_writer_head_sizes(prefill.as_graph().outputs[index]) if prefill else set()
-    if writer is None or (writer.domain, writer.op_type) not in _CACHE_WRITERS:
+    the present's head dim symbolic but spell it on the source's past input and new key or
+    value. Which inputs those are is the ops' schema (``rules._cache_writers``); the shapes
+    are the model's own annotations."""
+    write = cache_write(cache_BNSH)
+    if write is None:
         return set()
-    past_index, key_index, heads_attribute = _CACHE_WRITERS[(writer.domain, writer.op_type)]
     sizes: set[int] = set()
-    for value in writer.inputs[past_index : past_index + 2]:
-        shape = value.shape if value is not None else None
-        if shape is not None and shape.rank() == 4 and isinstance(shape[3], int):
-            sizes.add(shape[3])
-    heads = writer.attributes.get_int(heads_attribute, 0)
-    key = writer.inputs[key_index] if len(writer.inputs) > key_index else None
-    shape = key.shape if key is not None else None
-    if heads and shape is not None and shape.rank() == 3 and isinstance(shape[2], int):
-        sizes.add(shape[2] // heads)
+    past = write.past_BNPD.shape if write.past_BNPD is not None else None
+    if past is not None and past.rank() == 4 and isinstance(past[3], int):
+        sizes.add(past[3])
+    heads = writer_kv_heads(write.writer)
+    new = write.new.shape if write.new is not None else None
+    if heads and new is not None and new.rank() == 3 and isinstance(new[2], int):
+        sizes.add(new[2] // heads)
     return sizes
 
 

@@ -2,7 +2,8 @@
 
 - ``layers``: every rewritten layer proven on its own (``_layer_proofs``) plus the graph diff
   outside the layers (``_graph_diff``); memory of a few MB whatever the model's size.
-- ``model``: today's whole-model checks (``_verify``): two sessions of the full model.
+- ``model``: the whole-model checks (``_verify.verify_whole_model``): two sessions of the
+  full model.
 - ``all``: both.
 - ``auto`` (default): layers, and the whole model when its estimated memory fits in
   ``MemAvailable``; the estimate and the decision are reported.
@@ -15,26 +16,25 @@ ran and passed.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable
 from typing import Any
 
-import onnx
 import onnx_ir as ir
 
+from rewriter._initializers import initializer_bytes
 from rewriter.verification._graph_diff import GRAPH_DIFF, diff_outside_layers
 from rewriter.verification._graph_facts import read_graph_facts
 from rewriter.verification._layer_proofs import prove_layers
+from rewriter.verification._memory import available_memory
 from rewriter.verification._result import CheckResult, VerificationError, VerificationResult
 from rewriter.verification._session import (
     ModelSource,
-    _load_ir,
     check_readable,
     execution_providers,
+    read_model,
 )
 from rewriter.verification._shared_weights import MIN_SHARED_BYTES, SharedWeights
-from rewriter.verification._verify import ModelCheckSkipped
-from rewriter.verification._verify import verify as verify_model
+from rewriter.verification._verify import ModelCheckSkipped, verify_whole_model
 
 __all__ = ["MODES", "MemoryEstimate", "estimate_model_memory", "verify"]
 
@@ -100,16 +100,6 @@ class MemoryEstimate:
         }
 
 
-def weight_bytes(model: ir.Model) -> int:
-    """Bytes of every initializer, inline or external (metadata only: nothing is read)."""
-    total = 0
-    for graph in (model.graph, *model.graph.subgraphs()):
-        for value in graph.initializers.values():
-            if value.const_value is not None:
-                total += value.const_value.nbytes
-    return total
-
-
 def _shareable_bytes(original: ir.Model, candidate: ir.Model) -> int:
     """Weights SharedWeights would share if their bytes agree (metadata only)."""
     total = 0
@@ -127,7 +117,7 @@ def _shareable_bytes(original: ir.Model, candidate: ir.Model) -> int:
 def estimate_model_memory(
     original: ir.Model, candidate: ir.Model, window: int = 8
 ) -> MemoryEstimate:
-    before, after = weight_bytes(original), weight_bytes(candidate)
+    before, after = initializer_bytes(original), initializer_bytes(candidate)
     shared = _shareable_bytes(original, candidate)
     facts = read_graph_facts(original)
     vocabulary = facts.embedding_rows or 0
@@ -136,17 +126,6 @@ def estimate_model_memory(
     unshared = before + after - 2 * shared
     estimated = shared + int(_UNSHARED_FACTOR * unshared) + activations + _OVERHEAD_BYTES
     return MemoryEstimate(before, after, shared, activations, estimated, available_memory())
-
-
-def available_memory() -> int | None:
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 def verify(
@@ -168,8 +147,8 @@ def verify(
         raise VerificationError(f"unknown verification mode {mode!r}: choose one of {MODES}")
     report = progress if progress is not None else _ignore
     execution_providers(provider)
-    original_ir = _as_ir(original, "original")
-    candidate_ir = _as_ir(candidate, "candidate")
+    original_ir = read_model(original, "original")
+    candidate_ir = read_model(candidate, "candidate")
     check_readable(original_ir, "original")
     check_readable(candidate_ir, "candidate")
 
@@ -228,7 +207,7 @@ def verify(
             "byte-identical in the candidate)"
         )
         try:
-            result = verify_model(
+            result = verify_whole_model(
                 original,
                 candidate,
                 provider=provider,
@@ -346,21 +325,6 @@ def rests_on(
     if within_spread:
         return f"{text}; {whole}: rests on the layer proofs"
     return f"{text}; {whole}"
-
-
-def _as_ir(source: ModelSource, role: str) -> ir.Model:
-    if isinstance(source, ir.Model):
-        return source
-    if isinstance(source, onnx.ModelProto):
-        return ir.serde.deserialize_model(source)
-    if isinstance(source, (str, os.PathLike)):
-        path = os.fspath(source)
-        if not os.path.isfile(path):
-            raise VerificationError(f"{role} model not found: {path}")
-        return _load_ir(path, role)
-    raise TypeError(
-        f"{role}: expected onnx_ir.Model, onnx.ModelProto or a path, got {type(source).__name__}"
-    )
 
 
 def _ignore(_message: str) -> None:

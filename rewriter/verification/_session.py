@@ -21,6 +21,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from rewriter._error_text import clipped, collapsed
+from rewriter._initializers import has_external_data, initializer_bytes
 from rewriter._paths import ExternalDataError, external_tensors, trust_checked_external_data
 from rewriter._scratch import Scratch
 from rewriter.providers import PROVIDERS
@@ -34,7 +35,8 @@ __all__ = [
     "ModelSource",
     "check_readable",
     "execution_providers",
-    "load_model",
+    "open_session",
+    "read_model",
     "short_error",
 ]
 
@@ -72,7 +74,7 @@ def execution_providers(provider: str) -> list[str]:
     return list(PROVIDERS[provider])
 
 
-def load_model(
+def open_session(
     source: ModelSource,
     role: str,
     provider: str,
@@ -80,8 +82,9 @@ def load_model(
     *,
     optimized: bool = True,
 ) -> LoadedModel:
-    """One session for ``source``. ``optimized=False``: graph optimizations disabled, the
-    graph run as written (the original's twin that measures its spread, ``_spread``)."""
+    """One ORT session for ``source``, beside its graph (``read_model``).
+    ``optimized=False``: graph optimizations disabled, the graph run as written (the
+    original's twin that measures its spread, ``_spread``)."""
     providers = execution_providers(provider)
     options = ort.SessionOptions()
     options.graph_optimization_level = (
@@ -94,30 +97,19 @@ def load_model(
     options.log_severity_level = 4
     tempdir: Scratch | None = None
     try:
+        model = read_model(source, role)
         if isinstance(source, (str, os.PathLike)):
-            path = os.fspath(source)
-            if not os.path.isfile(path):
-                raise VerificationError(f"{role} model not found: {path}")
-            model = _load_ir(path, role)
-            session_input: str | bytes = path
-        elif isinstance(source, (ir.Model, onnx.ModelProto)):
-            model = source if isinstance(source, ir.Model) else ir.serde.deserialize_model(source)
-            if _needs_file(model):
-                # Locked while this process lives: a kill cannot strand its copy of the
-                # weights (the next verification removes it).
-                tempdir = Scratch(tempfile.gettempdir(), prefix=f"verify-{role}-")
-                path = os.path.join(tempdir.name, "model.onnx")
-                _save_with_external_data(model, path, role)
-                session_input = path
-            elif isinstance(source, onnx.ModelProto):
-                session_input = source.SerializeToString()
-            else:
-                session_input = ir.serde.serialize_model(model).SerializeToString()
+            session_input: str | bytes = os.fspath(source)
+        elif has_external_data(model) or initializer_bytes(model) > _IN_MEMORY_LIMIT_BYTES:
+            # Locked while this process lives: a kill cannot strand its copy of the
+            # weights (the next verification removes it).
+            tempdir = Scratch(tempfile.gettempdir(), prefix=f"verify-{role}-")
+            session_input = os.path.join(tempdir.name, "model.onnx")
+            _save_with_external_data(model, session_input, role)
+        elif isinstance(source, onnx.ModelProto):
+            session_input = source.SerializeToString()
         else:
-            raise TypeError(
-                f"{role}: expected onnx_ir.Model, onnx.ModelProto or a path, "
-                f"got {type(source).__name__}"
-            )
+            session_input = ir.serde.serialize_model(model).SerializeToString()
         if shared_weights is not None:
             shared_weights.apply(options, model, role)
         session = _create_session(session_input, options, providers, role)
@@ -146,9 +138,24 @@ def short_error(error: BaseException) -> str:
     return clipped(text)
 
 
-def _load_ir(path: str, role: str) -> ir.Model:
+def read_model(source: ModelSource, role: str) -> ir.Model:
+    """The graph of ``source`` as onnx-ir, weights left where they are (external tensors stay
+    lazy: only their metadata is read). VerificationError for a path that cannot be read;
+    the command line has already refused unusable files with its own one-line errors
+    (``rewriter.model_io.load_model``)."""
+    if isinstance(source, ir.Model):
+        return source
+    if isinstance(source, onnx.ModelProto):
+        return ir.serde.deserialize_model(source)
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(
+            f"{role}: expected onnx_ir.Model, onnx.ModelProto or a path, "
+            f"got {type(source).__name__}"
+        )
+    path = os.fspath(source)
+    if not os.path.isfile(path):
+        raise VerificationError(f"{role} model not found: {path}")
     try:
-        # External tensors stay lazy: only their metadata is read.
         model = ir.load(path)
     except Exception as error:
         raise VerificationError(f"cannot read {role} model {path}: {short_error(error)}") from None
@@ -183,18 +190,6 @@ def check_readable(model: ir.Model, role: str) -> None:
                 f"cannot read the {role} model's external data for tensor {tensor.name}: "
                 f"{path}: {error.strerror}{hint}"
             ) from None
-
-
-def _needs_file(model: ir.Model) -> bool:
-    total = 0
-    for value in model.graph.initializers.values():
-        tensor = value.const_value
-        if tensor is None:
-            continue
-        if isinstance(tensor, ir.ExternalTensor):
-            return True
-        total += tensor.nbytes
-    return total > _IN_MEMORY_LIMIT_BYTES
 
 
 def _save_with_external_data(model: ir.Model, path: str, role: str) -> None:

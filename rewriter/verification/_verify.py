@@ -1,4 +1,6 @@
-"""verify(): open both models once, synthesize feeds, run the oracles, give the verdict."""
+"""The whole-model check: open both models once, synthesize feeds, run the oracles, give
+the verdict. ``verify(mode=...)`` (``_modes``) runs it beside the layer proofs; it is not a
+public entry point of its own."""
 
 from __future__ import annotations
 
@@ -18,40 +20,29 @@ from rewriter.verification._checks import (
 )
 from rewriter.verification._feeds import DecoderSignature, FeedSynthesizer
 from rewriter.verification._graph_facts import read_graph_facts
+from rewriter.verification._memory import resident_bytes
 from rewriter.verification._result import (
     CheckResult,
     OriginalDefect,
     VerificationError,
     VerificationResult,
 )
-from rewriter.verification._session import ModelSource, execution_providers, load_model
+from rewriter.verification._session import ModelSource, execution_providers, open_session
 from rewriter.verification._shared_weights import SharedWeights
 from rewriter.verification._spread import TWIN_SETTING
 
-__all__ = ["ModelCheckSkipped", "resident_bytes", "verdict_gates", "verify"]
+__all__ = ["ModelCheckSkipped", "verdict_gates", "verify_whole_model"]
 
 
 class ModelCheckSkipped(Exception):
     """The whole-model check stopped before running: the rest would not fit in memory."""
 
 
-def resident_bytes() -> int | None:
-    """This process's resident memory (VmRSS); None where /proc is unreadable."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
 # Token ids when neither model states its vocabulary: 0 and 1 exist in any vocabulary.
 _FALLBACK_VOCAB = 2
 
 
-def verify(
+def verify_whole_model(
     original: ModelSource,
     candidate: ModelSource,
     *,
@@ -79,7 +70,7 @@ def verify(
     with contextlib.ExitStack() as stack:
         report("loading the original model")
         before = resident_bytes()
-        original_model = load_model(original, "original", provider, shared_weights)
+        original_model = open_session(original, "original", provider, shared_weights)
         stack.callback(original_model.close)
         if memory_gate is not None and before is not None:
             after = resident_bytes()
@@ -87,7 +78,7 @@ def verify(
             if why:
                 raise ModelCheckSkipped(why)
         report("loading the candidate model")
-        candidate_model = load_model(candidate, "candidate", provider, shared_weights)
+        candidate_model = open_session(candidate, "candidate", provider, shared_weights)
         stack.callback(candidate_model.close)
 
         original_signature = DecoderSignature.from_session(original_model.session, "original")
@@ -125,7 +116,7 @@ def verify(
         def open_twin() -> ModelRunner:
             # The original again, graph optimizations disabled: its own spread (_spread).
             report(f"loading the original again ({TWIN_SETTING}) to measure its own spread")
-            twin = load_model(original, "original", provider, shared_weights, optimized=False)
+            twin = open_session(original, "original", provider, shared_weights, optimized=False)
             stack.callback(twin.close)
             return ModelRunner(twin, original_signature, feeder)
 
