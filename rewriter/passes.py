@@ -9,6 +9,11 @@
 ``fuse_attention_to_gqa(model) -> count`` is the one-line form (onnxscript's ``fuse_*``).
 onnxruntime is needed only for the form probe and the speed probe: pass ``choose_form`` (for
 example ``rewriter.rules.always_past``) to run the pass without it.
+
+The pass is a ``Sequential`` of the small passes of ``rewriter._rewrite_steps``: decide each
+kind of layer's form, then its speed choice (the probes run here, before any rewrite), apply
+the rules reading that table, sweep what they replaced, restore value names, sort, report,
+record metadata.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ class AttentionToGQAPass(ir.passes.InPlacePass):
     Guarantees: nothing outside the rewritten layers changes (no other node is removed or
     renamed; readers of a rewritten layer see the same value names); a model that passed
     the ONNX checker still does (``ensures``); the report accounts for every candidate.
+    Each step's own guarantee is in its docstring (``rewriter._rewrite_steps``).
 
     layers: "all" (default) or "shared" (KV-shared layers only).
     form: "auto" picks, per KV-shared layer, the best form the probe found correct on
@@ -73,9 +79,9 @@ class AttentionToGQAPass(ir.passes.InPlacePass):
         phase behind an If on S == 1 where that is measured faster still; rewriter.speed).
         Not with a forced form.
     choose_form: replaces the probe (tests, or exporters that know their runtime); no
-        onnxruntime is imported then.
+        onnxruntime is imported then. Asked once per kind of layer, before the rules run.
     choose_speed: replaces the speed probe: LayerKind -> rules.SpeedChoice (tests, or
-        exporters that measured their runtime).
+        exporters that measured their runtime). Asked once per kind, before the rules run.
     progress: called with a line per layer kind the speed probe times (the CLI prints it).
     """
 

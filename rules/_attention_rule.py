@@ -285,9 +285,9 @@ class AttentionToGQARule(pattern.RewriteRuleClassBase):
 
     def __init__(
         self,
-        name: str,
-        choose_form: FormChooser,
+        choose_form: FormChooser = always_past,
         *,
+        name: str | None = None,
         exact_padding: bool = False,
         inputs: GQAInputs | None = None,
         facts: ShapeFacts | None = None,
@@ -296,6 +296,8 @@ class AttentionToGQARule(pattern.RewriteRuleClassBase):
         choose_speed: SpeedChooser | None = None,
         native_support: FormChooser | None = None,
     ) -> None:
+        # The rule's name (default: its class's) keys its part of the log.
+        name = name or type(self).__name__
         super().__init__(name, remove_nodes=False)
         self.decisions = decisions or LayerDecisions.asking(
             choose_form, choose_speed, native_support

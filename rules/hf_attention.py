@@ -108,10 +108,10 @@ class HFAttentionToGQA(AttentionToGQARule):
         decisions: LayerDecisions | None = None,
     ) -> None:
         super().__init__(
-            "HFAttentionToGQA"
+            choose_form,
+            name="HFAttentionToGQA"
             + ("/where" if zeroes_masked_rows else "")
             + ("/s1" if single_query_reshape else ""),
-            choose_form,
             exact_padding=exact_padding,
             inputs=inputs,
             facts=facts,

@@ -96,7 +96,6 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
         # choose_speed: asked, for a layer whose export is correct, which form each phase
         # runs (without a `decisions` table).
         super().__init__(
-            "KVSharedAttentionToGQA",
             choose_form,
             exact_padding=exact_padding,
             inputs=inputs,
@@ -370,24 +369,6 @@ class UnmaskedSharedAttentionToFold(AttentionToGQARule):
     every key) -> the fold at any S (rules._speed_choice.fold_unmasked), no If: it computes
     what the export computes for every query length and batch."""
 
-    def __init__(
-        self,
-        choose_form: FormChooser = always_past,
-        *,
-        inputs: GQAInputs | None = None,
-        facts: ShapeFacts | None = None,
-        log: RewriteLog | None = None,
-        decisions: LayerDecisions | None = None,
-    ) -> None:
-        super().__init__(
-            "UnmaskedSharedAttentionToFold",
-            choose_form,
-            inputs=inputs,
-            facts=facts,
-            log=log,
-            decisions=decisions,
-        )
-
     def pattern(self, op, query_BSD, key_BSD, value_BSD):
         # Exactly three inputs: no mask, no past (a fourth input fails the match).
         return op.Attention(query_BSD, key_BSD, value_BSD, _outputs=["output"])
@@ -454,24 +435,6 @@ class DrafterBiasAttentionToFold(AttentionToGQARule):
     T_sliding)``); a layer with a P1/P2 mask, or whose cache another layer of the same graph
     writes, is the KV-shared rule's, rewritten or left. The export's bias is read as it is,
     so the layer computes what the export computes, padding and all."""
-
-    def __init__(
-        self,
-        choose_form: FormChooser = always_past,
-        *,
-        inputs: GQAInputs | None = None,
-        facts: ShapeFacts | None = None,
-        log: RewriteLog | None = None,
-        decisions: LayerDecisions | None = None,
-    ) -> None:
-        super().__init__(
-            "DrafterBiasAttentionToFold",
-            choose_form,
-            inputs=inputs,
-            facts=facts,
-            log=log,
-            decisions=decisions,
-        )
 
     def pattern(self, op, query_BSD, key_BSD, value_BSD, mask):
         # Exactly four inputs: a mask, no past (a fifth input fails the match).

@@ -109,7 +109,6 @@ class NonSharedAttentionToGQA(AttentionToGQARule):
         # (see NATIVE_FORM); choose_speed, for a layer whose export is correct, whether GQA,
         # the export or the decode fold is faster; these layers have no other forms.
         super().__init__(
-            "NonSharedAttentionToGQA",
             supports,
             exact_padding=exact_padding,
             inputs=inputs,
