@@ -83,17 +83,15 @@ class RewriteRun:
             self.candidates = attention_nodes(model)
             self.had_gqa = any(is_gqa(node) for node in all_nodes(model))
 
-    def survey(self, model: ir.Model) -> list:
+    def rule_options(self, model: ir.Model) -> dict[str, Any]:
+        """What the rule set is built with (rules.gqa_rules, rules.rule_set.survey)."""
         self.read(model)
-        assert self.facts is not None
-        return survey(
-            model,
-            self.decisions,
-            facts=self.facts,
-            layers=self.layers,
-            exact_padding=self.exact_padding,
-            window_slice=self.window_slice,
-        )
+        return {
+            "facts": self.facts,
+            "layers": self.layers,
+            "exact_padding": self.exact_padding,
+            "window_slice": self.window_slice,
+        }
 
 
 class _Step(ir.passes.InPlacePass):
@@ -109,7 +107,7 @@ class DecideFormsPass(_Step):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         run = self.run
-        for question in run.survey(model):
+        for question in survey(model, run.decisions, **run.rule_options(model)):
             assert isinstance(question, FormQuestion), question
             chooser = run.native_support if question.native else run.choose_form
             assert chooser is not None
@@ -128,7 +126,7 @@ class DecideSpeedsPass(_Step):
         if run.choose_speed is None:
             return ir.passes.PassResult(model, modified=False)
         run.decisions.speeds = {}
-        for kind in run.survey(model):
+        for kind in survey(model, run.decisions, **run.rule_options(model)):
             assert isinstance(kind, LayerKind), kind
             run.decisions.speeds[kind] = run.choose_speed(kind)
         return ir.passes.PassResult(model, modified=False)
@@ -141,15 +139,7 @@ class ApplyRulesPass(_Step):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         run = self.run
-        run.read(model)
-        assert run.facts is not None
-        rules = gqa_rules(
-            run.decisions,
-            facts=run.facts,
-            layers=run.layers,
-            exact_padding=run.exact_padding,
-            window_slice=run.window_slice,
-        )
+        rules = gqa_rules(run.decisions, **run.rule_options(model))
         rules.rule_set.apply_to_model(model)
         run.log = rules.log
         if any(is_gqa(node) for node in all_nodes(model)):
