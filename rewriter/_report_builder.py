@@ -1,8 +1,9 @@
 """The report's account of a model: every candidate layer, the padding contract, warnings.
 
-The rules log what they rewrote and why each layer they examined was left alone; this adds
-what only the whole model shows: candidates no rule examined, domains no rule knows, and the
-padding convention the rewritten model now follows.
+The rules log what they rewrote, why each candidate was left alone (the reason of the rule
+whose kind of layer it is, ``RewriteLog.skip_reason``) and any padding contract their
+rewrites need; this collects them and adds what only the whole model shows: domains no rule
+knows and the padding convention the rewritten model now follows.
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ from collections.abc import Iterator
 import onnx_ir as ir
 
 from rewriter.report import PaddingContract, RewriteReport
-from rewriter.rules import LayerSkip, RuleLog, node_label
-from rewriter.rules.hf_shared_attention import hf_padding_contract, refine_skips
+from rewriter.rules import LayerSkip, RewriteLog, node_label
 
 __all__ = ["all_nodes", "attention_nodes", "describe", "is_gqa"]
 
@@ -46,31 +46,20 @@ _RIGHT_PADDING_WARNING = (
     "--exact-padding to keep exact semantics"
 )
 
-_NO_FORM = "does not have the Attention(q, k, v, mask[, past_key, past_value]) form"
-# A layer without mask and causal flag that the fold's rule (UnmaskedSharedAttentionToFold)
-# never saw: its pattern is Attention(q, k, v) with exactly three inputs.
-_NON_CAUSAL = (
-    "no mask and is_causal=0: every query sees every key; the fold takes such a layer only "
-    "as Attention(q, k, v) with three inputs over a borrowed cache, which this is not"
-)
-
 
 def describe(
     report: RewriteReport,
     model: ir.Model,
     candidates: list[ir.Node],
+    log: RewriteLog,
     *,
     had_gqa: bool,
     exact_padding: bool,
-    shared: RuleLog,
-    unmasked: RuleLog,
-    own_cache: RuleLog | None,
-    hf: list[RuleLog],
 ) -> None:
     """Fill the report's skips, padding contract and warnings once the rules have run.
 
-    candidates: the ai.onnx Attention nodes of the model before the rewrite. own_cache: the
-    log of the rule for layers with their own cache, None when those were not asked for.
+    candidates: the ai.onnx Attention nodes of the model before the rewrite; log: what the
+    rules wrote.
     """
     unknown = _unknown_domains(model)
     if unknown:
@@ -78,7 +67,11 @@ def describe(
             "left alone, the rules do not know these domains: " + ", ".join(unknown)
         )
     rewritten = {r.node for r in report.rewrites}
-    report.skipped = refine_skips(_skips(candidates, rewritten, shared, unmasked, own_cache), hf)
+    report.skipped = [
+        LayerSkip(node_label(node), log.skip_reason(node))
+        for node in candidates
+        if node_label(node) not in rewritten
+    ]
     if not report.rewrites:
         return
     report.padding_contract = _padding_contract(had_gqa, exact_padding)
@@ -87,47 +80,14 @@ def describe(
         # attention_mask as the export does, so no padding convention changed.
         report.padding_contract = PaddingContract.UNCHANGED
         return
-    hf_contract = hf_padding_contract(report.rewrites)
-    if hf_contract is not None:
-        report.padding_contract, warning = hf_contract
-        report.warnings.append(warning)
+    if log.padding_contract is not None:
+        report.padding_contract = log.padding_contract.contract
+        report.warnings.append(log.padding_contract.warning)
     elif report.padding_contract == PaddingContract.RIGHT_PADDING_ONLY:
         # A KV-shared layer's decode fold is an Attention without a cache of its own: it reads
         # the borrowed cache as the GQA layer that owns it wrote it.
         all_converted = not any(_owns_cache(node) for node in attention_nodes(model))
         report.warnings.append(_GQA_CACHE_WARNING if all_converted else _RIGHT_PADDING_WARNING)
-
-
-def _skips(
-    candidates: list[ir.Node],
-    rewritten: set[str],
-    shared: RuleLog,
-    unmasked: RuleLog,
-    own_cache: RuleLog | None,
-) -> list[LayerSkip]:
-    """One reason per candidate left alone: from the rule whose kind of layer it is."""
-    skipped = []
-    for node in candidates:
-        label = node_label(node)
-        if label in rewritten:
-            continue
-        has_past = any(v is not None for v in node.inputs[4:6])
-        if has_past and own_cache is None:
-            reason = "a layer with its own cache (past inputs); --layers shared leaves it"
-        elif has_past:
-            assert own_cache is not None
-            reason = own_cache.skips.get(label, LayerSkip(label, _NO_FORM)).reason
-        elif _unmasked_non_causal(node) and label not in shared.skips:
-            reason = unmasked.skips.get(label, LayerSkip(label, _NON_CAUSAL)).reason
-        else:
-            reason = shared.skips.get(label, LayerSkip(label, _NO_FORM)).reason
-        skipped.append(LayerSkip(label, reason))
-    return skipped
-
-
-def _unmasked_non_causal(node: ir.Node) -> bool:
-    no_mask = len(node.inputs) < 4 or node.inputs[3] is None
-    return no_mask and node.attributes.get_int("is_causal", 0) == 0
 
 
 def all_nodes(model: ir.Model) -> Iterator[ir.Node]:

@@ -24,7 +24,6 @@ class ProbedFormChooser:
     requested: str = "auto"
     force: bool = False
     results: dict[tuple[str, int], ProbeResult] = dataclasses.field(default_factory=dict)
-    forced_layers: int = 0
 
     @property
     def runtime(self) -> str:
@@ -47,8 +46,7 @@ class ProbedFormChooser:
                 f"--form {self.requested} is rejected by the probe for {dtype} D={head_size} "
                 f"on {self.provider}: {choice.reason} (--force writes it anyway)"
             )
-        self.forced_layers += 1
-        return FormDecision(self.requested)
+        return FormDecision(self.requested, forced=True)
 
     def native_support(self, dtype: str, head_size: int, windowed: bool) -> FormDecision:
         """Can GQA run a layer with its own cache at this dtype/D on this provider?

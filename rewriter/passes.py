@@ -9,6 +9,11 @@
 ``fuse_attention_to_gqa(model) -> count`` is the one-line form (onnxscript's ``fuse_*``).
 onnxruntime is needed only for the form probe and the speed probe: pass ``choose_form`` (for
 example ``rewriter.rules.always_past``) to run the pass without it.
+
+The pass is a ``Sequential`` of the small passes of ``rewriter._rewrite_steps``: decide each
+kind of layer's form, then its speed choice (the probes run here, before any rewrite), apply
+the rules reading that table, sweep what they replaced, restore value names, sort, report,
+record metadata.
 """
 
 from __future__ import annotations
@@ -20,23 +25,27 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from rewriter import __version__
-from rewriter._cleanup import remove_dead_producers
 from rewriter._error_text import collapsed
 from rewriter._input_checks import check_rewritable
-from rewriter._report_builder import all_nodes, attention_nodes, describe, is_gqa
-from rewriter.metadata import record_metadata
+from rewriter._rewrite_steps import (
+    MS_DOMAIN,
+    MS_VERSION,
+    CollectReportPass,
+    DecideFormsPass,
+    DecideSpeedsPass,
+    RecordMetadataPass,
+    RewriteRun,
+    rewrite_steps,
+    run_steps,
+)
 from rewriter.report import RewriteReport
-from rewriter.rules import FormChooser, SpeedChooser, gqa_rules
-from rewriter.rules._shape_evidence import ShapeFacts, keeping_initializer_order
+from rewriter.rules import FormChooser, LayerDecisions, SpeedChooser, native_support_from
+from rewriter.rules._shape_evidence import keeping_initializer_order
 from rewriter.rules.rule_set import LAYER_CHOICES
 
 __all__ = ["SPEED_CHOICES", "AttentionToGQAPass", "RewriteResult", "fuse_attention_to_gqa"]
 
 SPEED_CHOICES = ("auto", "off")
-
-# GroupQueryAttention is an operator of com.microsoft version 1, the only version ONNX
-# Runtime defines for its contrib domain.
-_MS_DOMAIN, _MS_VERSION = "com.microsoft", 1
 
 
 @dataclasses.dataclass
@@ -53,6 +62,7 @@ class AttentionToGQAPass(ir.passes.InPlacePass):
     Guarantees: nothing outside the rewritten layers changes (no other node is removed or
     renamed; readers of a rewritten layer see the same value names); a model that passed
     the ONNX checker still does (``ensures``); the report accounts for every candidate.
+    Each step's own guarantee is in its docstring (``rewriter._rewrite_steps``).
 
     layers: "all" (default) or "shared" (KV-shared layers only).
     form: "auto" picks, per KV-shared layer, the best form the probe found correct on
@@ -69,9 +79,9 @@ class AttentionToGQAPass(ir.passes.InPlacePass):
         phase behind an If on S == 1 where that is measured faster still; rewriter.speed).
         Not with a forced form.
     choose_form: replaces the probe (tests, or exporters that know their runtime); no
-        onnxruntime is imported then.
+        onnxruntime is imported then. Asked once per kind of layer, before the rules run.
     choose_speed: replaces the speed probe: LayerKind -> rules.SpeedChoice (tests, or
-        exporters that measured their runtime).
+        exporters that measured their runtime). Asked once per kind, before the rules run.
     progress: called with a line per layer kind the speed probe times (the CLI prints it).
     """
 
@@ -113,11 +123,11 @@ class AttentionToGQAPass(ir.passes.InPlacePass):
             raise ir.passes.PreconditionError(
                 "the model imports no ai.onnx opset: its Attention nodes have no meaning"
             )
-        version = model.opset_imports.get(_MS_DOMAIN, _MS_VERSION)
-        if version != _MS_VERSION:
+        version = model.opset_imports.get(MS_DOMAIN, MS_VERSION)
+        if version != MS_VERSION:
             raise ir.passes.PreconditionError(
-                f"the model imports {_MS_DOMAIN} opset {version}; GroupQueryAttention is "
-                f"defined in version {_MS_VERSION}"
+                f"the model imports {MS_DOMAIN} opset {version}; GroupQueryAttention is "
+                f"defined in version {MS_VERSION}"
             )
         # Before any probe or rewrite: a model that would fail deep inside them (a cycle, a
         # mistyped attribute, a window GroupQueryAttention cannot hold) is refused by name.
@@ -135,60 +145,47 @@ class AttentionToGQAPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> RewriteResult:
         metadata_before = dict(model.metadata_props)
-        report = RewriteReport(tool_version=__version__, form_request=self.form, layers=self.layers)
-        candidates = attention_nodes(model)
-        had_gqa = any(is_gqa(node) for node in all_nodes(model))
+        run = self._run()
+        run_steps(
+            [
+                DecideFormsPass(run),
+                DecideSpeedsPass(run),
+                *rewrite_steps(run),
+                CollectReportPass(run),
+                RecordMetadataPass(run),
+            ],
+            model,
+        )
+        report = run.report
+        assert report is not None
+        modified = bool(report.rewrites) or dict(model.metadata_props) != metadata_before
+        return RewriteResult(model, modified, report=report)
+
+    def _run(self) -> RewriteRun:
+        """This run's state, with the choosers that fill its table: the caller's, else the
+        probes (which import onnxruntime, so only then)."""
         probed = self._form_probe()
         # A forced form is never second-guessed.
         timed = self._speed_probe() if self.form == "auto" else None
-        choose_speed = self.choose_speed or timed
-        rules = gqa_rules(
-            self.choose_form or probed,
-            # Inferred once, before any rewrite changes the graph the inference would see.
-            facts=ShapeFacts.infer(model),
+        choose_form = self.choose_form or probed
+        assert choose_form is not None
+        return RewriteRun(
+            LayerDecisions(),
             layers=self.layers,
             exact_padding=self.exact_padding,
             window_slice=self.window_slice,
-            choose_speed=choose_speed,
-            native_support=probed.native_support if probed is not None else None,
+            choose_form=choose_form,
+            native_support=(
+                probed.native_support if probed is not None else native_support_from(choose_form)
+            ),
+            choose_speed=self.choose_speed or timed,
+            probed=probed,
+            timed=timed,
+            provider=self.provider,
+            report=RewriteReport(
+                tool_version=__version__, form_request=self.form, layers=self.layers
+            ),
         )
-        rules.rule_set.apply_to_model(model)
-        if any(is_gqa(node) for node in all_nodes(model)):
-            # A GQA node inside an If branch (a speed choice) is not seen by the rewriter's
-            # own opset bookkeeping.
-            model.opset_imports.setdefault(_MS_DOMAIN, _MS_VERSION)
-        report.nodes_removed = remove_dead_producers(rules.log.replaced_nodes)
-        # Readers of a rewritten layer keep seeing the same value names as in the input.
-        for gqa_output, name in rules.log.renames:
-            gqa_output.name = name
-        common_passes.TopologicalSortPass()(model)
-
-        report.rewrites = rules.log.rewrites
-        describe(
-            report,
-            model,
-            candidates,
-            had_gqa=had_gqa,
-            exact_padding=self.exact_padding,
-            shared=rules.shared,
-            unmasked=rules.unmasked,
-            own_cache=rules.own_cache,
-            hf=rules.hf,
-        )
-        if timed is not None:
-            report.speed = {"provider": self.provider, "layers": timed.tables()}
-        if probed is not None:
-            report.probe = {"provider": self.provider, "tables": probed.probe_tables()}
-            report.forced = probed.forced_layers > 0
-            if report.forced:
-                report.warnings.append(
-                    f"--force: {probed.forced_layers} layer(s) use form {self.form}, which the "
-                    "probe rejected on this runtime"
-                )
-        probed_on = f"{probed.runtime}, provider {self.provider}" if probed is not None else None
-        record_metadata(model, report, probed_on)
-        modified = bool(report.rewrites) or dict(model.metadata_props) != metadata_before
-        return RewriteResult(model, modified, report=report)
 
     def _form_probe(self):  # -> rewriter.forms.ProbedFormChooser | None
         if self.choose_form is not None:

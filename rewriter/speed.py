@@ -57,6 +57,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from rewriter._error_text import first_line
+from rewriter._rewrite_steps import rewrite_layers
 from rewriter.probe._one_layer import (
     CACHE_KEY,
     CACHE_VALUE,
@@ -66,7 +67,13 @@ from rewriter.probe._one_layer import (
     kv_shared_layer,
     own_cache_layer,
 )
-from rewriter.rules import DEFECTIVE_EXPORT_REASON, LayerKind, SpeedChoice
+from rewriter.rules import (
+    DEFECTIVE_EXPORT_REASON,
+    LayerDecisions,
+    LayerKind,
+    SpeedChoice,
+    always_past,
+)
 from rewriter.verification._session import execution_providers
 
 __all__ = [
@@ -330,22 +337,17 @@ def _candidate(layer: OneLayer, choice: SpeedChoice, own_cache: bool) -> ir.Mode
     export = own_cache_layer(layer) if own_cache else kv_shared_layer(layer)
     if choice.label == "export":
         return export
-    # Imported here: the pipeline imports this module's caller, the pass.
-    from rewriter.pipeline import rewrite
-    from rewriter.rules import always_past
-
-    model, report = rewrite(
+    log = rewrite_layers(
         export,
+        LayerDecisions.asking(always_past, lambda _: choice),
         layers="all" if own_cache else "shared",
-        choose_form=always_past,
-        choose_speed=lambda _: choice,
     )
-    if report.rewritten != 1 or report.rewrites[0].speed_form != choice.label:
+    if len(log.rewrites) != 1 or log.rewrites[0].speed_form != choice.label:
         raise RuntimeError(
             f"the KV-shared rule did not write {choice.label} for the one-layer export: "
-            + ("; ".join(skip.reason for skip in report.skipped) or "no reason given")
+            + ("; ".join(log.skip_reasons()) or "no reason given")
         )
-    return model
+    return export
 
 
 def _session(model: ir.Model, provider: str) -> ort.InferenceSession:

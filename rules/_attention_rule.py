@@ -16,20 +16,32 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
+from rewriter.rules._decisions import (
+    FormChooser,
+    FormDecision,
+    FormQuestion,
+    LayerDecisions,
+    LayerKind,
+    SpeedChooser,
+    always_past,
+)
 from rewriter.rules._failure import MatchFailureError
 from rewriter.rules._gqa_inputs import GQAInputs
-from rewriter.rules._log import LayerRewrite, LayerSkip, RewriteLog
+from rewriter.rules._log import LayerRewrite, LayerSkip, RewriteLog, node_label
 from rewriter.rules._mask_patterns import MaskForm
 from rewriter.rules._naming import name_after
 from rewriter.rules._shape_evidence import HeadSizeEvidence, ShapeFacts
-from rewriter.rules._speed_choice import SPEED_FORM_KEY, SpeedChoice
+from rewriter.rules._speed_choice import SPEED_FORM_KEY
 
 __all__ = [
     "GQA_DTYPES",
+    "NO_FORM_REASON",
     "AttentionHeads",
     "AttentionToGQARule",
     "FormChooser",
     "FormDecision",
+    "FormQuestion",
+    "LayerDecisions",
     "LayerKind",
     "LayerRewrite",
     "LayerSkip",
@@ -44,55 +56,12 @@ __all__ = [
     "read_heads",
 ]
 
+# Why a candidate no rule's pattern reached was left alone.
+NO_FORM_REASON = "does not have the Attention(q, k, v, mask[, past_key, past_value]) form"
+
 # GroupQueryAttention kernels exist for these (CPU: fp32/fp16; CUDA: fp16/bf16). Which of
 # them a provider runs is the probe's business; anything else is never rewritten.
 GQA_DTYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
-
-
-@dataclasses.dataclass(frozen=True)
-class FormDecision:
-    form: str | None  # a GQA form name; None = leave the layer alone
-    reason: str = ""
-
-
-# (dtype name, head size D, windowed) -> which GQA form to emit.
-FormChooser = Callable[[str, int, bool], FormDecision]
-
-
-def always_past(dtype: str, head_size: int, windowed: bool) -> FormDecision:
-    """A chooser without a probe: the copy-free `past` form, as measured on ORT 1.31.1 CPU."""
-    return FormDecision("past")
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerKind:
-    """What a KV-shared layer's speed depends on (the layer, not the call)."""
-
-    dtype: str
-    num_heads: int
-    kv_num_heads: int
-    head_size: int
-    local_window_size: int | None
-    scale: float
-    softcap: float
-    # A layer with its own cache (past inputs, presents out); else a KV-shared layer.
-    own_cache: bool = False
-    # False for an export that is wrong in decode (is_causal=1 without past): it may get
-    # only forms that read nothing of it (rules._speed_choice.EXPORT_FREE_FORMS).
-    export_correct: bool = True
-
-    def describe(self) -> str:
-        window = f"W={self.local_window_size}" if self.local_window_size else "full"
-        cache = "own-cache" if self.own_cache else "KV-shared"
-        defect = "" if self.export_correct else " (export wrong in decode)"
-        return (
-            f"{cache} {self.dtype} N={self.num_heads} Nkv={self.kv_num_heads} "
-            f"D={self.head_size} {window}{defect}"
-        )
-
-
-# A layer whose export is correct -> the form each phase runs (rules._speed_choice).
-SpeedChooser = Callable[[LayerKind], SpeedChoice]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,10 +96,6 @@ def layer_kind_of(
         own_cache=own_cache,
         export_correct=export_correct,
     )
-
-
-def node_label(node: ir.Node) -> str:
-    return node.name or f"{node.op_type}({node.outputs[0].name})"
 
 
 def dtype_name(dtype: ir.DataType) -> str:
@@ -312,22 +277,31 @@ class AttentionToGQARule(pattern.RewriteRuleClassBase):
 
     Subclasses implement ``pattern``, ``_plan_for`` (a plan; ``MatchFailureError`` says why
     there is none) and ``rewrite``, which starts with ``_take_plan()``. Built with
-    ``.rule(...)`` for a rule set: the log, the shared ``GQAInputs`` and the shape facts are
-    passed in, so nothing is read back from the instance.
+    ``.rule(...)`` for a rule set: the log, the shared ``GQAInputs``, the shape facts and the
+    ``LayerDecisions`` table are passed in, so nothing is read back from the instance. A rule
+    reads forms and speed choices from the table only; given choosers instead (a rule used
+    on its own), it asks them through ``LayerDecisions.asking``.
     """
 
     def __init__(
         self,
-        name: str,
-        choose_form: FormChooser,
+        choose_form: FormChooser = always_past,
         *,
+        name: str | None = None,
         exact_padding: bool = False,
         inputs: GQAInputs | None = None,
         facts: ShapeFacts | None = None,
         log: RewriteLog | None = None,
+        decisions: LayerDecisions | None = None,
+        choose_speed: SpeedChooser | None = None,
+        native_support: FormChooser | None = None,
     ) -> None:
+        # The rule's name (default: its class's) keys its part of the log.
+        name = name or type(self).__name__
         super().__init__(name, remove_nodes=False)
-        self.choose_form = choose_form
+        self.decisions = decisions or LayerDecisions.asking(
+            choose_form, choose_speed, native_support
+        )
         self.inputs = inputs or GQAInputs(exact_padding=exact_padding)
         # Shapes inferred before any rewrite; a rule used on its own infers them at its
         # first check() of a model.
@@ -360,6 +334,9 @@ class AttentionToGQARule(pattern.RewriteRuleClassBase):
             check_not_chosen(attention)  # first: a speed choice writes its forms inside an If
             check_top_level(context, attention)
             plan = plan_for()
+            if self.decisions.surveying:
+                # A survey asks every layer its questions and rewrites none.
+                raise MatchFailureError("survey: nothing is rewritten", attention)
         except MatchFailureError as failure:
             self.record.skips[label] = LayerSkip(label, failure.reason)
             return pattern.MatchResult().fail(
@@ -371,6 +348,19 @@ class AttentionToGQARule(pattern.RewriteRuleClassBase):
 
     def _plan_for(self, context, attention: ir.Node, **bindings) -> Any:
         raise NotImplementedError
+
+    def _form(
+        self,
+        attention: ir.Node,
+        dtype: ir.DataType,
+        head_size: int,
+        windowed: bool,
+        *,
+        native: bool = False,
+    ) -> FormDecision:
+        """The form the table gives this layer's kind (native: whether GQA runs it)."""
+        question = FormQuestion(dtype_name(dtype), head_size, windowed, native)
+        return self.decisions.form(question, attention, node_label(attention))
 
     def facts(self, context) -> ShapeFacts:
         if self._facts is None or (

@@ -9,10 +9,23 @@ was left alone, which nodes the rewrite replaced and which value names move to G
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import onnx_ir as ir
 
-__all__ = ["LayerRewrite", "LayerSkip", "RewriteLog", "RuleLog"]
+__all__ = [
+    "LayerRewrite",
+    "LayerSkip",
+    "PaddingRequirement",
+    "RewriteLog",
+    "RuleLog",
+    "SkipOwner",
+    "node_label",
+]
+
+
+def node_label(node: ir.Node) -> str:
+    return node.name or f"{node.op_type}({node.outputs[0].name})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,17 +69,68 @@ class RuleLog:
     renames: list[tuple[ir.Value, str]] = dataclasses.field(default_factory=list)
 
 
+@dataclasses.dataclass(frozen=True)
+class SkipOwner:
+    """Whose reason a candidate Attention left alone gets.
+
+    With `owns`, the layers of that kind are this rule's: its reason, or `unexamined` where
+    its pattern never reached the layer. Without, the rule's reason wins wherever it examined
+    the layer (a pattern that matched more of the layer says more).
+    """
+
+    log: RuleLog
+    owns: Callable[[ir.Node], bool] | None = None
+    unexamined: str = ""
+
+    def reason(self, node: ir.Node) -> str | None:
+        label = node_label(node)
+        if self.owns is None:
+            skip = self.log.skips.get(label)
+            return skip.reason if skip is not None else None
+        if not self.owns(node):
+            return None
+        skip = self.log.skips.get(label)
+        return skip.reason if skip is not None else self.unexamined
+
+
+@dataclasses.dataclass(frozen=True)
+class PaddingRequirement:
+    """A padding contract a rule's rewrites hold the model to, beyond the one the rule
+    set's GQA layers imply (rewriter.report.PaddingContract), with the warning that says why."""
+
+    contract: str
+    warning: str
+    # Batched calls of several tokens after a past still run as in the original.
+    chunks_kept: bool = False
+
+
 class RewriteLog:
     """Per-rule logs, in the order the rules were registered."""
 
     def __init__(self) -> None:
         self._rules: dict[str, RuleLog] = {}
+        # Who explains a skipped candidate, first match first (rules.rule_set sets them).
+        self.skip_owners: list[SkipOwner] = []
+        # Set by a rule whose rewrites need a stricter padding contract (the HF rules).
+        self.padding_contract: PaddingRequirement | None = None
 
     def rule(self, name: str) -> RuleLog:
         return self._rules.setdefault(name, RuleLog())
 
     def rules(self) -> list[RuleLog]:
         return list(self._rules.values())
+
+    def skip_reason(self, node: ir.Node) -> str:
+        """Why the candidate `node` was left alone, from the rule whose layer it is."""
+        for owner in self.skip_owners:
+            reason = owner.reason(node)
+            if reason is not None:
+                return reason
+        raise AssertionError(f"no rule owns {node_label(node)}: the last owner owns all")
+
+    def skip_reasons(self) -> list[str]:
+        """Every reason any rule gave for a layer it left, in rule order."""
+        return [skip.reason for log in self._rules.values() for skip in log.skips.values()]
 
     @property
     def rewrites(self) -> list[LayerRewrite]:

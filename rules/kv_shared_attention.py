@@ -23,6 +23,7 @@ from rewriter.rules._attention_rule import (
     AttentionHeads,
     AttentionToGQARule,
     FormChooser,
+    LayerDecisions,
     LayerRewrite,
     SpeedChooser,
     always_past,
@@ -56,9 +57,11 @@ from rewriter.rules._speed_choice import (
 )
 
 __all__ = [
+    "NON_CAUSAL_REASON",
     "DrafterBiasAttentionToFold",
     "KVSharedAttentionToGQA",
     "UnmaskedSharedAttentionToFold",
+    "unmasked_non_causal",
 ]
 
 
@@ -91,19 +94,21 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
         window_slice: bool = True,
         choose_speed: SpeedChooser | None = None,
         log: RewriteLog | None = None,
+        decisions: LayerDecisions | None = None,
     ) -> None:
+        # choose_speed: asked, for a layer whose export is correct, which form each phase
+        # runs (without a `decisions` table).
         super().__init__(
-            "KVSharedAttentionToGQA",
             choose_form,
             exact_padding=exact_padding,
             inputs=inputs,
             facts=facts,
             log=log,
+            decisions=decisions,
+            choose_speed=choose_speed,
         )
         # Sliding layers read only the keys their window reaches (GQAInputs.window_slice).
         self.window_slice = window_slice
-        # Asked, for a layer whose export is correct, which form each phase runs.
-        self.choose_speed = choose_speed
 
     def pattern(self, op, query_BSD, key_BSD, value_BSD, mask):
         return op.Attention(
@@ -130,24 +135,25 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
         check_causal(attention, mask_form)
         dtype = check_dtype(facts, query, borrowed_key.cache_BNSH, borrowed_value.cache_BNSH)
         windowed = mask_form.local_window_size is not None
-        decision = self.choose_form(dtype_name(dtype), head_size, windowed)
+        decision = self._form(attention, dtype, head_size, windowed)
         if decision.form is None:
             raise MatchFailureError(
                 f"no GroupQueryAttention form qualifies: {decision.reason}", attention
             )
         speed = SpeedChoice()
         export_is_correct = not attention.attributes.get_int("is_causal", 0)
-        if self.choose_speed is not None and decision.form == "past":
+        speed_chosen = self.decisions.speed_chosen
+        if speed_chosen and decision.form == "past":
             kind = layer_kind_of(
                 dtype, heads, head_size, mask_form, export_correct=export_is_correct
             )
-            speed = self.choose_speed(kind)
+            speed = self.decisions.speed(kind, attention)
             if not export_is_correct and not speed.export_free:
                 # A defective export is never kept, in any phase, whatever was measured.
                 speed = SpeedChoice(reason=DEFECTIVE_EXPORT_REASON)
             if speed.decode == speed.prefill == "export":
                 raise MatchFailureError(speed.reason, attention)
-        elif self.choose_speed is not None and not export_is_correct:
+        elif speed_chosen and not export_is_correct:
             speed = SpeedChoice(reason=DEFECTIVE_EXPORT_REASON)
         return _Plan(
             borrowed_key,
@@ -365,23 +371,25 @@ UNMASKED_FOLD_REASON = (
 )
 
 
+# Why a layer without mask and causal flag that the fold's rule never saw is left: its
+# pattern is Attention(q, k, v) with exactly three inputs.
+NON_CAUSAL_REASON = (
+    "no mask and is_causal=0: every query sees every key; the fold takes such a layer only "
+    "as Attention(q, k, v) with three inputs over a borrowed cache, which this is not"
+)
+
+
+def unmasked_non_causal(attention: ir.Node) -> bool:
+    """The kind of layer UnmaskedSharedAttentionToFold owns: no mask and is_causal=0."""
+    no_mask = len(attention.inputs) < 4 or attention.inputs[3] is None
+    return no_mask and attention.attributes.get_int("is_causal", 0) == 0
+
+
 class UnmaskedSharedAttentionToFold(AttentionToGQARule):
     """A KV-shared Attention without mask and with is_causal=0 (mobius's speculative-decoding
     drafter: its full layer reads the target's cache, a graph input, and every query sees
     every key) -> the fold at any S (rules._speed_choice.fold_unmasked), no If: it computes
     what the export computes for every query length and batch."""
-
-    def __init__(
-        self,
-        choose_form: FormChooser = always_past,
-        *,
-        inputs: GQAInputs | None = None,
-        facts: ShapeFacts | None = None,
-        log: RewriteLog | None = None,
-    ) -> None:
-        super().__init__(
-            "UnmaskedSharedAttentionToFold", choose_form, inputs=inputs, facts=facts, log=log
-        )
 
     def pattern(self, op, query_BSD, key_BSD, value_BSD):
         # Exactly three inputs: no mask, no past (a fourth input fails the match).
@@ -449,18 +457,6 @@ class DrafterBiasAttentionToFold(AttentionToGQARule):
     T_sliding)``); a layer with a P1/P2 mask, or whose cache another layer of the same graph
     writes, is the KV-shared rule's, rewritten or left. The export's bias is read as it is,
     so the layer computes what the export computes, padding and all."""
-
-    def __init__(
-        self,
-        choose_form: FormChooser = always_past,
-        *,
-        inputs: GQAInputs | None = None,
-        facts: ShapeFacts | None = None,
-        log: RewriteLog | None = None,
-    ) -> None:
-        super().__init__(
-            "DrafterBiasAttentionToFold", choose_form, inputs=inputs, facts=facts, log=log
-        )
 
     def pattern(self, op, query_BSD, key_BSD, value_BSD, mask):
         # Exactly four inputs: a mask, no past (a fifth input fails the match).

@@ -45,6 +45,7 @@ from rewriter.rules._attention_rule import (
     node_label,
     read_heads,
 )
+from rewriter.rules._decisions import NATIVE_FORM, LayerDecisions
 from rewriter.rules._failure import MatchFailureError
 from rewriter.rules._gqa_inputs import GQAInputs
 from rewriter.rules._log import RewriteLog
@@ -58,11 +59,15 @@ from rewriter.rules._speed_choice import (
     phase_if,
 )
 
-__all__ = ["NATIVE_FORM", "NonSharedAttentionToGQA"]
+__all__ = ["LAYERS_SHARED_REASON", "NATIVE_FORM", "NonSharedAttentionToGQA", "owns_cache_input"]
 
-# How a layer with its own cache feeds GQA: new K/V, past, presents. Not a choice among
-# borrowed-cache forms; the capability chooser only answers whether GQA runs this dtype/D.
-NATIVE_FORM = "native"
+# Why a layer with its own cache is left when only KV-shared layers are asked for.
+LAYERS_SHARED_REASON = "a layer with its own cache (past inputs); --layers shared leaves it"
+
+
+def owns_cache_input(attention: ir.Node) -> bool:
+    """The kind of layer this rule owns: an Attention with a past_key or past_value input."""
+    return any(value is not None for value in attention.inputs[4:6])
 
 
 def always_native(dtype: str, head_size: int, windowed: bool) -> FormDecision:
@@ -98,18 +103,20 @@ class NonSharedAttentionToGQA(AttentionToGQARule):
         facts: ShapeFacts | None = None,
         choose_speed: SpeedChooser | None = None,
         log: RewriteLog | None = None,
+        decisions: LayerDecisions | None = None,
     ) -> None:
-        # Asked, for a layer whose export is correct, whether GQA ("gqa") or the export
-        # ("export") is faster; these layers have no other forms.
-        self.choose_speed = choose_speed
-        # The chooser only answers whether GQA runs this dtype/D here (see NATIVE_FORM).
+        # Without a `decisions` table: `supports` answers whether GQA runs this dtype/D here
+        # (see NATIVE_FORM); choose_speed, for a layer whose export is correct, whether GQA,
+        # the export or the decode fold is faster; these layers have no other forms.
         super().__init__(
-            "NonSharedAttentionToGQA",
             supports,
             exact_padding=exact_padding,
             inputs=inputs,
             facts=facts,
             log=log,
+            decisions=decisions,
+            choose_speed=choose_speed,
+            native_support=supports,
         )
 
     def pattern(self, op, query_BSD, key_BSD, value_BSD, mask, past_key_BNPD, past_value_BNPD):
@@ -167,20 +174,19 @@ class NonSharedAttentionToGQA(AttentionToGQARule):
         mask_form = match_mask(context, mask)
         check_causal(attention, mask_form)
         dtype = check_dtype(facts, query, key, past_key)
-        decision = self.choose_form(
-            dtype_name(dtype), head_size, mask_form.local_window_size is not None
-        )
+        windowed = mask_form.local_window_size is not None
+        decision = self._form(attention, dtype, head_size, windowed, native=True)
         if decision.form is None:
             raise MatchFailureError(
                 f"GroupQueryAttention does not run this layer here: {decision.reason}", attention
             )
         speed_reason = ""
         speed: SpeedChoice | None = None
-        if self.choose_speed is not None and mask_form.style == "p1":
+        if self.decisions.speed_chosen and mask_form.style == "p1":
             speed_reason = _MASK_3D_FIX
-        elif self.choose_speed is not None:
+        elif self.decisions.speed_chosen:
             kind = layer_kind_of(dtype, heads, head_size, mask_form, own_cache=True)
-            choice = self.choose_speed(kind)
+            choice = self.decisions.speed(kind, attention)
             if choice.label == "export":
                 raise MatchFailureError(choice.reason, attention)
             if (choice.decode, choice.prefill) == ("fold", "export"):

@@ -192,7 +192,7 @@ def test_p1_mixed_head_size_comes_from_the_source_layer_not_its_present(tmp_path
 
 @pytest.mark.parametrize("graph", ["prefill", "decode"])
 def test_hf_exporter_graphs_are_rewritten_whole_and_verified(tmp_path: Path, graph: str) -> None:
-    # Issue 14: rules/hf_shared_attention.py matches the 4-D repeat_kv pattern.
+    # Issue 14: rules/hf_attention.py matches the 4-D repeat_kv pattern.
     source = CORPUS / "hf-exporter-opset23" / f"{graph}.onnx"
     code, report, out = _run(tmp_path, source)
     assert code == 0, report.get("verification", {}).get("failed_because")
@@ -295,9 +295,9 @@ def test_batch2_verifier_refuses_a_rewrite_that_drops_batched_chunks(
 ) -> None:
     # What the rewrite did before: the past form everywhere. ORT refuses the batch-2 chunk
     # the original runs, and the verifier must say so.
-    from rewriter.rules import hf_shared_attention
+    from rewriter.rules import hf_attention
 
-    monkeypatch.setattr(hf_shared_attention, "_takes_batched_chunks", lambda *_: False)
+    monkeypatch.setattr(hf_attention, "_takes_batched_chunks", lambda *_: False)
     code, report, _ = _run(tmp_path, BATCH2 / "decode.onnx")
     assert code != 0
     assert _check(report, "batch_consistency", "original")["passed"] is True

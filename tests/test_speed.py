@@ -310,9 +310,13 @@ def test_a_layer_with_its_own_cache_is_kept_where_gqa_is_slower() -> None:
     )
     own = [kind for kind in asked if kind.own_cache]
     assert own and all(kind.kv_num_heads > 0 for kind in own)
+    # Each kind of layer is decided once, before the rules run.
+    assert len(asked) == len(set(asked))
     assert report.rewrites and all(r.rule.startswith("KVShared") for r in report.rewrites)
     kept = [skip for skip in report.skipped if skip.reason == "export: test"]
-    assert len(kept) == len(own)
+    # The fixture's four own-cache layers, of two kinds (sliding and full).
+    assert len(own) == 2
+    assert len(kept) == 4
 
 
 @pytest.mark.parametrize("name", ["p1_tiny", "p1_attention_full_tiny"])

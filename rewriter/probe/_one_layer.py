@@ -18,6 +18,9 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
+from rewriter._rewrite_steps import rewrite_layers
+from rewriter.rules import FormDecision, LayerDecisions
+
 __all__ = [
     "CACHE_KEY",
     "CACHE_VALUE",
@@ -193,26 +196,21 @@ def rewritten_layer(export: ir.Model, form: str, *, window_slice: bool) -> tuple
     Raises unless the rule replaced the Attention by exactly one GQA node: timing or probing
     a model the rule left alone would measure or certify nothing.
     """
-    # Imported here: the pipeline imports the form probe, which builds its models with this.
-    from rewriter.pipeline import rewrite
-    from rewriter.rules import FormDecision
-
-    model, report = rewrite(
+    log = rewrite_layers(
         export,
+        LayerDecisions.asking(lambda *_: FormDecision(form)),
         layers="shared",
-        choose_form=lambda *_: FormDecision(form),
-        speed="off",
         window_slice=window_slice,
     )
     gqa = [
         node
-        for node in model.graph
+        for node in export.graph
         if node.op_type == "GroupQueryAttention" and node.domain == "com.microsoft"
     ]
-    if len(gqa) != 1 or any(node.op_type == "Attention" for node in model.graph):
-        skipped = "; ".join(skip.reason for skip in report.skipped) or "no reason given"
+    if len(gqa) != 1 or any(node.op_type == "Attention" for node in export.graph):
+        skipped = "; ".join(log.skip_reasons()) or "no reason given"
         raise RuntimeError(
             f"the KV-shared rule wrote {len(gqa)} GroupQueryAttention nodes for the {form} "
             f"one-layer export, expected exactly one: {skipped}"
         )
-    return model, gqa[0]
+    return export, gqa[0]

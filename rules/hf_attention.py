@@ -3,109 +3,12 @@
 Dimension letters: B batch, S query length, P past length, T = P + S, N query heads, Nkv KV
 heads, g = N / Nkv, D head size, W sliding window.
 
-What the exports contain (read with onnx-ir from ``../shared/corpus/hf-exporter-opset23/``,
-transformers 5.24 ``export_for_generation``, torch 2.13, opset 23, 8 layers, N=4, Nkv=1,
-D=32 sliding / 64 full, W=8; and from torch.onnx dynamo opset 24 exports of the same config,
-``fixtures/hf_export.py``)::
-
-    query_BNSD = Transpose(rotated_BSND, perm=[0, 2, 1, 3])
-    key_BNTD   = Reshape(Expand(Unsqueeze(cache_BNTD, [2]), Concat(B, Nkv, g, T, D)),
-                         [B, N, -1, D])                       # repeat_kv (_repeated_cache)
-    attention  = Attention(query_BNSD, key_BNTD, value_BNTD, mask)   # is_causal=0, scale=1.0,
-                                                # softcap=0, no q_num_heads/kv_num_heads
-    [zeroed    = Where(Less(ReduceSum(Cast(allowed), [-1]), 1), 0.0, attention)]
-    output_BSH = Reshape(Transpose(zeroed | attention, perm=[0, 2, 1, 3]), [B, -1, N*D])
-
-- The cache is the layer's present: ``Concat(input.cache.layers.i.keys, new_BNSD, axis=-2)``
-  in the decode graph (a graph output ``output.cache.layers.i.keys``), the Transpose of the
-  new keys itself in the prefill graph (graph output ``cache.layers.i.keys``).
-- KV-shared layers (4-7) read the *same* repeated value as their source layer (the
-  exporters de-duplicate ``repeat_kv``): layers 4 and 6 read layer 3's ``view_26/view_27``,
-  layers 5 and 7 read layer 2's ``view_19/view_20``. The first reader of a cache in graph
-  order is its source (its own K projection feeds the cache); every later reader is shared.
-- Masks (``_position_masks``): sliding ``Mul(Cast(Not(And(And(True, Greater(k_pos,
-  Sub(q_pos, 8))), LessOrEqual(k_pos, q_pos)))), -3.4028235e38)``, full the same with
-  ``LessOrEqual`` alone; one mask value per layer type, shared by 6 resp. 2 layers; decode
-  wraps the boolean in ``Expand(.., Concat([1], [1], S, T))``. No attention_mask input in
-  the transformers export (batch fixed at 1); torch.onnx adds a padding term gathered from
-  attention_mask and passes the boolean mask directly.
-- The transformers export zeroes fully masked query rows after the Attention (the ``Where``
-  above, from SDPA's math fallback). With a causal term and queries that are the last S key
-  positions, every row sees its own key, so the row sum is >= 1 and the Where is the
-  identity; it is fused away only then (no padding term).
-- ``input.cache.layers.{0,1,3}._sliding_window_tensor`` (int64 scalars) only pass through
-  ``Identity`` to ``output.cache.layers.*._sliding_window_tensor``; the rule leaves them.
-
-The replacement is the ``past`` form (SPEC.md section 3): ``GroupQueryAttention(query_BSH,
-empty, empty, cache_BNTD (key), cache_BNTD (value), seqlens_k, total_sequence_length)`` with
-an in-graph empty [B, 0, Nkv*D] key/value, ``num_heads = N`` and ``kv_num_heads = Nkv`` from
-the repeat, ``scale`` copied, ``local_window_size = W``, no presents. Its [B, S, N*D] output
-replaces ``output_BSH``; the query is merged to [B, S, N*D] from its BSND input. Lengths come
-from attention_mask when the mask reads it (``GQAInputs``), else from the cache: every row
-then has T valid keys, ``total_sequence_length = T = Shape(cache)[2]``, ``seqlens_k = T - 1``
-(no padding exists without attention_mask: "batch-1-only", rows of one length). Where the
-graph's shapes take several rows of several tokens after a past, which GQA refuses by
-default, ``rules._batched_chunks`` keeps them: ``query_seqlens`` for the native form, an
-``If`` to the split form for shared layers.
-
-Source layers (``--layers all``) whose cache is ``Concat(past, Transpose(new_BSND), axis=2)``
-(prefill: ``Transpose(new_BSND)``) become GQA's native form instead: this call's K/V merged to
-[B, S, Nkv*D], the graph's past input, ``T = P + S``; after the rule set ran,
-``redirect_caches()`` makes every reader of the export's cache (graph outputs, the shared
-layers' past) read GQA's present under the same name, and the Concat dies. A cache built
-otherwise is read as a past (``past`` form); a Concat on another axis is refused.
-
-torch.onnx decode graphs of transformers' DynamicSlidingWindowLayer
-(``fixtures/hf_torch_decode_opset24.onnx``, traced at B=2, P=6, S=3; read with onnx-ir).
-P is ``Squeeze(Shape(past_key_values.1.key, start=2, end=3))`` (one past stands for all:
-they are declared with the same symbolic dim ``past``), S ``Squeeze(Shape(input_ids)[1])``.
-A sliding layer's cache and mask are (W = 8, keep = W - 1 = 7)::
-
-    cache_BNTD = Concat(Slice(past_key_values.i.key, [-7], [INT64_MAX], [2], [1]),
-                        Transpose(new_BSND, [0, 2, 1, 3]), axis=-2)     # T_c = min(P, 7) + S
-    present.i.key = Slice(cache_BNTD, [-7], [INT64_MAX], [2], [1])        # graph output
-    dropped    = Max(0, Add(-7, P))                             # entries the Slice dropped
-    key_pos    = Add(Range(0, Add(P, S), 1), dropped)                      # [P + S]
-    query_pos  = Add(Range(0, S, 1), P)
-    allowed    = And(And(True, And(And(True, Greater(key_pos, Sub(query_pos, 8))),
-                     LessOrEqual(key_pos, query_pos))),
-                     GatherND(Cast(attention_mask, bool), [b, key_pos]))
-    mask       = Expand(allowed, Concat(B, [1], S, Add(P, S)))
-
-The repeat (``Expand`` to ``[B, 1, 4, Add(P + S, -Max(0, P - 7)), 16]``) and the shared
-layers 4 and 5 read ``cache_BNTD`` of layer 3. Cache slot j holds position
-``P - min(P, 7) + j = dropped + j``, so mask column j is slot j and the queries P + [0, S) are
-the cache's last S slots: GQA over ``cache_BNTD`` with ``local_window_size = W`` sees what
-the mask allows. The mask is traced at P < W, though: it keeps P + S columns where the cache
-has min(P, 7) + S, and from P = W on the GatherND reads attention_mask out of bounds
-(*measured*: ``invalid index found``) -- the original runs only for P <= W - 1, where nothing
-is dropped. ``_position_masks`` reads the shift (``KeyShift``: keep and the P value, which must
-be the query positions' P); ``_check_trimmed_caches`` then proves that K and V are
-``Concat(Slice(past, -keep), Transpose(new))`` with the same keep, the past declared as long
-as the shift's P source, the new entries as many as the queries. A wrong shift constant, a
-Slice keeping another count, a shift without the Max or a past declared with another length
-are refused with their reason. Lengths (``GQAInputs.trimmed_lengths``): the cache holds the
-last T_c of the attention_mask's T positions, so ``total_sequence_length = T_c =
-Shape(kept)[2] + S`` (kept = the Slice; read off the Concat's inputs, so the native form
-below can replace the Concat) and ``seqlens_k = ReduceSum(attention_mask) - 1 - (T - T_c)``,
-T = Shape(attention_mask)[1]; below W this
-is the untrimmed T, and fed its own trimmed presents back the rewritten pair stays
-cache-consistent beyond W, where the original fails.
-
-Own-cache sliding layers (``--layers all``) use GQA's native form too: this call's K/V, the
-kept entries ``Slice(past, -keep)`` as past_key/past_value, the same lengths. GQA's present
-then has exactly the T_c slots of the export's Concat (*measured*: equal presents), so
-``redirect_caches()`` puts it in the Concat's place and the export's own trimming
-``Slice(.., -keep)`` still writes ``present.i.key``: the trimmed present is reproduced, not
-re-derived. GQA writes row b's new entries after its valid ones (seqlens_k), so with right
-padding every layer follows GQA's prefix convention (the full layers already did); reading
-the export's Concat as a past instead would give the shared layers padding where the new key
-is (*measured*: a right-padded decode step of 2 then differs by 0.43-0.68 from each row
-alone).
-
-Single-token decode graphs (transformers' default decode component, S fixed at 1) fold the
-query Range to ``[0]`` (T = P + 1) and write ``Reshape(x, [1, -1, 1, D])`` before the output
-Transpose: a rule variant accepts that Reshape when it provably keeps [1, N, 1, D].
+Both kinds of layer the exporters write: KV-shared layers (a later reader of another layer's
+repeated cache) become GQA's ``past`` form over the borrowed cache; with ``layers="all"`` the
+source layers, which own their cache (``Concat(past, new)``, a trimmed sliding cache), become
+GQA's native form and ``redirect_caches`` hands their presents to every reader. What the
+exports contain, the masks, the trimmed sliding caches and why each replacement computes what
+the export computes: ``docs/hf_exporter_layers.md``.
 """
 
 from __future__ import annotations
@@ -122,7 +25,6 @@ from rewriter.rules._attention_rule import (
     AttentionToGQARule,
     FormChooser,
     LayerRewrite,
-    LayerSkip,
     always_past,
     check_dtype,
     check_opset,
@@ -137,9 +39,10 @@ from rewriter.rules._batched_chunks import (
     shared_if,
     with_query_seqlens,
 )
+from rewriter.rules._decisions import NATIVE_FORM, LayerDecisions
 from rewriter.rules._failure import MatchFailureError
 from rewriter.rules._gqa_inputs import GQAInputs
-from rewriter.rules._log import RewriteLog, RuleLog
+from rewriter.rules._log import PaddingRequirement, RewriteLog
 from rewriter.rules._padding_contract import PaddingContract
 from rewriter.rules._position_masks import (
     KeyShift,
@@ -157,15 +60,8 @@ from rewriter.rules._repeated_cache import (
     shape_elements,
 )
 from rewriter.rules._shape_evidence import ShapeFacts
-from rewriter.rules.nonshared_attention import NATIVE_FORM
 
-__all__ = [
-    "NO_ATTENTION_MASK_STYLE_SUFFIX",
-    "HFAttentionToGQA",
-    "hf_padding_contract",
-    "hf_rules",
-    "refine_skips",
-]
+__all__ = ["NO_ATTENTION_MASK_STYLE_SUFFIX", "HFAttentionToGQA", "hf_rules"]
 
 # mask_style suffix of layers whose graph has no attention_mask: lengths from the cache.
 NO_ATTENTION_MASK_STYLE_SUFFIX = "-no-attention-mask"
@@ -210,16 +106,18 @@ class HFAttentionToGQA(AttentionToGQARule):
         inputs: GQAInputs | None = None,
         facts: ShapeFacts | None = None,
         log: RewriteLog | None = None,
+        decisions: LayerDecisions | None = None,
     ) -> None:
         super().__init__(
-            "HFAttentionToGQA"
+            choose_form,
+            name="HFAttentionToGQA"
             + ("/where" if zeroes_masked_rows else "")
             + ("/s1" if single_query_reshape else ""),
-            choose_form,
             exact_padding=exact_padding,
             inputs=inputs,
             facts=facts,
             log=log,
+            decisions=decisions,
         )
         self.zeroes_masked_rows = zeroes_masked_rows
         # Single-token decode graphs (S fixed at 1): the exporter writes a Reshape to the
@@ -331,7 +229,7 @@ class HFAttentionToGQA(AttentionToGQARule):
                         "one of K/V appends to a past, the other does not", attention
                     )
         windowed = mask_form.local_window_size is not None
-        decision = self.choose_form(dtype_name(dtype), head_size, windowed)
+        decision = self._form(attention, dtype, head_size, windowed)
         if decision.form is None:
             raise MatchFailureError(
                 f"no GroupQueryAttention form qualifies: {decision.reason}", attention
@@ -409,6 +307,7 @@ class HFAttentionToGQA(AttentionToGQARule):
                 else ""
             ),
         )
+        _record_padding_contract(self.log, record)
         attributes = gqa_attributes(plan.heads, plan.head_size, plan.mask, exact_padding=False)
         if plan.batched_chunks and plan.appended is None:
             (result,) = self._finish(
@@ -798,17 +697,19 @@ def _merged_query(op, query_BNSD: ir.Value, merged: ir.Value) -> ir.Value:
 
 
 def hf_rules(
-    choose_form: FormChooser,
+    choose_form: FormChooser = always_past,
     *,
     layers: str,
     exact_padding: bool = False,
     inputs: GQAInputs | None = None,
     facts: ShapeFacts | None = None,
     log: RewriteLog | None = None,
+    decisions: LayerDecisions | None = None,
 ) -> list[pattern.RewriteRule]:
     """Every variant (with or without the row-zeroing Where, the single-token Reshape),
-    sharing one GQAInputs and one log."""
+    sharing one GQAInputs, one log and one table of decisions."""
     inputs = inputs or GQAInputs(exact_padding=exact_padding)
+    decisions = decisions or LayerDecisions.asking(choose_form)
     return [
         HFAttentionToGQA.rule(
             choose_form,
@@ -818,6 +719,7 @@ def hf_rules(
             inputs=inputs,
             facts=facts,
             log=log,
+            decisions=decisions,
         )
         for where in (True, False)
         for single in (False, True)
@@ -843,16 +745,13 @@ _CHUNKS_RULED_OUT = (
 )
 
 
-def hf_padding_contract(rewrites: list[LayerRewrite]) -> tuple[str, str] | None:
-    """("batch-1-only", warning) when a rewritten layer had no attention_mask to read."""
-    if any(r.mask_style.endswith(NO_ATTENTION_MASK_STYLE_SUFFIX) for r in rewrites):
-        kept = any(r.batched_chunks for r in rewrites)
-        return BATCH_1_ONLY, _NO_MASK_WARNING + (_CHUNKS_KEPT if kept else _CHUNKS_RULED_OUT)
-    return None
-
-
-def refine_skips(skipped: list[LayerSkip], hf_logs: list[RuleLog]) -> list[LayerSkip]:
-    """The HF rules' reason for a skipped Attention they examined: their pattern (4-D
-    inputs, output Reshape) matched, so their reason says more than the 3-D rules'."""
-    reasons = {label: skip.reason for log in hf_logs for label, skip in log.skips.items()}
-    return [LayerSkip(s.node, reasons.get(s.node, s.reason)) for s in skipped]
+def _record_padding_contract(log: RewriteLog, rewrite: LayerRewrite) -> None:
+    """A layer rewritten without an attention_mask to read holds the model to batch-1-only
+    (rows of one length); the warning says whether batched chunks still run as exported."""
+    if not rewrite.mask_style.endswith(NO_ATTENTION_MASK_STYLE_SUFFIX):
+        return
+    earlier = log.padding_contract
+    kept = bool(rewrite.batched_chunks) or (earlier is not None and earlier.chunks_kept)
+    log.padding_contract = PaddingRequirement(
+        BATCH_1_ONLY, _NO_MASK_WARNING + (_CHUNKS_KEPT if kept else _CHUNKS_RULED_OUT), kept
+    )
