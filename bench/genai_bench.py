@@ -18,7 +18,9 @@ shared machine costs both packages alike). Do not run E2B-size packages on a sha
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 import platform
 import statistics
 import sys
@@ -27,6 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.provenance import commit
 
 __all__ = ["main", "measure"]
 
@@ -144,7 +150,8 @@ def measure(
         for label in packages:
             if label == baseline:
                 continue
-            suffix = "" if len(packages) == 2 else f"_{label}"
+            # The first rewritten package (the CLI's default) gets the plain keys.
+            suffix = "" if label == "rewritten" else f"_{label}"
             mine = per_package[label]
             results[f"genai_prefill_ratio_l{length}{suffix}"] = (
                 mine["prefill_s"]["median"] / base["prefill_s"]["median"]
@@ -152,6 +159,12 @@ def measure(
             results[f"genai_decode_ratio_l{length}{suffix}"] = (
                 mine["decode_ms_per_token"]["median"] / base["decode_ms_per_token"]["median"]
             )
+            for phase in ("prefill", "decode"):
+                ratios = np.array(raw[length][label][phase]) / np.array(
+                    raw[length][baseline][phase]
+                )
+                mine[f"{phase}_round_ratio_min"] = float(ratios.min())
+                mine[f"{phase}_round_ratio_max"] = float(ratios.max())
     return results
 
 
@@ -167,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     packages = {"original": args.original}
     for index, path in enumerate(args.rewritten):
-        packages["rewritten" if len(args.rewritten) == 1 else f"rewritten{index + 1}"] = path
+        packages["rewritten" if index == 0 else f"rewritten{index + 1}"] = path
+    load_before = os.getloadavg()
     results = measure(
         packages,
         args.prompts,
@@ -175,6 +189,11 @@ def main(argv: list[str] | None = None) -> int:
         rounds=args.rounds,
         threads=args.threads,
     )
+    results["commit"] = commit()
+    results["command"] = " ".join(["python", "bench/genai_bench.py", *(argv or sys.argv[1:])])
+    results["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    results["load_average_before"] = load_before
+    results["load_average_after"] = os.getloadavg()
     text = json.dumps(results, indent=2)
     if args.json:
         args.json.write_text(text + "\n")

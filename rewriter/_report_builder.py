@@ -46,6 +46,15 @@ _RIGHT_PADDING_WARNING = (
     "--exact-padding to keep exact semantics"
 )
 
+_EXPORT_DECODE_WARNING = (
+    "no layer of the original model used GroupQueryAttention, and GroupQueryAttention honours "
+    "right padding only: in prefill (GroupQueryAttention in KV-shared layers) a left-padded or "
+    "holed attention_mask gives different results; every decode step keeps the export's "
+    "convention (a right-padded row's new token after its padding, the folds reading the "
+    "export's own mask), so batched decode after a right-padded prompt gives the original's "
+    "results; use --exact-padding to keep exact semantics in prefill too"
+)
+
 
 def describe(
     report: RewriteReport,
@@ -87,7 +96,10 @@ def describe(
         # A KV-shared layer's decode fold is an Attention without a cache of its own: it reads
         # the borrowed cache as the GQA layer that owns it wrote it.
         all_converted = not any(_owns_cache(node) for node in attention_nodes(model))
-        report.warnings.append(_GQA_CACHE_WARNING if all_converted else _RIGHT_PADDING_WARNING)
+        if all(r.decode_convention == "export" for r in report.rewrites):
+            report.warnings.append(_EXPORT_DECODE_WARNING)
+        else:
+            report.warnings.append(_GQA_CACHE_WARNING if all_converted else _RIGHT_PADDING_WARNING)
 
 
 def all_nodes(model: ir.Model) -> Iterator[ir.Node]:

@@ -386,8 +386,8 @@ def _share_buffer_blockers(config: dict[str, Any], model: ir.Model) -> list[str]
             if not (_is_gqa(node) and index in (3, 4)):
                 blockers.append(
                     f"cache input {value.name} feeds {node.op_type} {node.name}, and only "
-                    "GroupQueryAttention takes genai's shared buffer (the report's skipped "
-                    "layers say why that layer was kept)"
+                    "GroupQueryAttention takes genai's shared buffer (an Attention layer the "
+                    "report lists as skipped, or the own-cache fold appending with Concat)"
                 )
                 break
     for node in ir.traversal.RecursiveGraphIterator(model.graph):

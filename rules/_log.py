@@ -49,6 +49,10 @@ class LayerRewrite:
     # GQA refuses by default, still runs (rules._batched_chunks); "" where the graph's shapes
     # rule that call out.
     batched_chunks: str = ""
+    # Whose padding convention a decode step follows: "export" (a right-padded row's new key
+    # after its padding, as the export's Attention with past writes it: the own-cache fold,
+    # and a KV-shared fold over the export's bias) or "gqa" (right after the row's valid keys).
+    decode_convention: str = "gqa"
 
 
 @dataclasses.dataclass(frozen=True)

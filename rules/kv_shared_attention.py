@@ -228,6 +228,7 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
             window_slice=window_slice,
             speed_form=speed.label,
             speed_reason=speed.reason,
+            decode_convention=_decode_convention(speed.decode, plan),
         )
         if speed.label != "gqa":
             # The verifier's graph diff finds the layer's replacement by this.
@@ -258,8 +259,7 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
         past_key, past_value, seqlens_k, total_length = gqa_inputs[3:7]
         assert None not in (past_key, past_value, seqlens_k, total_length)
         attention = plan.attention
-        exact = plan.mask.style == "p2" and not attention.attributes.get_int("is_causal", 0)
-        if exact and _appends_after_padding(plan.key.cache_BNSH):
+        if _decodes_as_exported(plan):
             bias = attention.inputs[3]
             assert bias is not None
             window = plan.mask.local_window_size
@@ -517,6 +517,20 @@ class DrafterBiasAttentionToFold(AttentionToGQARule):
             "export",
             DRAFTER_BIAS_FOLD_REASON,
         )
+
+
+def _decode_convention(form: str, plan: _Plan) -> str:
+    """rules._log.LayerRewrite.decode_convention of a KV-shared layer decoding with `form`."""
+    if form in ("export", "attention-bnsh") or (form == "fold" and _decodes_as_exported(plan)):
+        return "export"  # the export's own mask
+    return "gqa"
+
+
+def _decodes_as_exported(plan: _Plan) -> bool:
+    """Whether the fold reads the export's own bias (KVSharedAttentionToGQA._fold): a correct
+    export (P2, is_causal=0) over a cache written after the padding."""
+    correct = plan.mask.style == "p2" and not plan.attention.attributes.get_int("is_causal", 0)
+    return correct and _appends_after_padding(plan.key.cache_BNSH)
 
 
 def _appends_after_padding(cache_BNSH: ir.Value) -> bool:

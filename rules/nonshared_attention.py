@@ -309,5 +309,6 @@ class NonSharedAttentionToGQA(AttentionToGQARule):
             window_slice=window is not None,
             speed_form=speed.label,
             speed_reason=speed.reason,
+            decode_convention="export",
         )
         return self._finish(op, attention, list(results), replaced, record)
