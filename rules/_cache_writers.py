@@ -20,9 +20,9 @@ from collections.abc import Mapping
 
 import onnx_ir as ir
 
-from rewriter.rules._speed_choice import OWN_CACHE_FOLD_LABEL, SPEED_LAYER_KEY
+from rewriter.rules._speed_choice import SPEED_LAYER_KEY
 
-__all__ = ["CacheWrite", "cache_write", "cache_writer", "writer_kv_heads"]
+__all__ = ["CacheWrite", "cache_write", "cache_writer", "is_own_cache_fold", "writer_kv_heads"]
 
 # (domain, op_type) -> {present output index: (past input index, new key/value input index)}.
 _CACHE_WRITERS: Mapping[tuple[str, str], Mapping[int, tuple[int, int]]] = {
@@ -42,15 +42,13 @@ class CacheWrite:
 
 def _written(cache: ir.Value) -> tuple[ir.Node, int | None] | None:
     """(the attention node that writes `cache`, which of its outputs it is). A layer with its
-    own cache rewritten to ``If(S == 1: fold, else: the export's Attention)``
-    (rules._speed_choice.own_cache_fold) writes it as that Attention does: its prefill
-    branch's node stands for it (the decode branch appends with Concat, the same layout)."""
+    own cache rewritten to ``If(S == 1: fold, else: GQA or the export's Attention)``
+    (rules._speed_choice.own_cache_fold): its prefill branch's node stands for it (the
+    decode branch appends with Concat; is_own_cache_fold says so)."""
     writer = cache.producer()
     if writer is None:
         return None
-    if writer.op_type == "If" and writer.metadata_props.get(SPEED_LAYER_KEY) == (
-        OWN_CACHE_FOLD_LABEL
-    ):
+    if is_own_cache_fold(writer):
         index = cache.index()
         prefill = writer.attributes.get("else_branch")
         if index is None or prefill is None:
@@ -59,6 +57,14 @@ def _written(cache: ir.Value) -> tuple[ir.Node, int | None] | None:
     if (writer.domain, writer.op_type) not in _CACHE_WRITERS:
         return None
     return writer, cache.index()
+
+
+def is_own_cache_fold(node: ir.Node) -> bool:
+    """Whether `node` is a layer's ``If(S == 1: own-cache fold, else: ...)``: a speed choice's
+    If that writes presents (the KV-shared ones have one output)."""
+    return (
+        node.op_type == "If" and SPEED_LAYER_KEY in node.metadata_props and len(node.outputs) == 3
+    )
 
 
 def cache_writer(cache: ir.Value) -> ir.Node | None:

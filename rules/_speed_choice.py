@@ -23,10 +23,11 @@ Forms of a phase:
   (``GraphInputs.fold_bias``), not from the export's mask, so it computes what GQA computes
   and may replace a defective export too.
 
-A layer with its own cache gets ``If(S == 1: fold, else: export)`` (``own_cache_fold``): its
-decode appends the new key/value after the past (``Concat``, the present outputs) and folds
-over the result with the export's own bias, so it keeps the export's convention exactly (a
-right-padded row's new key after its padding) and its prefill is the export's own node.
+A layer with its own cache gets ``If(S == 1: fold, else: gqa)`` (or ``else: export``;
+``own_cache_fold``): its decode appends the new key/value after the past (``Concat``, the
+present outputs) and folds over the result with the export's own bias, so it keeps the
+export's convention exactly (a right-padded row's new key after its padding); its prefill is
+GQA's native form (a prompt's presents are the same) or the export's own node.
 
 Only a correct export (a P2 bias with ``is_causal=0``) may keep its Attention in any phase.
 The fold is causal only because its query is one token: it never runs a prefill. A
@@ -50,7 +51,6 @@ from rewriter.rules._naming import name_after
 __all__ = [
     "DEFECTIVE_EXPORT_REASON",
     "EXPORT_FREE_FORMS",
-    "OWN_CACHE_FOLD_LABEL",
     "PHASE_FORMS",
     "SPEED_FORM_KEY",
     "SPEED_LAYER_KEY",
@@ -72,9 +72,6 @@ DEFECTIVE_EXPORT_REASON = (
     "not timed: the export's is_causal=1 without past inputs is aligned to the upper left, "
     "wrong in decode; GroupQueryAttention is the correctness fix"
 )
-
-# What a layer with its own cache gets from own_cache_fold (SpeedChoice("fold", "export").label).
-OWN_CACHE_FOLD_LABEL = "if(S==1: fold, else: export)"
 
 # Node metadata on the Attention nodes a speed choice writes: a later run leaves them alone
 # instead of "rewriting" what was chosen over GQA (rules._attention_rule.check_not_chosen).

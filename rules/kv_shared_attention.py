@@ -39,7 +39,7 @@ from rewriter.rules._attention_rule import (
     read_heads,
 )
 from rewriter.rules._borrowed_cache import BorrowedCache, match_borrowed_cache
-from rewriter.rules._cache_writers import cache_writer
+from rewriter.rules._cache_writers import cache_writer, is_own_cache_fold
 from rewriter.rules._failure import MatchFailureError
 from rewriter.rules._gqa_inputs import GQAInputs
 from rewriter.rules._log import RewriteLog
@@ -534,11 +534,15 @@ def _decodes_as_exported(plan: _Plan) -> bool:
 
 
 def _appends_after_padding(cache_BNSH: ir.Value) -> bool:
-    """Whether the borrowed cache's writer puts a right-padded row's new key after the
-    padding: the export's Attention with past, or its own-cache fold (rules._speed_choice
-    .own_cache_fold, an If already written in place of an earlier layer). GroupQueryAttention
-    writes it right after the row's valid keys; a graph input's writer is unknown."""
-    writer = cache_writer(cache_BNSH)  # through the own-cache fold's If, to its Attention
+    """Whether the borrowed cache's writer puts a right-padded row's new key after the padding
+    in decode: the export's Attention with past, or the own-cache fold (rules._speed_choice
+    .own_cache_fold, an If already written in place of an earlier layer, whose decode appends
+    with Concat). GroupQueryAttention writes it right after the row's valid keys; a graph
+    input's writer is unknown."""
+    producer = cache_BNSH.producer()
+    if producer is not None and is_own_cache_fold(producer):
+        return True  # its decode appends with Concat, whatever its prefill branch runs
+    writer = cache_writer(cache_BNSH)
     return writer is not None and writer.op_type == "Attention"
 
 

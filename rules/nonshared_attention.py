@@ -14,11 +14,12 @@ same names. Present caches keep the BNSH layout; right-padded rows follow GQA's 
 (new keys written at position seqlens_k), which the report states. Rotary embedding stays
 outside (``do_rotary=0``).
 
-A speed choice may instead give the layer ``If(S == 1: fold, else: export)``
-(rules._speed_choice.own_cache_fold): decode appends the new key/value to the past with
-``Concat`` (the presents) and folds the query heads of each KV head over them with the
-export's own bias; prefill is the export's node. It keeps the export's convention (new keys
-after a row's padding) and its presents, so the rest of the model reads what it read.
+A speed choice may instead give the layer ``If(S == 1: fold, else: gqa)`` (or ``else:
+export``; rules._speed_choice.own_cache_fold): decode appends the new key/value to the past
+with ``Concat`` (the presents) and folds the query heads of each KV head over them with the
+export's own bias; prefill is GQA's native form (or the export's node). Its decode keeps the
+export's convention (new keys after a row's padding) and its presents, so the rest of the
+model reads what it read.
 """
 
 from __future__ import annotations
@@ -189,11 +190,12 @@ class NonSharedAttentionToGQA(AttentionToGQARule):
             choice = self.decisions.speed(kind, attention)
             if choice.label == "export":
                 raise MatchFailureError(choice.reason, attention)
-            if (choice.decode, choice.prefill) == ("fold", "export"):
+            if choice.decode == "fold" and choice.prefill in ("gqa", "export"):
                 speed = choice
             elif choice.label != "gqa":
                 raise ValueError(
-                    "a layer with its own cache is gqa, export or if(S==1: fold, else: export), "
+                    "a layer with its own cache is gqa, export or if(S==1: fold, else: gqa or "
+                    "export), "
                     f"not {choice.label}"
                 )
             speed_reason = choice.reason
@@ -217,20 +219,8 @@ class NonSharedAttentionToGQA(AttentionToGQARule):
         plan: _Plan = self._take_plan()
         replaced = [output, present_key_BNTD, present_value_BNTD]
         if plan.speed is not None:
-            return self._fold_or_export(op, query_BSD, plan, plan.speed, replaced)
-        inputs = self.inputs.of(plan.graph)
-        seqlens_k, total_length = inputs.sequence_lengths(op, plan.mask.attention_mask)
-        gqa_inputs: list[ir.Value | None] = [
-            query_BSD,
-            key_BSD,
-            value_BSD,
-            past_key_BNPD,
-            past_value_BNPD,
-            seqlens_k,
-            total_length,
-        ]
-        if inputs.exact_padding:
-            gqa_inputs += [None, None, None, inputs.finite_bias(op, plan.mask, plan.dtype)]
+            return self._phase_if(op, query_BSD, plan, plan.speed, replaced)
+        gqa_inputs = self._native_inputs(op, plan, output.producer())
         attention = output.producer()
         record = LayerRewrite(
             node=node_label(attention),
@@ -248,7 +238,18 @@ class NonSharedAttentionToGQA(AttentionToGQARule):
         )
         return self._emit(op, attention, gqa_inputs, attributes, replaced, record, num_outputs=3)
 
-    def _fold_or_export(
+    def _native_inputs(self, op, plan: _Plan, attention: ir.Node) -> list[ir.Value | None]:
+        """GQA's inputs for this layer in its native form, lengths built with `op` (the
+        enclosing graph): new key/value, past, seqlens_k, total_sequence_length."""
+        inputs = self.inputs.of(plan.graph)
+        seqlens_k, total_length = inputs.sequence_lengths(op, plan.mask.attention_mask)
+        query, key, value, _, past_key, past_value = attention.inputs[:6]
+        gqa_inputs = [query, key, value, past_key, past_value, seqlens_k, total_length]
+        if inputs.exact_padding:
+            gqa_inputs += [None, None, None, inputs.finite_bias(op, plan.mask, plan.dtype)]
+        return gqa_inputs
+
+    def _phase_if(
         self,
         op,
         query_BSD: ir.Value,
@@ -256,9 +257,17 @@ class NonSharedAttentionToGQA(AttentionToGQARule):
         speed: SpeedChoice,
         replaced: list[ir.Value],
     ) -> list[ir.Value]:
-        """``If(S == 1: own_cache_fold, else: the export's node)``, three outputs."""
+        """``If(S == 1: own_cache_fold, else: GQA's native form or the export's node)``, three
+        outputs. A prompt's prefill (no past) writes the same presents either way; a chunk
+        after a past differs only for padded rows, which GQA refuses at batch > 1."""
         attention = replaced[0].producer()
         assert attention is not None
+        gqa_call = None
+        if speed.prefill == "gqa":
+            gqa_call = (
+                self._native_inputs(op, plan, attention),
+                gqa_attributes(plan.heads, plan.head_size, plan.mask, self.inputs.exact_padding),
+            )
         window = plan.mask.local_window_size
         # Built in the enclosing graph, once per mask and W.
         window_start = (
@@ -282,6 +291,8 @@ class NonSharedAttentionToGQA(AttentionToGQARule):
             )
 
         def prefill(builder) -> tuple[ir.Value, ...]:
+            if gqa_call is not None:
+                return tuple(self._gqa_node(builder, *gqa_call, 3))
             outputs = export_attention(builder, attention, num_outputs=3)
             assert isinstance(outputs, tuple | list)
             return tuple(outputs)

@@ -133,17 +133,17 @@ def test_mobius_exports_under_the_default_speed_choice(tmp_path: Path, export: E
     for table in chosen.values():
         if table["timed"]:
             assert {"gqa", "export"} <= set(table["ms"]) and table["chosen"] in table["ms"]
-        elif table["chosen"] == FOLD_ON_CPU.label:
-            # The fixed CPU choice for float32 KV-shared layers (rewriter.speed.fixed_choice).
-            assert table["reason"] == FOLD_ON_CPU.reason and table["ms"] == {}
-            assert table["layer"]["dtype"] == "float32" and not table["layer"]["own_cache"]
         elif table["layer"]["own_cache"] and table["layer"]["export_correct"]:
             # The fixed CPU choice for float32 layers with their own cache: the fold over
-            # Concat(past, new) in decode, the export's node in prefill
+            # Concat(past, new) in decode, GQA's native form in prefill
             # (rewriter.speed.fixed_choice).
             fixed = OWN_CACHE_FOLD_ON_CPU
             assert table["layer"]["dtype"] == "float32" and table["ms"] == {}
             assert (table["chosen"], table["reason"]) == (fixed.label, fixed.reason)
+        elif table["chosen"] == FOLD_ON_CPU.label:
+            # The fixed CPU choice for float32 KV-shared layers (rewriter.speed.fixed_choice).
+            assert table["reason"] == FOLD_ON_CPU.reason and table["ms"] == {}
+            assert table["layer"]["dtype"] == "float32" and not table["layer"]["own_cache"]
         else:  # a defective export that the fold does not serve: GQA, never timed
             assert table["chosen"] == "gqa" and not table["layer"]["export_correct"]
     for record in report["rewrites"]:

@@ -27,7 +27,7 @@ def _rewritten() -> ir.Model:
     model, report = rewrite(ir.load(ALL_ATTENTION), speed="auto")
     forms = {record.speed_form for record in report.rewrites}
     # Precondition: the CPU defaults of rewriter.speed.fixed_choice.
-    assert forms == {"if(S==1: fold, else: export)", "if(S==1: fold, else: gqa)"}
+    assert forms == {"if(S==1: fold, else: gqa)"}
     return model
 
 

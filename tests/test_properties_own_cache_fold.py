@@ -1,5 +1,5 @@
 """Property: one layer with its own cache rewritten to ``If(S == 1: fold over Concat(past,
-new), else: the export's node)`` (the CPU policy for float32 own-cache layers,
+new), else: GQA)`` (the CPU policy for float32 own-cache layers,
 rewriter.speed.OWN_CACHE_FOLD_ON_CPU) gives what the export gives on ONNX Runtime (output and
 presents), for N/Nkv in {1, 2, 4, 8}, any D, windows around T, right-padded batches whose
 decode token sits after the padding (the export's own convention), prefill and decode,

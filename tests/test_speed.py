@@ -206,7 +206,7 @@ def test_cpu_float32_layers_with_their_own_cache_get_a_fixed_choice() -> None:
     assert rewriter_speed.fixed_choice(sliding, "cpu") == rewriter_speed.OWN_CACHE_FOLD_ON_CPU
     assert rewriter_speed.fixed_choice(full, "cpu") == rewriter_speed.OWN_CACHE_FOLD_ON_CPU
     verdict = SpeedProbe().verdict(full)
-    assert verdict.choice.label == "if(S==1: fold, else: export)"
+    assert verdict.choice.label == "if(S==1: fold, else: gqa)"
     assert not verdict.timed and verdict.ms == {}
     # Timed where nothing was measured: another provider or dtype; a defective export is
     # never kept.

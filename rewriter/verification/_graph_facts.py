@@ -130,10 +130,11 @@ def attention_nodes_with_3d_mask(model: ir.Model) -> list[str]:
 
 
 def _cache_writer(value: ir.Value) -> str:
-    """op_type of the node that writes a cache output, looking through dtype/identity hops
-    and into the branches of an If (rules._speed_choice.own_cache_fold: Concat in decode, the
-    export's Attention in prefill). A Concat of past and new appends after a row's padding,
-    as Attention with past does, so it counts as an Attention writer."""
+    """op_type of the node that writes a cache output in decode (which convention a decode
+    step's mask must follow), looking through dtype/identity hops and into the decode
+    branch of an If on S == 1 (rules._speed_choice.own_cache_fold: Concat in decode, GQA or
+    the export's Attention in prefill). A Concat of past and new appends after a row's
+    padding, as Attention with past does, so it counts as an Attention writer."""
     producer = value.producer()
     while producer is not None and producer.op_type in _PASS_THROUGH and producer.inputs:
         source = producer.inputs[0]
@@ -142,16 +143,9 @@ def _cache_writer(value: ir.Value) -> str:
         return "graph input"
     if producer.op_type == "Concat":
         return "Attention"
-    if producer.op_type == "If":
-        index = list(producer.outputs).index(value) if value in producer.outputs else 0
-        branches = [
-            producer.attributes[name].as_graph()
-            for name in ("then_branch", "else_branch")
-            if name in producer.attributes
-        ]
-        writers = {_cache_writer(branch.outputs[index]) for branch in branches}
-        if len(writers) == 1:
-            return writers.pop()
+    decode = producer.attributes.get("then_branch") if producer.op_type == "If" else None
+    if decode is not None and value in producer.outputs:
+        return _cache_writer(decode.as_graph().outputs[list(producer.outputs).index(value)])
     return producer.op_type
 
 
