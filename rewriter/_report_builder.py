@@ -48,7 +48,7 @@ _RIGHT_PADDING_WARNING = (
 
 _EXPORT_DECODE_WARNING = (
     "no layer of the original model used GroupQueryAttention, and GroupQueryAttention honours "
-    "right padding only: in prefill (GroupQueryAttention in KV-shared layers) a left-padded or "
+    "right padding only: in prefill (GroupQueryAttention) a left-padded or "
     "holed attention_mask gives different results; every decode step keeps the export's "
     "convention (a right-padded row's new token after its padding, the folds reading the "
     "export's own mask), so batched decode after a right-padded prompt gives the original's "

@@ -79,7 +79,6 @@ from rewriter.verification._session import execution_providers
 __all__ = [
     "FOLD_ON_CPU",
     "OWN_CACHE_FOLD_ON_CPU",
-    "OWN_CACHE_KEPT_ON_CPU",
     "SpeedProbe",
     "SpeedVerdict",
     "fixed_choice",
@@ -100,26 +99,8 @@ FOLD_ON_CPU = SpeedChoice(
 )
 
 
-# Layers with their own cache, float32 on CPU. Per-run timing followed the machine's noise
-# (the sliding kind flipped between GQA and the export within 15% over one generation), so the
-# choice is fixed from whole-model runs of a real mobius export at E2B size (onnxruntime
-# 1.32.0, interleaved, load 1-2.4; bench/results_1.32_own_cache_choice.json):
-# keeping every own-cache layer as exported decodes at T=4096 in 0.801 of the original against
-# 0.945 with the sliding ones as GQA (1024: 0.961 vs 1.056), and prefills 2048 in 0.748 vs
-# 0.692: over a prefill of 2048 and 256 decode steps, keeping them is the faster. Per layer,
-# GQA's CPU decode over its own cache reads it once per query head: 4.6 vs 2.3 ms per sliding
-# layer at T=4096 in the profile, 55.7 vs 27 ms for the 12 of them.
-OWN_CACHE_KEPT_ON_CPU = SpeedChoice(
-    "export",
-    "export",
-    "kept as exported: fixed CPU choice for float32 layers with their own cache, not timed "
-    "per run (GQA's decode over its own cache was slower at E2B size: the whole real export "
-    "decodes T=4096 in 0.80 of the original with these layers kept, 0.95 with the sliding "
-    "ones as GQA; bench/results_1.32_own_cache_choice.json)",
-)
-
-
-# Layers with their own cache, float32 on CPU: decode appends the new key/value (Concat, the
+# Layers with their own cache, float32 on CPU. Per-run timing followed the machine's noise,
+# so the choice is fixed from measurements. Decode appends the new key/value (Concat, the
 # presents) and folds the query heads over them with the export's bias; prefill is GQA's
 # native form (rules._speed_choice.own_cache_fold). One layer in decode, Concat + fold took
 # 0.44-0.97x of the export's time in every round at E2B size
