@@ -74,6 +74,17 @@ class AttentionHeads:
     def explicit_scale(self, head_size: int) -> float:
         return self.scale if self.scale is not None else 1.0 / math.sqrt(head_size)
 
+    def fold_options(self, head_size: int) -> dict[str, Any]:
+        """What every fold form of rules._speed_choice takes besides its values: head counts,
+        D, the explicit scale and the softcap."""
+        return {
+            "num_heads": self.num_heads,
+            "kv_num_heads": self.kv_num_heads,
+            "head_size": head_size,
+            "scale": self.explicit_scale(head_size),
+            "softcap": self.softcap,
+        }
+
 
 def layer_kind_of(
     dtype: ir.DataType,

@@ -283,11 +283,7 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
             query_BSD,
             (past_key, past_value),
             bias,
-            num_heads=heads.num_heads,
-            kv_num_heads=heads.kv_num_heads,
-            head_size=plan.head_size,
-            scale=heads.explicit_scale(plan.head_size),
-            softcap=heads.softcap,
+            **heads.fold_options(plan.head_size),
         )
 
     def _gqa_call(
@@ -627,11 +623,7 @@ def _emit_fold(
         op,
         query_BSD,
         (plan.key.cache_BNSH, plan.value.cache_BNSH),
-        num_heads=plan.heads.num_heads,
-        kv_num_heads=plan.heads.kv_num_heads,
-        head_size=plan.head_size,
-        scale=plan.heads.explicit_scale(plan.head_size),
-        softcap=plan.heads.softcap,
+        **plan.heads.fold_options(plan.head_size),
         bias_B1ST=bias_B1ST,
     )
     record = LayerRewrite(

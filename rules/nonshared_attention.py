@@ -282,11 +282,7 @@ class NonSharedAttentionToGQA(AttentionToGQARule):
             return own_cache_fold(
                 builder,
                 attention,
-                num_heads=plan.heads.num_heads,
-                kv_num_heads=plan.heads.kv_num_heads,
-                head_size=plan.head_size,
-                scale=plan.heads.explicit_scale(plan.head_size),
-                softcap=plan.heads.softcap,
+                **plan.heads.fold_options(plan.head_size),
                 window_start=window_start,
             )
 
