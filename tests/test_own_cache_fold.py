@@ -17,6 +17,8 @@ import onnxruntime as ort
 import pytest
 
 from rewriter.pipeline import rewrite
+from rewriter.rules import SpeedChoice
+from rewriter.speed import FOLD_ON_CPU
 from rewriter.verification import verify
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
@@ -143,3 +145,20 @@ def test_batched_decode_after_a_right_padded_prompt_equals_the_original() -> Non
     expected, actual = original.run(None, feeds), candidate.run(None, feeds)
     for name, want, got in zip(names, expected, actual, strict=True):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-4, err_msg=name)
+
+
+def test_the_export_prefill_variant_is_proven_too() -> None:
+    """``If(S == 1: fold, else: export)``: the prefill branch the export's own node, a choice
+    a caller's choose_speed may make (the CPU default prefills through GQA)."""
+    keep_export_prefill = SpeedChoice("fold", "export", "test")
+    model, report = rewrite(
+        ir.load(ALL_ATTENTION),
+        speed="auto",
+        choose_speed=lambda kind: keep_export_prefill if kind.own_cache else FOLD_ON_CPU,
+    )
+    own = [r for r in report.rewrites if r.rule.startswith("NonShared")]
+    assert len(own) == 4 and {r.speed_form for r in own} == {keep_export_prefill.label}
+    prefill = _own_cache_ifs(model)[0].attributes["else_branch"].as_graph()
+    assert [n.op_type for n in prefill] == ["Attention"]
+    result = verify(ir.load(ALL_ATTENTION), model, mode="layers")
+    assert result.passed and len(result.layers) == 7
