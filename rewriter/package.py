@@ -95,17 +95,19 @@ def keeps_export_convention(model: ir.Model, provider: str) -> bool:
     """Whether the CPU fixed choices (rewriter.speed.fixed_choice) keep every decode step of
     `model` in the export's cache convention, a right-padded row's new key after its
     padding, as genai's batched decode feeds it: every Attention of the main graph is a
-    correct float32 export (a mask; is_causal=0, or 1 with past inputs), so a layer with its
-    own cache folds over
-    Concat(past, new) and a KV-shared layer folds over the export's own bias. A defective
-    export's fold builds GQA's mask instead, which wants the new key right after a row's
-    valid keys."""
+    correct float32 export (an additive float bias, P2; is_causal=0, or 1 with past inputs),
+    so a layer with its own cache folds over Concat(past, new) and a KV-shared layer folds
+    over the export's own bias. A P1 export (a boolean mask) becomes GQA, and a defective
+    export's fold builds GQA's mask, which wants the new key right after a row's valid keys.
+    A reading of the graph ahead of the rules: where it errs, the genai proof's batch-2 run
+    refuses the package (tokens differ) and nothing is written."""
     if provider != "cpu":
         return False
     attention = [n for n in model.graph if n.op_type == "Attention" and n.domain in ("", "ai.onnx")]
     return bool(attention) and all(
         len(node.inputs) > 3
         and node.inputs[3] is not None
+        and node.inputs[3].dtype == ir.DataType.FLOAT  # P2's bias, not P1's boolean mask
         # is_causal=1 is aligned to the bottom right with past inputs: correct there.
         and (not node.attributes.get_int("is_causal", 0) or _has_past(node))
         and node.inputs[0] is not None

@@ -220,8 +220,8 @@ class NonSharedAttentionToGQA(AttentionToGQARule):
         replaced = [output, present_key_BNTD, present_value_BNTD]
         if plan.speed is not None:
             return self._phase_if(op, query_BSD, plan, plan.speed, replaced)
-        gqa_inputs = self._native_inputs(op, plan, output.producer())
         attention = output.producer()
+        gqa_inputs = self._native_inputs(op, plan, attention)
         record = LayerRewrite(
             node=node_label(attention),
             rule=f"{self.name}/{plan.mask.style}-{layer_kind(plan.mask)}",

@@ -285,6 +285,11 @@ def test_own_cache_layers_of_a_package_keep_the_export_convention_only_where_all
     assert not keeps_export_convention(ir.load(FIXTURES / "p2_all_attention_tiny.onnx"), "cuda")
     # P1: is_causal=1 without past, the fold builds GQA's mask.
     assert not keeps_export_convention(ir.load(FIXTURES / "p1_attention_full_tiny.onnx"), "cpu")
+    # A boolean mask (P1's) on a layer with its own cache: that layer becomes GQA.
+    model = ir.load(FIXTURES / "p2_all_attention_tiny.onnx")
+    own = next(n for n in model.graph if n.op_type == "Attention" and n.inputs[4] is not None)
+    own.inputs[3].dtype = ir.DataType.BOOL
+    assert not keeps_export_convention(model, "cpu")
 
 
 def test_config_drops_inputs_the_rewritten_model_no_longer_takes(
