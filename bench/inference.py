@@ -24,6 +24,7 @@ import onnxruntime as ort
 
 from bench.timing import Timing, interleaved
 from rewriter.providers import PROVIDERS
+from rewriter.rules._speed_choice import SPEED_FORM_KEY
 
 __all__ = [
     "Scenario",
@@ -179,6 +180,7 @@ def measure_latency(
 # --- profiles --------------------------------------------------------------------------------
 
 _LAYER = re.compile(r"layers\.(\d+)/")
+_FOLD_LAYER = re.compile(r"layers\.(\d+)\.")
 
 
 def categorize_nodes(model: ir.Model, layer_types: Sequence[str], first_shared: int) -> dict:
@@ -192,8 +194,16 @@ def categorize_nodes(model: ir.Model, layer_types: Sequence[str], first_shared: 
     categories = {}
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         name = node.name or ""
-        if node.op_type in ("Attention", "GroupQueryAttention"):
-            match = _LAYER.search(name) or _LAYER.search(node.outputs[0].name or "")
+        # The fold's float32 product is several nodes (rules._speed_choice.fold_product),
+        # each marked, and named after the layer's replaced output ("...layers.N.self_attn...").
+        if node.op_type in ("Attention", "GroupQueryAttention") or (
+            node.metadata_props.get(SPEED_FORM_KEY) == "fold"
+        ):
+            match = (
+                _LAYER.search(name)
+                or _LAYER.search(node.outputs[0].name or "")
+                or _FOLD_LAYER.search(name)
+            )
             if match is None:
                 categories[name] = "attention: unknown layer"
                 continue

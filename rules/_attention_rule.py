@@ -74,10 +74,11 @@ class AttentionHeads:
     def explicit_scale(self, head_size: int) -> float:
         return self.scale if self.scale is not None else 1.0 / math.sqrt(head_size)
 
-    def fold_options(self, head_size: int) -> dict[str, Any]:
+    def fold_options(self, head_size: int, dtype: ir.DataType) -> dict[str, Any]:
         """What every fold form of rules._speed_choice takes besides its values: head counts,
-        D, the explicit scale and the softcap."""
+        D, the explicit scale, the softcap and the dtype (which picks the product's ops)."""
         return {
+            "dtype": dtype,
             "num_heads": self.num_heads,
             "kv_num_heads": self.kv_num_heads,
             "head_size": head_size,

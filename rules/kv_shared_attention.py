@@ -283,7 +283,7 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
             query_BSD,
             (past_key, past_value),
             bias,
-            **heads.fold_options(plan.head_size),
+            **heads.fold_options(plan.head_size, plan.dtype),
         )
 
     def _gqa_call(
@@ -623,7 +623,7 @@ def _emit_fold(
         op,
         query_BSD,
         (plan.key.cache_BNSH, plan.value.cache_BNSH),
-        **plan.heads.fold_options(plan.head_size),
+        **plan.heads.fold_options(plan.head_size, plan.dtype),
         bias_B1ST=bias_B1ST,
     )
     record = LayerRewrite(

@@ -282,7 +282,7 @@ class NonSharedAttentionToGQA(AttentionToGQARule):
             return own_cache_fold(
                 builder,
                 attention,
-                **plan.heads.fold_options(plan.head_size),
+                **plan.heads.fold_options(plan.head_size, plan.dtype),
                 window_start=window_start,
             )
 

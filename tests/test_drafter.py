@@ -43,37 +43,51 @@ def _rewritten(**overrides) -> tuple[ir.Model, ir.Model]:
     return original, model
 
 
-def _fold_attention(model: ir.Model, layer: int) -> ir.Node:
-    (attention,) = [
+def _fold_scores(model: ir.Model, layer: int) -> ir.Node:
+    """The float32 fold's Q K^T product (rules._speed_choice.fold_product): query, key cache,
+    and the scale."""
+    (scores,) = [
         n
         for n in model.graph
         if n.metadata_props.get(SPEED_FORM_KEY) == "fold"
+        and n.op_type == "FusedMatMul"
         and n.name.startswith(f"/model/layers.{layer}/")
     ]
-    return attention
+    assert scores.domain == "com.microsoft"
+    return scores
+
+
+def _fold_ops_after(scores: ir.Node) -> list[ir.Node]:
+    """The fold's nodes from its scores to its P V product: [Add (the bias)?, Softmax, MatMul]."""
+    chain = []
+    node = scores
+    while node.op_type != "MatMul":
+        (node,) = {user for user, _ in node.outputs[0].uses()}
+        chain.append(node)
+    return chain
 
 
 def test_every_layer_becomes_one_fold_without_an_if() -> None:
     _, model = _rewritten()
     assert not [n for n in model.graph if n.op_type in ("If", "GroupQueryAttention")]
-    full = _fold_attention(model, _FULL_LAYER)
-    # No mask, no causal flag: exact at any S (rules._speed_choice.fold_unmasked).
-    assert len(full.inputs) == 3
-    assert full.attributes.get_int("is_causal", 0) == 0
+    full = _fold_scores(model, _FULL_LAYER)
+    # No mask, no causal mask: exact at any S (rules._speed_choice.fold_unmasked).
+    assert [n.op_type for n in _fold_ops_after(full)] == ["Softmax", "MatMul"]
     # It reads the target's cache, a graph input, in place.
-    assert [v.name for v in full.inputs[1:]] == [
+    values = _fold_ops_after(full)[-1]
+    assert [full.inputs[1].name, values.inputs[1].name] == [
         "shared_kv.full_attention.key",
         "shared_kv.full_attention.value",
     ]
     for layer in range(_FULL_LAYER):
-        sliding = _fold_attention(model, layer)
-        assert sliding.attributes.get_int("is_causal", 0) == 0
-        assert [v.name for v in sliding.inputs[1:3]] == [
+        sliding = _fold_scores(model, layer)
+        after = _fold_ops_after(sliding)
+        # The export's bias [B, 1, S, T], repeated over the folded heads, added to the scores.
+        assert [n.op_type for n in after] == ["Add", "Softmax", "MatMul"]
+        assert [sliding.inputs[1].name, after[-1].inputs[1].name] == [
             "shared_kv.sliding_attention.key",
             "shared_kv.sliding_attention.value",
         ]
-        # The export's bias [B, 1, S, T], repeated over the folded heads.
-        assert sliding.inputs[3] is not None
 
 
 @pytest.mark.parametrize(("num_heads", "kv_num_heads"), [(4, 2), (4, 1), (2, 2)])
@@ -93,16 +107,17 @@ def test_the_fold_is_proven_in_every_scenario(num_heads: int, kv_num_heads: int)
 
 
 def _corrupt_scale(model: ir.Model, layer: int) -> None:
-    attention = _fold_attention(model, layer)
-    scale = attention.attributes["scale"].as_float()
-    attention.attributes["scale"] = ir.AttrFloat32("scale", 2 * scale)
+    scores = _fold_scores(model, layer)
+    scale = scores.attributes["alpha"].as_float()
+    scores.attributes["alpha"] = ir.AttrFloat32("alpha", 2 * scale)
 
 
 def _swap_key_value(model: ir.Model, layer: int) -> None:
-    attention = _fold_attention(model, layer)
-    key, value = attention.inputs[1], attention.inputs[2]
-    attention.replace_input_with(1, value)
-    attention.replace_input_with(2, key)
+    scores = _fold_scores(model, layer)
+    values = _fold_ops_after(scores)[-1]
+    key, value = scores.inputs[1], values.inputs[1]
+    scores.replace_input_with(1, value)
+    values.replace_input_with(1, key)
 
 
 @pytest.mark.parametrize("layer", [0, _FULL_LAYER])

@@ -65,19 +65,26 @@ def test_each_folded_layer_is_proven_in_every_scenario(name: str, options: dict)
             assert f"decode T={total} output" in labels
 
 
-def _fold_attention(model: ir.Model, layer: int = 0) -> ir.Node:
+def _fold_scores(model: ir.Model, layer: int = 0) -> ir.Node:
+    """The float32 fold's Q K^T product (rules._speed_choice.fold_product), which holds the
+    scale."""
     phase_ifs = [n for n in model.graph if n.op_type == "If"]
     branch = phase_ifs[layer].attributes["then_branch"].as_graph()
-    (attention,) = [n for n in branch if n.op_type == "Attention"]
-    assert attention.metadata_props[SPEED_FORM_KEY] == "fold"
-    return attention
+    (scores,) = [
+        n
+        for n in branch
+        if n.metadata_props.get(SPEED_FORM_KEY) == "fold" and n.op_type == "FusedMatMul"
+    ]
+    assert scores.domain == "com.microsoft"
+    assert scores.attributes.get_int("transB") == 1
+    return scores
 
 
 def test_a_fold_with_its_scale_doubled_fails_its_layer_proof() -> None:
     model = _folded("p2_tiny")
-    attention = _fold_attention(model, layer=2)  # the full-attention layer
-    scale = attention.attributes["scale"].as_float()
-    attention.attributes["scale"] = ir.AttrFloat32("scale", 2 * scale)
+    scores = _fold_scores(model, layer=2)  # the full-attention layer
+    scale = scores.attributes["alpha"].as_float()
+    scores.attributes["alpha"] = ir.AttrFloat32("alpha", 2 * scale)
     result = verify(ir.load(FIXTURES / "p2_tiny.onnx"), model, mode="layers")
     assert not result.passed
     failed = {layer.node for layer in result.layers if not layer.passed}
