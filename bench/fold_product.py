@@ -66,8 +66,14 @@ def _product_model(form: str, head_size: int, total: int) -> bytes:
         tape, query, (key, value), bias, scale=1.0, softcap=0.0, dtype=dtype
     )
     output.name = "output"
-    graph = ir.Graph([query, key, value, bias], [output], nodes=tape.nodes, name="fold")
-    model = ir.Model(graph, ir_version=10, opset_imports={"": 24, "com.microsoft": 1})
+    graph = ir.Graph(
+        [query, key, value, bias],
+        [output],
+        nodes=tape.nodes,
+        name="fold",
+        opset_imports={"": 24, "com.microsoft": 1},
+    )
+    model = ir.Model(graph, ir_version=10)
     return ir.to_proto(model).SerializeToString()
 
 

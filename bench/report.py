@@ -42,7 +42,7 @@ def markdown(result: Mapping) -> str:
         f"Command: `{result['command']}`  ",
         f"Machine: {machine['cpu']}, {machine['logical_cpus']} logical CPUs, "
         f"{machine['memory_gb']} GB RAM, {machine['os']}; onnxruntime {machine['onnxruntime']} "
-        f"({machine['provider']}); {machine['note']}  ",
+        f"({machine['provider']}); {_load(result)}  ",
         f"Date: {result['date']}  ",
         f"Workload: {_workload(result['workload'])}",
         "",
@@ -197,3 +197,15 @@ def _node_lines(nodes: Mapping, variants: list[str]) -> list[str]:
         + " |"
     )
     return lines
+
+
+def _load(result: Mapping) -> str:
+    """The machine's load (files before the load was recorded carry a fixed note)."""
+    machine = result["machine"]
+    if "load_average_before" not in machine:
+        return machine.get("note", "load not recorded")
+    after = result.get("load_average_after")
+    return (
+        f"commit {result.get('commit', 'not recorded')}, load average before "
+        f"{machine['load_average_before'][0]:.2f}, after {after[0] if after else float('nan'):.2f}"
+    )

@@ -38,6 +38,7 @@ import onnxscript
 
 from bench.inference import Scenario, categorize_nodes, measure_latency, profile_step
 from bench.models import CACHE_DIR, VARIANTS, ModelPaths, ensure_models
+from bench.provenance import commit
 from bench.report import markdown
 
 __all__ = ["main"]
@@ -140,7 +141,8 @@ def _machine(provider: str) -> dict:
         "onnx_ir": ir.__version__,
         "onnxscript": onnxscript.__version__,
         "provider": provider,
-        "note": "shared machine; other jobs ran concurrently, hence interleaving and medians",
+        # The machine is shared: the load before and after says whether anything else ran.
+        "load_average_before": os.getloadavg(),
     }
 
 
@@ -160,6 +162,7 @@ def run(args: argparse.Namespace) -> dict:
     scenarios = _scenarios(args.quick, args.scenarios)
     result: dict[str, object] = {
         "command": "python " + shlex.join(["bench/run.py", *args.argv]),
+        "commit": commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": _machine(args.provider),
         "quick": args.quick,
@@ -300,6 +303,7 @@ def run(args: argparse.Namespace) -> dict:
     result["rewrite_seconds"] = result["pass"]["rewrite_seconds"]
     result["rewrite_peak_rss_mb"] = result["pass"]["peak_rss_mb"]
     result["wall_seconds"] = time.perf_counter() - started
+    result["load_average_after"] = os.getloadavg()
     return result
 
 
