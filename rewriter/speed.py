@@ -38,7 +38,7 @@ Fixed choices, not timed per run (``fixed_choice``): on CPU a float32 KV-shared 
 ``If(S == 1: fold, else: gqa)``. The fold reads the borrowed cache once per step instead of
 once per query head, and was measured faster in decode than every other form at every E2B
 layer type and length (onnxruntime 1.32.0, ``bench/fold_decode.py``,
-``bench/results_1.32_fold.json``); prefill stays GQA, the fastest prefill measured. So the
+``bench/results/results_1.32_fold.json``); prefill stays GQA, the fastest prefill measured. So the
 CLI's default spends no time on a model whose only Attention layers are KV-shared; layers
 with their own cache, other dtypes and other providers are timed as above (CUDA keeps GQA
 until measured on a GPU).
@@ -95,7 +95,7 @@ FOLD_ON_CPU = SpeedChoice(
     "if(S==1: fold, else: gqa): fixed CPU choice for float32 KV-shared layers, not timed per "
     "run: the fold reads the cache once per decode step, not once per query head, measured "
     "faster in decode than GQA, the export and Attention on the BNSH cache at every E2B layer "
-    "type and T (bench/results_1.32_fold.json); GQA is the fastest prefill measured",
+    "type and T (bench/results/results_1.32_fold.json); GQA is the fastest prefill measured",
 )
 
 
