@@ -5,8 +5,11 @@ its GEMMs single-threaded, so a fold with Nkv = 1 at batch 1 (Gemma 4 E2B) runs 
 whatever the session's thread count. MLAS's MatMul splits the same GEMM over the intra-op
 threads. Both forms are what ``rules._speed_choice.fold_product`` emits (``attention``: the
 form it writes for dtypes other than float32), built here by that function at E2B attention
-size (G = 8 folded query heads, Nkv = 1, scale 1 as Gemma 4 states it): sliding D=256 over
-its window (513 keys), full D=512 at T = 1024, 4096, 8192.
+size (G = 8 folded query heads, Nkv = 1): sliding D=256 over its window (513 keys), full
+D=512 at T = 1024, 4096, 8192. The scale is 1/sqrt(D): with random unit-variance Q and K,
+Gemma 4's scale 1 gives scores spread by sqrt(D), whose softmax underflows into denormal
+probabilities that slow the P V product several times over (measured: a first version of
+this script did that), which a trained model's attention does not.
 
 Each call reads a different cache from a pool larger than the last-level cache, as a decode
 step does (it reads every layer's cache once), so the timings are of memory, not of a cache
@@ -63,7 +66,7 @@ def _product_model(form: str, head_size: int, total: int) -> bytes:
     # is the same op for float32 inputs: the form the fold had before fold_product.
     dtype = f32 if form == "matmul" else ir.DataType.FLOAT16
     output = _speed_choice.fold_product(
-        tape, query, (key, value), bias, scale=1.0, softcap=0.0, dtype=dtype
+        tape, query, (key, value), bias, scale=head_size**-0.5, softcap=0.0, dtype=dtype
     )
     output.name = "output"
     graph = ir.Graph(

@@ -166,7 +166,7 @@ def fold_product(
     one thread with a single-threaded GEMM, so a fold with Nkv = 1 used one core, while MatMul
     spreads over every intra-op thread. Same kernels (MLAS SGEMM and softmax): bit-identical
     outputs on onnxruntime 1.32.0, and on 2 threads a full E2B layer (D=512, T=4096) takes
-    0.54 of Attention's time, the real E2B export's decode step at T=4096 113 ms against 124
+    0.57 of Attention's time, the real E2B export's decode step at T=4096 113 ms against 124
     (bench/results/results_1.32_fold_product.json, results_1.32_e2b_default_c1f2f76.json).
     ``FusedMatMul`` is written out rather than left to ORT's
     Transpose+MatMul fusion, which a session below ORT_ENABLE_EXTENDED does not run (the
