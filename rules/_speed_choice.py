@@ -157,6 +157,7 @@ def fold_product(
     scale: float,
     softcap: float,
     dtype: ir.DataType,
+    bias_is_bool: bool = False,
 ) -> ir.Value:
     """``softmax(softcap(scale * Q K^T) + bias) V`` with no causal mask, Q [B, Nkv, Q, D]
     against the cache [B, Nkv, T, D] as it is: the fold's one product per KV head.
@@ -171,7 +172,11 @@ def fold_product(
     ``FusedMatMul`` is written out rather than left to ORT's
     Transpose+MatMul fusion, which a session below ORT_ENABLE_EXTENDED does not run (the
     Transpose would then copy the cache). Other dtypes keep ``Attention`` (4-D inputs: q heads
-    = kv heads = Nkv, sequence = Q), whose fp16 CPU kernel upcasts per GEMM."""
+    = kv heads = Nkv, sequence = Q), whose fp16 CPU kernel upcasts per GEMM.
+
+    `bias_is_bool`: the bias is a boolean mask (True: attend), as ``Attention`` takes it; the
+    float32 form turns it into ``Where(mask, 0, lowest)``, the float ORT's CPU ``Attention``
+    fills masked scores with."""
     key_BNTD, value_BNTD = caches_BNSH
     if dtype != ir.DataType.FLOAT:
         attributes: dict[str, object] = {"scale": scale, "is_causal": 0}
@@ -190,6 +195,11 @@ def fold_product(
         steps.append(op.Tanh(steps[-1]))
         steps.append(op.Mul(steps[-1], cap))
     if bias_BKQT is not None:
+        if bias_is_bool:
+            zero = op.Constant(value=ir.tensor(np.array(0.0, dtype=np.float32)))
+            lowest = op.Constant(value=ir.tensor(np.array(np.finfo(np.float32).min)))
+            bias_BKQT = op.Where(bias_BKQT, zero, lowest)
+            bias_BKQT.producer().metadata_props[SPEED_FORM_KEY] = "fold"
         steps.append(op.Add(steps[-1], bias_BKQT))
     steps.append(op.Softmax(steps[-1], axis=-1))
     steps.append(op.MatMul(steps[-1], value_BNTD))
@@ -236,6 +246,7 @@ def fold_unmasked(
     softcap: float,
     dtype: ir.DataType,
     bias_B1ST: ir.Value | None = None,
+    bias_is_bool: bool = False,
 ) -> ir.Value:
     """The fold at any S, for a layer whose queries do not need their own head's mask: Q
     [B, S, N*D] -> [B, S, Nkv, G, D] -> [B, Nkv, S, G, D] -> [B, Nkv, S*G, D] (query head h
@@ -274,7 +285,14 @@ def fold_unmasked(
         )
         bias_B1QT = op.Reshape(expanded, folded_shape)
     output_BKQD = fold_product(
-        op, query_BKQD, caches_BNSH, bias_B1QT, scale=scale, softcap=softcap, dtype=dtype
+        op,
+        query_BKQD,
+        caches_BNSH,
+        bias_B1QT,
+        scale=scale,
+        softcap=softcap,
+        dtype=dtype,
+        bias_is_bool=bias_is_bool,
     )
     output_BKSGD = op.Reshape(output_BKQD, op.Constant(value_ints=[0, 0, -1, group, head_size]))
     output_BSKGD = op.Transpose(output_BKSGD, perm=[0, 2, 1, 3, 4])

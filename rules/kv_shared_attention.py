@@ -432,6 +432,7 @@ class _BiasPlan:
     heads: AttentionHeads
     head_size: int
     dtype: ir.DataType
+    mask_dtype: ir.DataType | None = None  # the export's mask: a float bias or a bool mask
 
 
 DRAFTER_BIAS_FOLD_REASON = (
@@ -496,7 +497,7 @@ class DrafterBiasAttentionToFold(AttentionToGQARule):
             raise MatchFailureError(
                 "mask is not [B, 1, S, T] (one for all heads, as the fold repeats it)", mask
             )
-        return _BiasPlan(borrowed_key, borrowed_value, heads, head_size, dtype)
+        return _BiasPlan(borrowed_key, borrowed_value, heads, head_size, dtype, mask_dtype)
 
     def rewrite(self, op, query_BSD, key_BSD, value_BSD, mask, output, **_):
         plan: _BiasPlan = self._take_plan()
@@ -512,6 +513,7 @@ class DrafterBiasAttentionToFold(AttentionToGQARule):
             "export-bias",
             "export",
             DRAFTER_BIAS_FOLD_REASON,
+            bias_is_bool=plan.mask_dtype == ir.DataType.BOOL,
         )
 
 
@@ -616,15 +618,19 @@ def _emit_fold(
     variant: str,
     mask_style: str,
     reason: str,
+    *,
+    bias_is_bool: bool = False,
 ) -> ir.Value:
     """The fold at any S for a layer whose attention is not causal across its query (the
-    drafters' layers), recorded and named after the Attention it replaces."""
+    drafters' layers), recorded and named after the Attention it replaces. `bias_is_bool`:
+    `bias_B1ST` is the export's boolean mask rather than an additive bias."""
     result = fold_unmasked(
         op,
         query_BSD,
         (plan.key.cache_BNSH, plan.value.cache_BNSH),
         **plan.heads.fold_options(plan.head_size, plan.dtype),
         bias_B1ST=bias_B1ST,
+        bias_is_bool=bias_is_bool,
     )
     record = LayerRewrite(
         node=node_label(attention),

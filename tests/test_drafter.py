@@ -106,6 +106,40 @@ def test_the_fold_is_proven_in_every_scenario(num_heads: int, kv_num_heads: int)
     assert "full non-causal" in configs[f"layers.{_FULL_LAYER}"], configs
 
 
+def _with_boolean_masks(model: ir.Model) -> ir.Model:
+    """The drafter with each sliding layer's bias replaced by the boolean mask it was made
+    from (``Unsqueeze(Where(mask, 0, lowest))`` -> ``Unsqueeze(mask)``), which ONNX Attention
+    takes as well (True: attend)."""
+    for node in list(model.graph):
+        if node.op_type != "Attention" or len(node.inputs) < 4 or node.inputs[3] is None:
+            continue
+        unsqueeze = node.inputs[3].producer()
+        assert unsqueeze is not None and unsqueeze.op_type == "Unsqueeze"
+        where = unsqueeze.inputs[0].producer()
+        assert where is not None and where.op_type == "Where"
+        boolean = ir.node("Unsqueeze", [where.inputs[0], unsqueeze.inputs[1]])
+        boolean.outputs[0].name = f"{node.name}/boolean_mask"
+        model.graph.insert_before(node, boolean)
+        node.replace_input_with(3, boolean.outputs[0])
+    return model
+
+
+def test_a_boolean_mask_is_folded_and_proven() -> None:
+    # The float32 fold adds its mask to the scores (rules._speed_choice.fold_product): a
+    # boolean mask becomes Where(mask, 0, lowest) first, as ORT's Attention reads it.
+    original = _with_boolean_masks(_drafter())
+    model, report = rewrite(_with_boolean_masks(_drafter()), choose_form=always_past)
+    assert report.rewritten == 4 and not report.skipped
+    for layer in range(_FULL_LAYER):
+        after = _fold_ops_after(_fold_scores(model, layer))
+        assert [n.op_type for n in after] == ["Add", "Softmax", "MatMul"]
+        converted = after[0].inputs[1].producer()
+        assert converted is not None and converted.op_type == "Where"
+    result = verify(original, model, mode="layers")
+    assert result.passed, result.summary()
+    assert len(result.layers) == 4
+
+
 def _corrupt_scale(model: ir.Model, layer: int) -> None:
     scores = _fold_scores(model, layer)
     scale = scores.attributes["alpha"].as_float()
