@@ -284,19 +284,17 @@ class GraphInputs:
         op,
         lengths: tuple[ir.Value, ir.Value],
         local_window_size: int | None,
-        group: int,
         dtype: ir.DataType,
     ) -> ir.Value:
-        """The additive mask [B, 1, G, T] of a folded decode step (rules._speed_choice.fold)
+        """The additive mask [B, 1, 1, T] of a folded decode step (rules._speed_choice.fold)
         over a cache of T keys, from GQA's lengths over that cache (`lengths` = (seqlens_k,
         total_sequence_length), sliced by the window slice where it applies).
 
         GQA's right-padding convention: the one query of row b sits at key slot seqlens_k[b],
-        so key j is visible iff 0 <= seqlens_k[b] - j (< W on a sliding layer). The G rows of
-        the folded query axis are G query heads of the same token: the same row of the mask,
-        repeated (ONNX Runtime's Attention wants the mask's query axis equal to Q's, measured
-        on 1.32.0: it does not broadcast a 1 there). A finite large negative, as for
-        --exact-padding: -inf gives NaN in fp16 where a row has no visible key.
+        so key j is visible iff 0 <= seqlens_k[b] - j (< W on a sliding layer). One row for
+        the G folded query heads, which are heads of the same token (fold_product repeats it
+        where its op needs that). A finite large negative, as for --exact-padding: -inf gives
+        NaN in fp16 where a row has no visible key.
         """
         seqlens_k, total = lengths
 
@@ -318,12 +316,9 @@ class GraphInputs:
                 value=ir.tensor(np.array(_EXACT_PADDING_NEGATIVE[dtype], dtype=dtype.numpy()))
             )
             bias = op.Where(visible, zero_bias, negative)
-            bias_B11T = op.Unsqueeze(bias, op.Constant(value_ints=[1, 2]))
-            return op.Expand(bias_B11T, op.Constant(value_ints=[1, 1, group, 1]))
+            return op.Unsqueeze(bias, op.Constant(value_ints=[1, 2]))
 
-        return self.cached(
-            op, ("fold_bias", seqlens_k, total, local_window_size, group, dtype), build
-        )
+        return self.cached(op, ("fold_bias", seqlens_k, total, local_window_size, dtype), build)
 
     def empty_kv(self, op, attention_mask: ir.Value, hidden: int, dtype: ir.DataType) -> ir.Value:
         # Empty key/value must carry the real batch size: ORT checks it against the query.

@@ -158,6 +158,7 @@ def fold_product(
     softcap: float,
     dtype: ir.DataType,
     bias_is_bool: bool = False,
+    bias_rows: int = 1,
 ) -> ir.Value:
     """``softmax(softcap(scale * Q K^T) + bias) V`` with no causal mask, Q [B, Nkv, Q, D]
     against the cache [B, Nkv, T, D] as it is: the fold's one product per KV head.
@@ -176,13 +177,18 @@ def fold_product(
 
     `bias_is_bool`: the bias is a boolean mask (True: attend), as ``Attention`` takes it; the
     float32 form turns it into ``Where(mask, 0, lowest)``, the float ORT's CPU ``Attention``
-    fills masked scores with."""
+    fills masked scores with. `bias_rows`: the bias [B, 1, 1, T] holds one row for this many
+    query rows (the fold's G heads of one token); ``Add`` broadcasts it, ``Attention`` needs
+    it expanded (ONNX Runtime broadcasts the mask's head axis, not its query axis: measured
+    on 1.32.0, "inconsistent q_sequence_length")."""
     key_BNTD, value_BNTD = caches_BNSH
     if dtype != ir.DataType.FLOAT:
         attributes: dict[str, object] = {"scale": scale, "is_causal": 0}
         if softcap:
             attributes["softcap"] = softcap
         bias = [] if bias_BKQT is None else [bias_BKQT]
+        if bias and bias_rows > 1:
+            bias = [op.Expand(bias_BKQT, op.Constant(value_ints=[1, 1, bias_rows, 1]))]
         output = op.Attention(query_BKQD, key_BNTD, value_BNTD, *bias, **attributes)
         output.producer().metadata_props[SPEED_FORM_KEY] = "fold"
         return output
@@ -212,7 +218,7 @@ def fold(
     op,
     query_BSD: ir.Value,
     caches_BNSH: tuple[ir.Value, ir.Value],
-    bias_BKGT: ir.Value,
+    bias_B11T: ir.Value,
     *,
     num_heads: int,
     kv_num_heads: int,
@@ -223,13 +229,21 @@ def fold(
 ) -> ir.Value:
     """One decode step (S == 1) with the G = N/Nkv query heads of each KV head as the query
     axis: Q [B, 1, N*D] -> [B, Nkv, G, D] (query head h reads KV head h // G, as in GQA),
-    the product over the cache [B, Nkv, T, D] as it is (``fold_product``), with `bias_BKGT`
-    [B, 1, G, T] (``GraphInputs.fold_bias``), and the output [B, Nkv, G, D] -> [B, 1, N*D].
+    the product over the cache [B, Nkv, T, D] as it is (``fold_product``), with `bias_B11T`
+    [B, 1, 1, T] (``GraphInputs.fold_bias``) for every folded head, and the output
+    [B, Nkv, G, D] -> [B, 1, N*D].
     Both reshapes are free; no transpose is needed because S is 1."""
     group = num_heads // kv_num_heads
     query_BKGD = op.Reshape(query_BSD, op.Constant(value_ints=[0, kv_num_heads, group, head_size]))
     output_BKGD = fold_product(
-        op, query_BKGD, caches_BNSH, bias_BKGT, scale=scale, softcap=softcap, dtype=dtype
+        op,
+        query_BKGD,
+        caches_BNSH,
+        bias_B11T,
+        scale=scale,
+        softcap=softcap,
+        dtype=dtype,
+        bias_rows=group,
     )
     return op.Reshape(output_BKGD, op.Constant(value_ints=[0, 1, num_heads * head_size]))
 
@@ -314,9 +328,8 @@ def own_cache_fold(
     """One decode step (S == 1) of a layer with its own cache, as the export computes it:
     the new key/value [B, 1, Nkv*D] read as [B, Nkv, 1, D] (free: S is 1) and appended to the
     past [B, Nkv, P, D] (``Concat``: the present outputs, as the export's Attention writes
-    them), then the fold over the presents with the export's own bias [B, 1, 1, T] expanded
-    to the G folded query heads [B, 1, G, T] (ONNX Runtime's Attention broadcasts the mask's
-    head axis, not its query axis). Returns (output, present_key, present_value).
+    them), then the fold over the presents with the export's own bias [B, 1, 1, T] for the G
+    folded query heads. Returns (output, present_key, present_value).
 
     `window_start` ([1], a sliding layer: GQAInputs.appended_window_start): the fold reads the
     presents and the bias from that key slot on, the only keys the window lets any row see
@@ -329,18 +342,16 @@ def own_cache_fold(
         op.Concat(past, op.Reshape(new, new_shape), axis=2)
         for past, new in ((past_key_BNPD, key_BSD), (past_value_BNPD, value_BSD))
     )
-    group = num_heads // kv_num_heads
     read, bias = presents, bias_B11T
     if window_start is not None:
         end = op.Constant(value_ints=[np.iinfo(np.int64).max])  # Slice clamps it to T
         read = tuple(op.Slice(p, window_start, end, op.Constant(value_ints=[2])) for p in presents)
         bias = op.Slice(bias_B11T, window_start, end, op.Constant(value_ints=[3]))
-    bias_B1GT = op.Expand(bias, op.Constant(value_ints=[1, 1, group, 1]))
     output = fold(
         op,
         query_BSD,
         read,
-        bias_B1GT,
+        bias,
         num_heads=num_heads,
         kv_num_heads=kv_num_heads,
         head_size=head_size,

@@ -250,11 +250,11 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
         If branch) from the lengths GQA reads: seqlens_k over the window-sliced cache, so it
         means what GQA means (right padding, holes in the mask ignored, as onnxruntime-genai's
         batched decode needs); with --exact-padding, GQA's finite bias from the export's mask
-        (every key slot valid, the query at slot T - 1), expanded over the folded axis.
+        (every key slot valid, the query at slot T - 1). One row [B, 1, 1, T] for the G
+        folded heads of the token (rules._speed_choice.fold_product repeats it where needed).
         """
         assert plan.form == "past", "the fold reads the past form's cache"
         heads = plan.heads
-        group = heads.num_heads // heads.kv_num_heads
         inputs = self.inputs.of(plan.graph)
         past_key, past_value, seqlens_k, total_length = gqa_inputs[3:7]
         assert None not in (past_key, past_value, seqlens_k, total_length)
@@ -268,15 +268,13 @@ class KVSharedAttentionToGQA(AttentionToGQARule):
                 start = inputs.window_start(op, plan.mask.attention_mask, query_BSD, window)
                 end = builder.Constant(value_ints=[np.iinfo(np.int64).max])
                 bias = builder.Slice(bias, start, end, builder.Constant(value_ints=[3]))
-            bias = builder.Expand(bias, builder.Constant(value_ints=[1, 1, group, 1]))
         elif self.inputs.exact_padding:
-            exact_bias = gqa_inputs[10]
-            assert exact_bias is not None
-            # [B, 1, S, T] is [B, 1, 1, T] only in decode: expanded in the decode branch.
-            bias = builder.Expand(exact_bias, builder.Constant(value_ints=[1, 1, group, 1]))
+            # GQA's [B, 1, S, T], which is [B, 1, 1, T] in decode, where the fold runs.
+            bias = gqa_inputs[10]
+            assert bias is not None
         else:
             bias = inputs.fold_bias(
-                op, (seqlens_k, total_length), plan.mask.local_window_size, group, plan.dtype
+                op, (seqlens_k, total_length), plan.mask.local_window_size, plan.dtype
             )
         return fold(
             builder,
